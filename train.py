@@ -1,0 +1,618 @@
+"""DiWA end to end: the command line that runs every phase of Algorithm 1.
+
+    python train.py --stage collect            # play data on the built-in desk   (data.py,        §II)
+    python train.py --stage wm                 # world model on play frames        (world_model.py, §III.A)
+    python train.py --stage bc     --task T    # diffusion policy from 50 demos    (diffusion_policy.py, §III.B)
+    python train.py --stage reward --task T    # latent success classifier         (reward.py,      §III.C)
+    python train.py --stage finetune --task T  # DiWA: PPO in imagination, 0 simulator steps (dream_ppo.py, §III.D-E)
+    python train.py --stage dppo   --task T    # baseline: the same PPO in the simulator
+    python train.py --stage eval   --task T    # success in the simulator           (eval.py, §IV)
+    python train.py --stage all --tasks all --seeds 0 1 2   # everything missing, skipping what is done
+
+Each stage's hyperparameters are the fields of the dataclass config in the file that owns the stage
+(defaults = the paper's appendix tables), shifted by a preset (`paper`, `cpu`, `test`) and then by any
+`--<prefix>.<field> value` flag, e.g. `--wm.steps 2000 --ft.alpha_bc 0.0`. The values in force are printed
+at start and stored in every checkpoint.
+
+Run folder (default runs/<preset>/):
+    data/{training,validation}/   wm.pt   <task>/bc.pt   <task>/reward.pt   <task>/diwa_s<seed>.pt ...
+Checkpoints are plain dicts {'stage','task','step','done','key','config','model','optim',...}, written to a
+temp file and renamed, loaded with weights_only=True. 'key' is a hash of the stage's config and of the keys
+of the checkpoints it was built from: `--stage all` re-runs a stage exactly when its key changed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import tokenize
+
+import numpy as np
+import torch
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on (bad checkpoint, NaN loss, ...). main() prints it as one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs -> argparse flags. Each module's dataclass documents its fields with a trailing comment;
+# that comment becomes the flag's help text, so the paper's table citation shows up in --help.
+# ----------------------------------------------------------------------------------------------------
+
+def field_comments(cls) -> dict:
+    """{field name: trailing comment} read from the dataclass source."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            out[line_field[tok.start[0]]] = tok.string.lstrip('#').strip()
+    return out
+
+
+def _parse_value(kind, text):
+    if kind is bool:
+        if text.lower() in ('1', 'true', 'yes', 'on'):
+            return True
+        if text.lower() in ('0', 'false', 'no', 'off'):
+            return False
+        raise argparse.ArgumentTypeError(f'expected true/false, got {text!r}')
+    if kind in (tuple, list):
+        return tuple(int(v) if re.fullmatch(r'-?\d+', v) else float(v) for v in text.split(','))
+    return kind(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls) -> None:
+    """One flag `--<prefix>.<field>` per dataclass field (default None = keep the preset's value)."""
+    group = parser.add_argument_group(f'{prefix}: {cls.__name__} ({cls.__module__}.py)')
+    helps = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = type(default)
+        group.add_argument(f'--{prefix}.{f.name}', dest=f'{prefix}.{f.name}', default=None, metavar=kind.__name__.upper(),
+                           type=lambda s, k=kind: _parse_value(k, s),
+                           help=f"{helps.get(f.name, '')} (paper: {default})")
+
+
+def build_config(cls, presets: dict, preset: str, args: argparse.Namespace, prefix: str):
+    """paper defaults <- preset overrides <- command-line flags."""
+    cfg = dataclasses.replace(cls(), **presets.get(preset, {}))
+    flags = {f.name: getattr(args, f'{prefix}.{f.name}') for f in dataclasses.fields(cls)
+             if getattr(args, f'{prefix}.{f.name}', None) is not None}
+    return dataclasses.replace(cfg, **flags)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, atomic writes, loud and specific errors.
+# ----------------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj: dict, path: str) -> None:
+    """Write to <path>.tmp<pid>, fsync, rename: a kill at any moment leaves either the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, stage: str | None = None, task: str | None = None) -> dict:
+    """Load a checkpoint as data (weights_only=True) and check it holds what the caller expects."""
+    if not os.path.isfile(path):
+        raise StageError(f'{path}: checkpoint not found' + (f' (run --stage {stage} first)' if stage else ''))
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled code ...
+        raise StageError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
+    if not isinstance(ckpt, dict) or 'stage' not in ckpt or 'model' not in ckpt:
+        raise StageError(f'{path}: not a diwa checkpoint (expected a dict with stage/model keys)')
+    if stage is not None and ckpt['stage'] != stage:
+        raise StageError(f"{path}: holds a '{ckpt['stage']}' checkpoint, expected '{stage}'")
+    if task is not None and ckpt.get('task') != task:
+        raise StageError(f"{path}: holds task '{ckpt.get('task')}', expected '{task}'")
+    return ckpt
+
+
+def config_key(config: dict, upstream: list) -> str:
+    """Hash of a stage's settings and of the keys of the checkpoints it consumes (a Merkle chain)."""
+    blob = json.dumps({'config': config, 'upstream': list(upstream)}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """'wm.steps 100 -> 200, lr 3e-4 -> 1e-4' for the settings that differ."""
+    diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: one csv per stage output, rows appended as training goes; on resume, rows newer than the
+# checkpoint are dropped so that a killed run leaves a consistent history.
+# ----------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    def __init__(self, path: str, resume_step: int = 0):
+        self.path = path
+        self.rows = []
+        if resume_step > 0 and os.path.isfile(path):
+            with open(path, newline='') as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
+        elif os.path.isfile(path):
+            os.remove(path)
+        self._flush()
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})
+
+    def _flush(self) -> None:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r)) or ['step']
+        tmp = self.path + '.tmp'
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(tmp, 'w', newline='') as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    flush = _flush
+
+
+def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str) -> None:
+    """A NaN/inf loss stops the stage, naming the term; the last good checkpoint on disk is untouched."""
+    for k, v in metrics.items():
+        if isinstance(v, (float, int)) and not math.isfinite(v):
+            kept = f'last good checkpoint kept at {ckpt_path}' if os.path.isfile(ckpt_path) else 'no checkpoint written yet'
+            raise StageError(f"stage {stage}, step {step}: loss term '{k}' is {v}; stopped ({kept})")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one training loop every learned stage shares: resume, periodic atomic checkpoints, NaN guard,
+# metrics.csv, progress bar. Stages differ only in what `step_fn` does (an update_* of their module).
+# ----------------------------------------------------------------------------------------------------
+
+def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
+               step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
+               extra: dict | None = None, log_every: int = 1, quiet: bool = False) -> dict:
+    """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
+
+    objects: {'model': nn.Module, 'optim': Optimizer, ...} — everything with state_dict()/load_state_dict()
+    that defines the run's state; saved under the same names. Returns the final checkpoint dict.
+    """
+    from tqdm import tqdm
+
+    key = config_key(config, upstream)
+    status, ckpt = 'fresh', None
+    if os.path.isfile(path) and not force:
+        ckpt = load_checkpoint(path, stage, task)
+        if ckpt.get('key') == key:
+            status = 'done' if ckpt.get('done') else 'resume'
+        else:
+            print(f'[{stage}] {path}: re-running, settings changed: {describe_change(ckpt.get("config", {}), config)}')
+    if status == 'done':
+        print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
+        return ckpt
+    start = 0
+    if status == 'resume':
+        for name, obj in objects.items():
+            obj.load_state_dict(ckpt[name])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if rng is not None and 'numpy' in ckpt['rng']:
+            rng.bit_generator.state = ckpt['rng']['numpy']
+        start = ckpt['step']
+        print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
+    log = MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
+
+    def save(step: int, metrics: dict, done: bool) -> dict:
+        out = {'stage': stage, 'task': task, 'step': step, 'done': done, 'key': key, 'config': config,
+               'upstream': list(upstream), 'metrics': metrics, 'extra': extra or {},
+               'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng is not None else {})}}
+        out.update({name: obj.state_dict() for name, obj in objects.items()})
+        atomic_torch_save(out, path)
+        log.flush()
+        return out
+
+    metrics, t0 = {}, time.time()
+    bar = tqdm(range(start, n_steps), desc=f'{stage}{"/" + task if task else ""}', disable=quiet,
+               initial=start, total=n_steps, mininterval=2.0, dynamic_ncols=True)
+    for step in bar:
+        metrics = step_fn(step)
+        check_finite(stage, step + 1, metrics, path)
+        if (step + 1) % log_every == 0 or step + 1 == n_steps:
+            log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
+        if 'loss' in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+        if (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
+            save(step + 1, metrics, done=False)
+    if start >= n_steps and ckpt is not None:
+        return save(start, ckpt.get('metrics', {}), done=True)
+    return save(n_steps, metrics, done=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages. Each one: build its config, load what it consumes (checking it), run the shared loop.
+# ----------------------------------------------------------------------------------------------------
+
+def data_root(args) -> str:
+    return args.data or os.path.join(args.run, 'data')
+
+
+def data_key(root: str) -> str:
+    """Fingerprint of a dataset in CALVIN's layout: its segment list and annotations (cheap, no frame reads)."""
+    h = hashlib.sha1()
+    for split in ('training', 'validation'):
+        for name in ('ep_start_end_ids.npy', os.path.join('lang_annotations', 'auto_lang_ann.npy')):
+            p = os.path.join(root, split, name)
+            if os.path.isfile(p):
+                h.update(open(p, 'rb').read())
+    return h.hexdigest()[:16]
+
+
+def stage_collect(args) -> None:
+    """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
+    import data
+    cfg = build_config(data.CollectConfig, data.PRESETS, args.preset, args, 'collect')
+    if args.data:
+        raise StageError(f'--data {args.data}: collect writes into the run folder; drop --data to collect, '
+                         'or skip collect when you bring your own (e.g. real CALVIN) dataset')
+    print_config('collect', cfg)
+    data.collect(cfg, data_root(args))
+
+
+def load_world_model(args, device):
+    """The frozen world model of this run: (wm, ckpt). Fails clearly if missing or of another stage."""
+    from world_model import WMConfig, WorldModel
+    ckpt = load_checkpoint(os.path.join(args.run, 'wm.pt'), 'wm')
+    if not ckpt.get('done'):
+        raise StageError(f"{os.path.join(args.run, 'wm.pt')}: world model training is unfinished "
+                         f"(step {ckpt['step']}); run --stage wm to complete it")
+    wm = WorldModel(WMConfig(**ckpt['config'])).to(device)
+    wm.load_state_dict(ckpt['model'])
+    wm.eval().requires_grad_(False)
+    return wm, ckpt
+
+
+def stage_wm(args, device) -> dict:
+    """World model on play frames only: Eq. 10-11, Table S.2 (world_model.py, paper §III.A)."""
+    import data
+    import world_model as W
+    cfg = build_config(W.WMConfig, W.PRESETS, args.preset, args, 'wm')
+    print_config('wm', cfg)
+    train = data.load_split(os.path.join(data_root(args), 'training'), cfg.image_size)
+    wm = W.WorldModel(cfg).to(device)
+    opt = W.make_optimizer(wm, cfg)
+    rng = np.random.default_rng(args.seed)
+
+    def step_fn(step):
+        batch = data.to_torch(data.sample_sequences(train, cfg.batch, cfg.seq_len, rng), device)
+        return W.update_wm(wm, opt, batch)
+
+    return train_loop(stage='wm', task=None, path=os.path.join(args.run, 'wm.pt'), config=dataclasses.asdict(cfg),
+                      upstream=[data_key(data_root(args))], objects={'model': wm, 'optim': opt}, step_fn=step_fn,
+                      n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
+                      rng=rng, log_every=max(1, cfg.steps // 500))
+
+
+def print_config(stage: str, cfg) -> None:
+    print(f'[{stage}] config: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demonstrations in latent space (Alg. 1 line 2): the 50 expert windows of a task, filtered by the frozen
+# world model from each window's first frame. Cached in <run>/<task>/latents.pt, keyed by the world model.
+#
+#   window      s ............ e  (first frame where the task's success test holds)  + post frames
+#   feat        z_s ........... z_e ......... z_{e+P}            (W, T, F)
+#   chunk       a_t..a_{t+3}    for t in [s, e]  (padded with the window's last action)  (W, T, Ta, 7)
+#   success     test(start=s, now=t) for t in [s, e+P]                                     (W, T)
+# ----------------------------------------------------------------------------------------------------
+
+def window_rows(episodes: np.ndarray, windows: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (W, T) covering each window plus `extra` frames after it (clipped to its episode), and a
+    (W, T) mask of the rows that belong to the window proper or its extension."""
+    ep_end = np.array([episodes[(episodes[:, 0] <= s) & (s <= episodes[:, 1])][0, 1] for s, _ in windows])
+    stop = np.minimum(windows[:, 1] + extra, ep_end)                    # (W,) inclusive
+    T = int((stop - windows[:, 0]).max()) + 1
+    rows = windows[:, :1] + np.arange(T)[None]                          # (W, T)
+    mask = rows <= stop[:, None]
+    return np.minimum(rows, stop[:, None]), mask
+
+
+@torch.no_grad()
+def featurize_rows(wm, split: dict, rows: np.ndarray, device, chunk: int = 16) -> torch.Tensor:
+    """Posterior features (W, T, F) of frame sequences rows[w] (each filtered from a fresh state)."""
+    import data
+    feats = []
+    for i in range(0, len(rows), chunk):
+        r = rows[i:i + chunk]
+        batch = {k: split[k][r] for k in ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions')}
+        batch['is_first'] = np.zeros(r.shape, bool)
+        batch['is_first'][:, 0] = True
+        feats.append(wm.featurize(data.to_torch(batch, device)).float().cpu())
+    return torch.cat(feats)
+
+
+def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'training') -> dict:
+    """Latents, action chunks and success labels of the task's expert windows (see the diagram above)."""
+    import data
+    import env
+    path = os.path.join(args.run, task, f'latents_{split_name}.pt')
+    key = config_key({'task': task, 'demos': args.demos, 'seed': args.seed, 'post': args.post_success_frames,
+                      'split': split_name}, [wm_ckpt['key']])
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        if cached.get('key') == key:
+            return cached
+    split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
+    n = args.demos if split_name == 'training' else 10 ** 9
+    win = data.expert_windows(split, task, n=n, seed=args.seed)                  # (W, 2) row windows
+    rows, mask = window_rows(split['episodes'], win, args.post_success_frames)   # (W, T)
+    feat = featurize_rows(wm, split, rows, device)                               # (W, T, F)
+    # action chunks a_t .. a_{t+Ta-1}, never reading past the window's end (edge-padded)
+    Ta = 4
+    idx = np.minimum(rows[:, :, None] + np.arange(Ta), win[:, 1:2, None])       # (W, T, Ta)
+    chunks = torch.as_tensor(split['rel_actions'][idx], dtype=torch.float32)      # (W, T, Ta, 7)
+    in_window = torch.as_tensor(rows <= win[:, 1:2]) & torch.as_tensor(mask)     # (W, T) frames s..e
+    start_scene = split['scene_obs'][win[:, 0]]
+    success = np.array([[env.task_success(task, {'scene_obs': start_scene[w]}, {'scene_obs': split['scene_obs'][r]})
+                         for r in rows[w]] for w in range(len(win))]) & mask
+    out = {'key': key, 'task': task, 'feat': feat, 'chunks': chunks, 'in_window': in_window,
+           'valid': torch.as_tensor(mask), 'success': torch.as_tensor(success), 'windows': torch.as_tensor(win),
+           'start_rows': torch.as_tensor(win[:, 0])}
+    atomic_torch_save(out, path)
+    return out
+
+
+def stage_bc(args, device, task: str) -> dict:
+    """Pre-train the diffusion policy on the task's 50 demos in latent space: Eq. 12, Table S.3 (§III.B)."""
+    import diffusion_policy as D
+    cfg = build_config(D.BCConfig, D.PRESETS, args.preset, args, 'bc')
+    print_config('bc', cfg)
+    wm, wm_ckpt = load_world_model(args, device)
+    demos = demo_latents(args, wm, wm_ckpt, task, device)
+    sel = demos['in_window']                                             # frames s..e of each window
+    b_cond = demos['feat'][sel].to(device)                               # (N, F)
+    b_x0 = demos['chunks'][sel].to(device)                               # (N, Ta, 7)
+    N = len(b_cond)
+    steps_per_epoch = max(1, math.ceil(N / cfg.batch))
+    n_steps = cfg.epochs * steps_per_epoch
+    policy = D.make_policy(wm.feat_dim, cfg).to(device)
+    opt, sched = D.make_optimizer(policy, cfg, n_steps)
+    ema = D.EMA(policy, cfg.ema_decay)
+    gen = torch.Generator(device='cpu').manual_seed(args.seed)
+    print(f'[bc/{task}] {demos["windows"].shape[0]} demos, {N} (latent, chunk) pairs, {n_steps} steps')
+
+    def step_fn(step):
+        idx = torch.randint(0, N, (min(cfg.batch, N),), generator=gen)
+        epoch = step // steps_per_epoch
+        return D.update_bc(policy, opt, sched, ema, b_x0[idx], b_cond[idx], epoch=epoch, step=step)
+
+    return train_loop(stage='bc', task=task, path=os.path.join(args.run, task, 'bc.pt'),
+                      config=dataclasses.asdict(cfg), upstream=[demos['key']],
+                      objects={'model': policy, 'optim': opt, 'sched': sched, 'ema': ema}, step_fn=step_fn,
+                      n_steps=n_steps, ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
+                      extra={'cond_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
+
+
+def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc', use_ema: bool = True):
+    """A policy checkpoint of `stage` for `task`, checked against the world model's latent size."""
+    import diffusion_policy as D
+    ckpt = load_checkpoint(path, stage, task)
+    cond_dim = ckpt['extra'].get('cond_dim')
+    if cond_dim != feat_dim:
+        raise StageError(f'{path}: policy conditioned on {cond_dim}-d latents, but the world model gives '
+                         f'{feat_dim}-d features (checkpoints from different runs?)')
+    cfg = D.BCConfig(**ckpt['extra'].get('bc_config', ckpt['config']))
+    policy = D.make_policy(cond_dim, cfg).to(device)
+    state = ckpt['ema'] if (use_ema and ckpt.get('ema')) else ckpt['model']
+    if use_ema and 'shadow' in state:        # EMA stored as its own module state
+        state = state['shadow']
+    policy.load_state_dict(state)
+    return policy.eval(), ckpt
+
+
+def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int) -> torch.Tensor:
+    """Latents of play frames where the task is still possible, i.e. certainly not its success state
+    (Table S.4: 'distant/unsuccessful frames'). Filtered over 32-frame play snippets; the first 8 frames of a
+    snippet are context only."""
+    import data
+    import env
+    split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
+    rng = np.random.default_rng(seed)
+    batch = data.sample_sequences(split, n_seq, 32, rng)
+    feats = []
+    for i in range(0, n_seq, 16):
+        part = {k: v[i:i + 16] for k, v in batch.items()}
+        feats.append(wm.featurize(data.to_torch(part, device)).float().cpu())
+    feat = torch.cat(feats)[:, 8:]                                        # (n_seq, 24, F)
+    possible = np.vectorize(lambda i, t: env.task_possible(task, batch['scene_obs'][i, t]))(
+        *np.meshgrid(np.arange(n_seq), np.arange(8, 32), indexing='ij'))
+    return feat[torch.as_tensor(possible)]
+
+
+def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
+    plus play frames where the task is possible as extra negatives."""
+    demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
+    valid = demos['valid']
+    feat, label = demos['feat'][valid], demos['success'][valid].long()
+    n_seq = max(8, int(label.sum()) // 8)
+    neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'))
+    return torch.cat([feat, neg]), torch.cat([label, torch.zeros(len(neg), dtype=torch.long)])
+
+
+def stage_reward(args, device, task: str) -> dict:
+    """Latent success classifier C_psi: NT-Xent + cross-entropy, Eq. 13-14, Table S.4 (§III.C)."""
+    import reward as R
+    cfg = build_config(R.RewardConfig, R.PRESETS, args.preset, args, 'reward')
+    print_config('reward', cfg)
+    wm, wm_ckpt = load_world_model(args, device)
+    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training')
+    pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
+    if len(pos) == 0 or len(neg) == 0:
+        raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')
+    print(f'[reward/{task}] {len(pos)} success frames, {len(neg)} non-success frames')
+    clf = R.RewardClassifier(wm.feat_dim, cfg).to(device)
+    opt = R.make_optimizer(clf, cfg)
+    gen = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = max(1, math.ceil(2 * max(len(pos), len(neg)) / cfg.batch))
+    n_steps = cfg.epochs * steps_per_epoch
+
+    def step_fn(step):  # class-balanced minibatch: half success, half not
+        half = cfg.batch // 2
+        idx = torch.cat([pos[torch.randint(0, len(pos), (half,), generator=gen)],
+                         neg[torch.randint(0, len(neg), (cfg.batch - half,), generator=gen)]])
+        return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
+
+    ckpt = train_loop(stage='reward', task=task, path=os.path.join(args.run, task, 'reward.pt'),
+                      config=dataclasses.asdict(cfg), upstream=[wm_ckpt['key'], args.demos, args.post_success_frames],
+                      objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
+                      ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
+                      extra={'feat_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all']
+
+
+def config_classes() -> dict:
+    """prefix -> (dataclass, presets) of every stage; imported here so that `--help` lists every field."""
+    import data, diffusion_policy, dream_ppo, reward, world_model
+    return {'collect': (data.CollectConfig, data.PRESETS), 'wm': (world_model.WMConfig, world_model.PRESETS),
+            'bc': (diffusion_policy.BCConfig, diffusion_policy.PRESETS),
+            'reward': (reward.RewardConfig, reward.PRESETS), 'ft': (dream_ppo.FinetuneConfig, dream_ppo.PRESETS)}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from env import TASKS
+    p = argparse.ArgumentParser(description='DiWA: diffusion policy adaptation with world models (CoRL 2025)',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--stage', choices=STAGES, required=True, help='phase of Algorithm 1 to run')
+    p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu',
+                   help='paper = appendix tables (GPU); cpu = scaled for a laptop; test = seconds')
+    p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
+    p.add_argument('--data', default=None, help='dataset root in CALVIN layout (default <run>/data; a real CALVIN '
+                                                'download works too)')
+    p.add_argument('--task', choices=TASKS, default=None, help='task for bc/reward/finetune/dppo/eval')
+    p.add_argument('--tasks', nargs='+', default=['open_drawer'], help="tasks for --stage all ('all' = the 8)")
+    p.add_argument('--seed', type=int, default=0, help='seeds Python, NumPy, torch and the simulator')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='fine-tuning seeds for --stage all')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
+    p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
+    p.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval in steps (0 = about 1/20 of the stage)')
+    p.add_argument('--demos', type=int, default=50, help='expert demonstrations per task (paper: N = 50, Tab. S.3)')
+    p.add_argument('--post-success-frames', type=int, default=16,
+                   help='frames after a demo succeeds that still count as success examples for the classifier')
+    for prefix, (cls, _) in config_classes().items():
+        add_config_flags(p, prefix, cls)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate: every invalid flag fails here with argparse's usage message."""
+    from env import TASKS
+    p = make_parser()
+    args = p.parse_args(argv)
+    if args.stage in ('bc', 'reward', 'finetune', 'dppo', 'eval') and args.task is None:
+        p.error(f'--stage {args.stage} needs --task (one of {", ".join(TASKS)})')
+    if args.tasks == ['all']:
+        args.tasks = list(TASKS)
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        p.error(f'--tasks: unknown task(s) {", ".join(bad)}; choose from {", ".join(TASKS)} or all')
+    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames'):
+        if getattr(args, name) < 0:
+            p.error(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
+    if args.demos == 0:
+        p.error('--demos must be > 0')
+    for key, value in vars(args).items():      # config flags: sizes and rates are never negative
+        if '.' in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            p.error(f'--{key} must be >= 0, got {value}')
+    classes = config_classes()
+    bc_cfg = build_config(*classes['bc'], args.preset, args, 'bc')
+    ft_cfg = build_config(*classes['ft'], args.preset, args, 'ft')
+    if ft_cfg.K_ft > bc_cfg.K:
+        p.error(f"--ft.K_ft {ft_cfg.K_ft} exceeds the number of denoising steps --bc.K {bc_cfg.K} (need K' <= K)")
+    args.run = args.run or os.path.join('runs', args.preset)
+    try:                                       # the run folder must be writable before hours of work start
+        os.makedirs(args.run, exist_ok=True)
+        probe = os.path.join(args.run, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        p.error(f'--run {args.run}: cannot write there ({e.strerror})')
+    if args.data and not os.path.isdir(args.data):
+        p.error(f'--data {args.data}: no such folder')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    tasks = [args.task] if args.task else args.tasks
+    try:
+        if args.stage == 'collect':
+            stage_collect(args)
+        elif args.stage == 'wm':
+            stage_wm(args, device)
+        elif args.stage == 'bc':
+            stage_bc(args, device, args.task)
+        elif args.stage == 'reward':
+            stage_reward(args, device, args.task)
+        elif args.stage == 'finetune':
+            stage_finetune(args, device, args.task, args.seed)
+        elif args.stage == 'dppo':
+            stage_dppo(args, device, args.task, args.seed)
+        elif args.stage == 'eval':
+            import eval as E
+            E.evaluate_stage(args, device, args.task)
+        elif args.stage == 'all':
+            stage_all(args, device, tasks)
+    except KeyboardInterrupt:
+        print('interrupted: re-run the same command to continue from the last checkpoint', file=sys.stderr)
+        return 130
+    except (StageError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - data errors from data.py carry their own one-line message
+        if type(e).__name__ == 'DataError':
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
