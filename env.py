@@ -1,0 +1,406 @@
+"""The built-in CALVIN-style desk: a pybullet Panda, CALVIN's observation/action conventions, the 8 tasks.
+
+Paper: §IV.A (CALVIN environment D), S.3.1 (the 7-D relative action, gripper thresholded at 0).
+The real CALVIN simulator (mees/calvin_env) is a GPU-or-patience job on a laptop (~18 steps/s with
+cameras); this file rebuilds its scene D from pybullet primitives with CALVIN's numbers
+(../shared/REFERENCE.md §1-§2) so that every phase of DiWA runs on a 2-core CPU.
+
+Desk (world frame, metres, z up; +q of each prismatic joint as in CALVIN):
+
+      LED (x -0.20..-0.04)        bulb (x 0.30)          <- on the cabinet top, z ~0.65
+    +-----------------------+-----------------+
+    | sliding door  <- +q   |  switch (up=+q) |          <- cabinet front, y ~0.075, z 0.44..0.64
+    +-----------------------+-----------------+
+    |  button (-0.12,-0.12)        blocks      |          <- table top, z 0.44
+    +------------------[ drawer, +q = -y ]-----+          <- under the table top, z ~0.32
+                  Panda base (-0.34,-0.46,0.24), in front of the table (y < -0.19)
+
+Glossary (CALVIN name -> variable -> shape):
+  robot_obs  -> obs['robot_obs'] (15,) [tcp xyz, tcp euler xyz, gripper width, 7 arm joints, last gripper action]
+  scene_obs  -> obs['scene_obs'] (24,) [door, drawer, button, switch, bulb, led, red xyz+euler, blue ..., pink ...]
+  rel_action -> action (7,) [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1,1]; 0.02 m / 0.05 rad per unit
+  info       -> env.get_info() {'robot_obs', 'scene_obs'}; task_success compares a start info with a current one
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import pybullet as p
+import pybullet_data
+
+TASKS = ['open_drawer', 'close_drawer', 'move_slider_left', 'move_slider_right',
+         'turn_on_lightbulb', 'turn_off_lightbulb', 'turn_on_led', 'turn_off_led']
+
+# ---------------------------------------------------------------- CALVIN constants (REFERENCE §1)
+PHYSICS_HZ, SUBSTEPS, SOLVER_ITERATIONS = 240, 8, 50        # control at 240 / 8 = 30 Hz
+ROBOT_BASE = (-0.34, -0.46, 0.24)
+Q_INIT = np.array([-1.21779206, 1.03987646, 2.11978261, -2.34205014, -0.87015947, 1.64119353, 0.55344866])
+POS_SCALE, ORN_SCALE = 0.02, 0.05                           # metres / radians per action unit
+ARM_FORCE, ARM_MAX_VEL = 200.0, 2.0
+FINGER_OPEN, FINGER_OPEN_FORCE, FINGER_CLOSE_FORCE = 0.04, 2.0, 200.0
+# The stored TCP target is kept inside this box so that a jammed hand cannot drag it far away.
+WORKSPACE = np.array([[-0.55, -0.65, 0.26], [0.55, 0.25, 0.80]])
+ARM, FINGERS, TCP_LINK = list(range(7)), [9, 10], 11        # joint / link indices in pybullet's panda.urdf
+
+# Articulated parts: (joint upper limit, unit direction of +q, link origin at q = 0)
+DOOR_MAX, DRAWER_MAX, BUTTON_MAX, SWITCH_MAX = 0.28, 0.22, 0.02, 0.088
+DOOR_ORIGIN, DRAWER_ORIGIN = np.array([-0.10, 0.075, 0.535]), np.array([0.18, 0.0, 0.32])
+BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.12, -0.12, 0.46]), np.array([0.30, 0.061, 0.495])
+SWITCH_DIR = np.array([0.0, 0.5, 0.866])
+LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.01, 0.044
+TABLE_TOP_Z = 0.44
+# Lights sit on the cabinet top. CALVIN has them ~5 cm further back (y 0.16) and the cabinet ~2 cm
+# higher; we bring them forward/down so that both stay inside the static camera's 64x64 frame.
+LED_POS, BULB_POS = (-0.12, 0.115, 0.637), (0.30, 0.12, 0.655)
+# Handles (knobs) stand out 7 cm so that the hand never touches the surface behind them.
+DRAWER_KNOB = np.array([0.0, -0.2275, -0.02])   # knob centre relative to the drawer origin; tip at y = -0.265
+DOOR_KNOB = np.array([0.0, -0.0335, -0.005])    # relative to the door origin; door face at y = 0.067
+SWITCH_KNOB = np.array([0.0, -0.035, 0.0])      # relative to the switch origin
+
+OFF_RGBA, LED_ON_RGBA, BULB_ON_RGBA = (1, 1, 1, 1), (0.1, 0.9, 0.1, 1), (1.0, 0.85, 0.0, 1)
+BLOCKS = {  # name: (half extents, rgba); 1 kg, friction 0.7
+    'red': ((0.028, 0.02, 0.02), (0.85, 0.1, 0.1, 1)),
+    'blue': ((0.02, 0.02, 0.02), (0.1, 0.25, 0.9, 1)),
+    'pink': ((0.04, 0.02, 0.02), (0.95, 0.45, 0.75, 1)),
+}
+# Block spawn regions (x range, y range): the open table top (away from the button) and the
+# cabinet shelf behind the sliding door.
+BLOCK_REGIONS = [((-0.05, 0.45), (-0.16, 0.0)), ((-0.45, 0.02), (0.14, 0.27))]
+
+# Cameras (CALVIN values, REFERENCE §1)
+STATIC_CAM = dict(eye=(2.8715, -2.1666, 2.5552), target=(-0.0262, -0.0302, 0.3920), up=(0.4041, 0.2263, 0.8863),
+                  fov=10.0, near=0.01, far=10.0)
+GRIPPER_CAM = dict(fov=75.0, near=0.01, far=2.0, behind=0.1)
+
+
+# ---------------------------------------------------------------- small math helpers
+
+def wrap_angle(a):
+    """Map angles to [-pi, pi): TCP roll sits near +-pi, so raw Euler differences jump by 2 pi."""
+    return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
+
+
+def drawer_knob_pos(q):
+    """World position of the drawer knob centre when the drawer joint is at q."""
+    return DRAWER_ORIGIN + DRAWER_KNOB + np.array([0.0, -q, 0.0])
+
+
+def door_knob_pos(q):
+    return DOOR_ORIGIN + DOOR_KNOB + np.array([-q, 0.0, 0.0])
+
+
+def switch_knob_pos(q):
+    return SWITCH_ORIGIN + SWITCH_KNOB + q * SWITCH_DIR
+
+
+# ---------------------------------------------------------------- the desk as a generated URDF
+
+def _box(xyz, half, rgba, collide=True):
+    """URDF <visual> (+ <collision>) of a box given its centre (in the link frame) and half extents."""
+    o = f'<origin xyz="{xyz[0]} {xyz[1]} {xyz[2]}"/>'
+    g = f'<geometry><box size="{2 * half[0]} {2 * half[1]} {2 * half[2]}"/></geometry>'
+    s = f'<visual>{o}{g}<material name="c{abs(hash(rgba)) % 10**8}"><color rgba="{" ".join(map(str, rgba))}"/></material></visual>'
+    return s + (f'<collision>{o}{g}</collision>' if collide else '')
+
+
+def _link(name, shapes, mass=0.0):
+    inertial = (f'<inertial><mass value="{mass}"/><inertia ixx="0.01" ixy="0" ixz="0" iyy="0.01" iyz="0" '
+                f'izz="0.01"/></inertial>')
+    return f'<link name="{name}">{inertial}{"".join(shapes)}</link>'
+
+
+def _joint(name, kind, child, origin, axis=(0, 0, 1), upper=0.0):
+    lim = f'<limit lower="0" upper="{upper}" effort="100" velocity="1"/>' if kind == 'prismatic' else ''
+    return (f'<joint name="{name}" type="{kind}"><parent link="base"/><child link="{child}"/>'
+            f'<origin xyz="{origin[0]} {origin[1]} {origin[2]}"/><axis xyz="{axis[0]} {axis[1]} {axis[2]}"/>{lim}</joint>')
+
+
+def desk_urdf():
+    """One multibody: the static table + cabinet (base) and 6 links: door, drawer, button, switch, LED, bulb.
+    Colours are chosen so that every task-relevant state is visible in a 64x64 static image."""
+    wood, body, cab, dark = (0.78, 0.6, 0.42, 1), (0.55, 0.55, 0.6, 1), (0.85, 0.8, 0.7, 1), (0.15, 0.15, 0.18, 1)
+    top = TABLE_TOP_Z
+    base = [
+        _box((0, 0, -0.01), (1.5, 1.5, 0.01), (0.45, 0.45, 0.45, 1)),                      # floor
+        _box((0, 0.065, top - 0.015), (0.62, 0.255, 0.015), wood),                          # table top y -0.19..0.32
+        _box((-0.31, 0.075, 0.205), (0.31, 0.24, 0.205), body),                             # left block under the top
+        _box((0.49, 0.075, 0.205), (0.13, 0.24, 0.205), body),                              # right block
+        _box((0.18, 0.075, 0.12), (0.18, 0.24, 0.12), body),                                # below the drawer slot
+        _box((0.18, 0.30, 0.32), (0.18, 0.015, 0.09), dark),                                # back of the drawer slot
+        _box(ROBOT_BASE[:2] + (0.115,), (0.09, 0.09, 0.115), dark, collide=False),        # robot pedestal
+        # cabinet on the back of the table: x -0.52..0.46, y 0.09..0.32, z 0.44..0.625
+        _box((-0.03, 0.205, 0.615), (0.49, 0.115, 0.01), wood),                             # cabinet top
+        _box((-0.03, 0.31, 0.5225), (0.49, 0.01, 0.0825), dark, collide=False),             # back (dark interior)
+        _box((-0.51, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                           # left side
+        _box((0.45, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # right side
+        _box((0.09, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # divider
+        _box((0.27, 0.095, 0.5225), (0.17, 0.005, 0.0825), cab),                            # right front panel
+        _box((-0.12, -0.12, top + 0.004), (0.045, 0.045, 0.004), dark),                     # button housing
+    ]
+    door = [_box((0, 0, 0), (0.13, 0.008, 0.07), (0.2, 0.45, 0.8, 1)),
+            _box(DOOR_KNOB, (0.01, 0.0335, 0.025), dark)]
+    drawer = [_box((0, -0.18, 0), (0.17, 0.01, 0.07), (0.95, 0.55, 0.1, 1)),               # front, face y = -0.19
+              _box((0, 0.0, -0.06), (0.16, 0.17, 0.01), (0.6, 0.35, 0.1, 1)),             # bottom
+              _box((-0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
+              _box((0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
+              _box(DRAWER_KNOB, (0.012, 0.0375, 0.015), dark)]
+    button = [_box((0, 0, 0), (0.03, 0.03, 0.027), (0.8, 0.1, 0.1, 1))]
+    switch = [_box((0, 0.015, 0), (0.03, 0.015, 0.03), dark),
+              _box(SWITCH_KNOB, (0.015, 0.035, 0.012), (0.1, 0.1, 0.1, 1))]
+    led = [_box((0, 0, 0), (0.08, 0.025, 0.012), OFF_RGBA, collide=False)]
+    bulb = [_box((0, 0, 0), (0.03, 0.03, 0.03), OFF_RGBA, collide=False)]
+    parts = [_link('base', base),
+             _link('door', door, 1.0), _joint('door_joint', 'prismatic', 'door', DOOR_ORIGIN, (-1, 0, 0), DOOR_MAX),
+             _link('drawer', drawer, 1.0),
+             _joint('drawer_joint', 'prismatic', 'drawer', DRAWER_ORIGIN, (0, -1, 0), DRAWER_MAX),
+             _link('button', button, 0.1),
+             _joint('button_joint', 'prismatic', 'button', BUTTON_ORIGIN, (0, 0, -1), BUTTON_MAX),
+             _link('switch', switch, 0.1),
+             _joint('switch_joint', 'prismatic', 'switch', SWITCH_ORIGIN, SWITCH_DIR, SWITCH_MAX),
+             _link('led', led, 0.0), _joint('led_joint', 'fixed', 'led', LED_POS),
+             _link('bulb', bulb, 0.0), _joint('bulb_joint', 'fixed', 'bulb', BULB_POS)]
+    return '<?xml version="1.0"?><robot name="desk">' + ''.join(parts) + '</robot>'
+
+
+DOOR, DRAWER, BUTTON, SWITCH, LED, BULB = range(6)          # link/joint indices of the desk
+
+
+def _cached_file(name, text):
+    """Write text to a per-user cache file once (atomically) and return its path."""
+    folder = os.path.join(tempfile.gettempdir(), f'diwa_env_{os.getuid() if hasattr(os, "getuid") else 0}')
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    if not os.path.exists(path) or open(path).read() != text:
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
+
+
+def panda_urdf():
+    """pybullet_data's panda.urdf with its visual meshes swapped for the collision meshes: the CPU
+    TinyRenderer's cost grows with triangle count (~100k visual vs ~3.5k collision triangles)."""
+    root = os.path.join(pybullet_data.getDataPath(), 'franka_panda')
+    text = open(os.path.join(root, 'panda.urdf')).read()
+    text = text.replace('package://meshes/visual/', 'package://meshes/collision/')
+    text = text.replace('package://meshes/collision/', os.path.join(root, 'meshes', 'collision') + os.sep)
+    return _cached_file('panda_collision_visuals.urdf', text)
+
+
+# ---------------------------------------------------------------- the environment
+
+class DeskEnv:
+    """CALVIN-style desk. obs = {'rgb_obs': {'rgb_static', 'rgb_gripper'}, 'robot_obs' (15,), 'scene_obs' (24,)}.
+
+    DeskEnv(image_size=64, gripper_size=None, cameras=True, seed=None): gripper_size defaults to image_size
+    (CALVIN's dataset uses 200 and 84); cameras=False leaves 'rgb_obs' empty and runs ~5x faster."""
+
+    def __init__(self, image_size=64, gripper_size=None, cameras=True, seed=None):
+        if int(image_size) < 8 or (gripper_size is not None and int(gripper_size) < 8):
+            raise ValueError(f'DeskEnv: image sizes must be >= 8 pixels, got {image_size}, {gripper_size}')
+        self.image_size, self.gripper_size = int(image_size), int(gripper_size or image_size)
+        self.cameras = bool(cameras)
+        self.rng = np.random.default_rng(seed)
+        self.cid = p.connect(p.DIRECT)
+        c = self.cid
+        p.setGravity(0, 0, -9.81, physicsClientId=c)
+        p.setPhysicsEngineParameter(fixedTimeStep=1.0 / PHYSICS_HZ, numSolverIterations=SOLVER_ITERATIONS,
+                                    deterministicOverlappingPairs=1, physicsClientId=c)
+        self.desk = p.loadURDF(_cached_file('desk.urdf', desk_urdf()), useFixedBase=True, physicsClientId=c)
+        self.robot = p.loadURDF(panda_urdf(), ROBOT_BASE, useFixedBase=True, physicsClientId=c)
+        for link in range(-1, 12):  # light-grey arm, dark hand and fingers: the hand stands out on the desk
+            rgba = (0.25, 0.25, 0.28, 1) if link >= 8 else (0.9, 0.9, 0.92, 1)
+            p.changeVisualShape(self.robot, link, rgbaColor=rgba, physicsClientId=c)
+        for j in FINGERS:
+            p.changeDynamics(self.robot, j, lateralFriction=1.0, physicsClientId=c)
+        self.blocks = []
+        for name, (half, rgba) in BLOCKS.items():
+            col = p.createCollisionShape(p.GEOM_BOX, halfExtents=half, physicsClientId=c)
+            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=rgba, physicsClientId=c)
+            uid = p.createMultiBody(1.0, col, vis, (0, 0, 1), physicsClientId=c)
+            p.changeDynamics(uid, -1, lateralFriction=0.7, physicsClientId=c)
+            self.blocks.append(uid)
+        # Desk motors: door / drawer / switch hold still with a velocity motor (force 4 = friction),
+        # the button springs back with a position motor (force 4).
+        for j in (DOOR, DRAWER, SWITCH):
+            p.setJointMotorControl2(self.desk, j, p.VELOCITY_CONTROL, targetVelocity=0, force=4, physicsClientId=c)
+        p.setJointMotorControl2(self.desk, BUTTON, p.POSITION_CONTROL, targetPosition=0, force=4, physicsClientId=c)
+        info = [p.getJointInfo(self.robot, j, physicsClientId=c) for j in ARM]
+        self._ik_lower = [i[8] for i in info] + [0.0, 0.0]
+        self._ik_upper = [i[9] for i in info] + [0.04, 0.04]
+        self._ik_range = [u - l for l, u in zip(self._ik_lower, self._ik_upper)]
+        self._ik_rest = list(Q_INIT) + [0.0, 0.0]
+        self._proj_static = p.computeProjectionMatrixFOV(STATIC_CAM['fov'], 1.0, STATIC_CAM['near'], STATIC_CAM['far'])
+        self._view_static = p.computeViewMatrix(STATIC_CAM['eye'], STATIC_CAM['target'], STATIC_CAM['up'])
+        self._proj_gripper = p.computeProjectionMatrixFOV(GRIPPER_CAM['fov'], 1.0, GRIPPER_CAM['near'],
+                                                          GRIPPER_CAM['far'])
+        self.reset()
+
+    # ------------------------------------------------------------ state <-> simulator
+    def _read_state(self):
+        """robot_obs (15,) and scene_obs (24,) in CALVIN's layout, with one batched query per body."""
+        c = self.cid
+        ls = p.getLinkState(self.robot, TCP_LINK, computeForwardKinematics=1, physicsClientId=c)
+        self._tcp_pos, self._tcp_quat = np.array(ls[4]), ls[5]
+        js = p.getJointStates(self.robot, ARM + FINGERS, physicsClientId=c)
+        q = [s[0] for s in js]
+        robot_obs = np.empty(15)
+        robot_obs[0:3] = self._tcp_pos
+        robot_obs[3:6] = p.getEulerFromQuaternion(self._tcp_quat)
+        robot_obs[6] = q[7] + q[8]                                   # gripper opening width
+        robot_obs[7:14] = q[:7]
+        robot_obs[14] = self._gripper_action
+        ds = p.getJointStates(self.desk, [DOOR, DRAWER, BUTTON, SWITCH], physicsClientId=c)
+        scene_obs = np.empty(24)
+        scene_obs[0:4] = [s[0] for s in ds]
+        scene_obs[4], scene_obs[5] = float(self._bulb_on), float(self._led_on)
+        for i, uid in enumerate(self.blocks):
+            pos, quat = p.getBasePositionAndOrientation(uid, physicsClientId=c)
+            scene_obs[6 + 6 * i:9 + 6 * i] = pos
+            scene_obs[9 + 6 * i:12 + 6 * i] = p.getEulerFromQuaternion(quat)
+        self._robot_obs, self._scene_obs = robot_obs, scene_obs
+
+    def _set_lights(self, led_on, bulb_on, force=False):
+        c = self.cid
+        if force or led_on != self._led_on:
+            p.changeVisualShape(self.desk, LED, rgbaColor=LED_ON_RGBA if led_on else OFF_RGBA, physicsClientId=c)
+        if force or bulb_on != self._bulb_on:
+            p.changeVisualShape(self.desk, BULB, rgbaColor=BULB_ON_RGBA if bulb_on else OFF_RGBA, physicsClientId=c)
+        self._led_on, self._bulb_on = bool(led_on), bool(bulb_on)
+
+    def reset(self, robot_obs=None, scene_obs=None, seed=None):
+        """Reset to the given CALVIN state (robot via joints robot_obs[7:14] and the gripper; scene exactly,
+        LED included), or, where a part is None, to the neutral robot / a random scene. Returns obs."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        if robot_obs is None:
+            robot_obs = np.zeros(15)
+            robot_obs[7:14], robot_obs[6], robot_obs[14] = Q_INIT, 2 * FINGER_OPEN, 1.0
+        if scene_obs is None:
+            scene_obs = random_scene(self.rng)
+        robot_obs, scene_obs = np.asarray(robot_obs, float), np.asarray(scene_obs, float)
+        if robot_obs.shape != (15,) or scene_obs.shape != (24,):
+            raise ValueError(f'reset: need robot_obs (15,) and scene_obs (24,), got {robot_obs.shape}, {scene_obs.shape}')
+        c = self.cid
+        for j, q in zip(ARM, robot_obs[7:14]):
+            p.resetJointState(self.robot, j, q, 0.0, physicsClientId=c)
+        for j in FINGERS:
+            p.resetJointState(self.robot, j, np.clip(robot_obs[6] / 2, 0, FINGER_OPEN), 0.0, physicsClientId=c)
+        for j, q in zip((DOOR, DRAWER, BUTTON, SWITCH), scene_obs[0:4]):
+            p.resetJointState(self.desk, j, q, 0.0, physicsClientId=c)
+        for i, uid in enumerate(self.blocks):
+            s = scene_obs[6 + 6 * i:12 + 6 * i]
+            p.resetBasePositionAndOrientation(uid, s[:3], p.getQuaternionFromEuler(s[3:]), physicsClientId=c)
+            p.resetBaseVelocity(uid, (0, 0, 0), (0, 0, 0), physicsClientId=c)
+        self._led_on = self._bulb_on = None
+        self._set_lights(scene_obs[5] > 0.5, scene_obs[4] > 0.5, force=True)
+        self._gripper_action = 1.0 if robot_obs[14] >= 0 else -1.0
+        self._button_prev = scene_obs[2]
+        # Hold the measured arm pose and the gripper state until the first action arrives.
+        for j, q in zip(ARM, robot_obs[7:14]):
+            p.setJointMotorControl2(self.robot, j, p.POSITION_CONTROL, targetPosition=q, force=ARM_FORCE,
+                                    maxVelocity=ARM_MAX_VEL, physicsClientId=c)
+        self._command_gripper(self._gripper_action)
+        self._read_state()
+        self.target_pos = self._robot_obs[0:3].copy()                  # CALVIN: target reset to the measured TCP
+        self.target_euler = self._robot_obs[3:6].copy()
+        return self._obs()
+
+    def _command_gripper(self, g):
+        target, force = (FINGER_OPEN, FINGER_OPEN_FORCE) if g > 0 else (0.0, FINGER_CLOSE_FORCE)
+        p.setJointMotorControlArray(self.robot, FINGERS, p.POSITION_CONTROL, targetPositions=[target, target],
+                                    forces=[force, force], physicsClientId=self.cid)
+
+    # ------------------------------------------------------------ control
+    def step(self, action):
+        """Apply one 7-D relative action (clipped to [-1,1]) for 8 physics substeps. -> (obs, 0., False, info)"""
+        a = np.asarray(action, dtype=float).reshape(-1)
+        if a.shape != (7,) or not np.all(np.isfinite(a)):
+            raise ValueError(f'step: action must be 7 finite numbers [dx,dy,dz,droll,dpitch,dyaw,gripper], got {action!r}')
+        a = np.clip(a, -1.0, 1.0)
+        c = self.cid
+        # CALVIN's relative controller: integrate the action into a stored target TCP pose.
+        self.target_pos = np.clip(self.target_pos + POS_SCALE * a[:3], WORKSPACE[0], WORKSPACE[1])
+        self.target_euler = wrap_angle(self.target_euler + ORN_SCALE * a[3:6])
+        q = p.calculateInverseKinematics(self.robot, TCP_LINK, self.target_pos,
+                                         p.getQuaternionFromEuler(self.target_euler),
+                                         lowerLimits=self._ik_lower, upperLimits=self._ik_upper,
+                                         jointRanges=self._ik_range, restPoses=self._ik_rest, physicsClientId=c)
+        for j in ARM:
+            p.setJointMotorControl2(self.robot, j, p.POSITION_CONTROL, targetPosition=q[j], force=ARM_FORCE,
+                                    maxVelocity=ARM_MAX_VEL, physicsClientId=c)
+        # Paper S.3.1: the continuous gripper output is thresholded at 0 (>= 0 opens, < 0 closes).
+        self._gripper_action = 1.0 if a[6] >= 0 else -1.0
+        self._command_gripper(self._gripper_action)
+        for _ in range(SUBSTEPS):
+            p.stepSimulation(physicsClientId=c)
+        # Light logic once per control step: the LED toggles on the rising edge of the button passing
+        # 0.01; the bulb is on exactly while the switch is above 0.044.
+        button, switch = [s[0] for s in p.getJointStates(self.desk, [BUTTON, SWITCH], physicsClientId=c)]
+        led = (not self._led_on) if (self._button_prev <= LED_PRESS_THRESHOLD < button) else self._led_on
+        self._button_prev = button
+        self._set_lights(led, switch > BULB_SWITCH_THRESHOLD)
+        self._read_state()
+        return self._obs(), 0.0, False, self.get_info()
+
+    def get_info(self):
+        return {'robot_obs': self._robot_obs.copy(), 'scene_obs': self._scene_obs.copy()}
+
+    # ------------------------------------------------------------ cameras
+    def render(self):
+        """-> (rgb_static (S,S,3) uint8, rgb_gripper (s,s,3) uint8) with the CPU TinyRenderer."""
+        c, S, s = self.cid, self.image_size, self.gripper_size
+        static = p.getCameraImage(S, S, self._view_static, self._proj_static, renderer=p.ER_TINY_RENDERER,
+                                  flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=c)[2]
+        # Gripper camera: 0.1 m behind the TCP along the fingers (hand z axis), looking along them,
+        # image "up" along the hand's x axis.
+        R = np.array(p.getMatrixFromQuaternion(self._tcp_quat)).reshape(3, 3)
+        eye = self._tcp_pos - GRIPPER_CAM['behind'] * R[:, 2]
+        view = p.computeViewMatrix(eye, self._tcp_pos, R[:, 0])
+        grip = p.getCameraImage(s, s, view, self._proj_gripper, renderer=p.ER_TINY_RENDERER,
+                                flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=c)[2]
+        as_rgb = lambda img, n: np.asarray(img, dtype=np.uint8).reshape(n, n, 4)[:, :, :3].copy()
+        return as_rgb(static, S), as_rgb(grip, s)
+
+    def _obs(self):
+        rgb = {}
+        if self.cameras:
+            rgb['rgb_static'], rgb['rgb_gripper'] = self.render()
+        return {'rgb_obs': rgb, 'robot_obs': self._robot_obs.astype(np.float32),
+                'scene_obs': self._scene_obs.astype(np.float32)}
+
+    def close(self):
+        if self.cid is not None and p.isConnected(self.cid):
+            p.disconnect(self.cid)
+        self.cid = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
+    """A random scene_obs (24,): door/drawer uniform in their ranges, switch down or up, LED random,
+    blocks at random non-overlapping spots on the table / cabinet shelf. Pass a value to fix a part."""
+    s = np.zeros(24)
+    s[0] = rng.uniform(0, DOOR_MAX) if door is None else door
+    s[1] = rng.uniform(0, DRAWER_MAX) if drawer is None else drawer
+    on = rng.random() < 0.5 if switch_on is None else switch_on
+    s[3] = rng.uniform(0.065, SWITCH_MAX) if on else rng.uniform(0.0, 0.02)
+    s[4] = float(s[3] > BULB_SWITCH_THRESHOLD)
+    s[5] = float(rng.random() < 0.5 if led_on is None else led_on)
+    placed = []
+    for i, (half, _) in enumerate(BLOCKS.values()):
+        while True:
+            (x0, x1), (y0, y1) = BLOCK_REGIONS[rng.integers(len(BLOCK_REGIONS))]
+            xy = rng.uniform([x0, y0], [x1, y1])
+            if np.linalg.norm(xy - BUTTON_ORIGIN[:2]) > 0.12 and all(np.linalg.norm(xy - o) > 0.1 for o in placed):
+                break
+        placed.append(xy)
+        s[6 + 6 * i:12 + 6 * i] = [xy[0], xy[1], TABLE_TOP_Z + half[2], 0.0, 0.0, rng.uniform(-np.pi, np.pi)]
+    return s
