@@ -1,0 +1,475 @@
+"""Play data, CALVIN's dataset layout, and preprocessing (paper §II, §IV.A, S.2.1, S.4).
+
+DiWA learns from two offline datasets (§II): a large task-agnostic *play* dataset D_play for the world model,
+and 50 expert demonstrations per skill D_exp, which in CALVIN are annotated windows of that same play data
+(S.2.2: "randomly selected from task-annotated episodes"). This file
+
+  1. preprocesses observations the way S.4 says: images resized to 64x64 and scaled to [-1, 1], the TCP
+     orientation turned from Euler angles into the continuous 6-D rotation of Zhou et al. [65];
+  2. reads and writes CALVIN's on-disk layout (REFERENCE §3), so that the same code trains on our play data
+     and on a real CALVIN download, and keeps a compact cache so training does not reopen 100k small files;
+  3. samples world-model sequences and expert windows, and labels frames by the task's success test;
+  4. collects human-like play on the built-in desk (env.py) with scripted skills, noise and random timing.
+
+Glossary (symbol -> variable -> shape):
+  x_t (two cameras)  -> 'rgb_static', 'rgb_gripper'   (B, T, 3, 64, 64) float in [-1, 1]  (on disk (H, W, 3) uint8)
+  proprioception     -> 'proprio'                     (B, T, 18) = [tcp xyz 3, rot6d 6, width 1, joints 7, grip 1]
+  scene state        -> 'scene'                       (B, T, 24) raw CALVIN scene_obs
+  a_t                -> 'actions'                     (B, T, 7)  rel_action executed AFTER frame t
+  segment start      -> 'is_first'                    (B, T) bool
+  D_exp window       -> data['windows'][w]            (2,) inclusive [start, end] ROW indices; end = first
+                                                      frame where the task's success test holds
+CALVIN split folder (one per split, 'training' / 'validation'):
+  episode_%07d.npz   one 30 Hz frame, global frame id  (actions, rel_actions, robot_obs, scene_obs, rgb_static,
+                                                        rgb_gripper; real CALVIN adds depth_*/tactile: ignored)
+  ep_start_end_ids.npy            (E, 2) inclusive frame ids of contiguous segments (gaps between them allowed)
+  lang_annotations/auto_lang_ann.npy   pickled dict: ['info']['indx'] [(start, end)] frame ids,
+                                       ['language']['task'|'ann'|'emb'] per window
+  cache_<S>/                      ours: one .npy per array at image size S + meta.json (rebuilt when the index
+                                  files change); images are memory-mapped
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import pickle
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FRAME_SHAPES = {'actions': (7,), 'rel_actions': (7,), 'robot_obs': (15,), 'scene_obs': (24,)}
+IMAGE_KEYS = ('rgb_static', 'rgb_gripper')
+CACHE_VERSION = 1
+EMB_DIM = 384                           # CALVIN's sentence-embedding size; we store zeros
+LANG = {                                # one short instruction per task (CALVIN's 'ann')
+    'open_drawer': 'pull the handle to open the drawer',
+    'close_drawer': 'push the drawer shut',
+    'move_slider_left': 'slide the door to the left',
+    'move_slider_right': 'slide the door to the right',
+    'turn_on_lightbulb': 'flip the switch up to turn on the light bulb',
+    'turn_off_lightbulb': 'flip the switch down to turn off the light bulb',
+    'turn_on_led': 'press the button to turn on the green light',
+    'turn_off_led': 'press the button to turn off the green light',
+}
+
+
+class DataError(ValueError):
+    """Bad dataset on disk or bad request: a one-line message that names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preprocessing (S.4): 6-D rotation, 64x64 images in [-1, 1]
+# ----------------------------------------------------------------------------------------------------
+
+def euler_to_rot6d(euler):
+    """Euler xyz (..., 3) -> 6-D rotation (..., 6) = the first two columns of R [Zhou et al. 65].
+
+    CALVIN's Euler angles are pybullet's: extrinsic x-y-z, R = Rz(yaw) @ Ry(pitch) @ Rx(roll). Written out:
+        R[:, 0] = ( cy*cp,             sy*cp,             -sp   )
+        R[:, 1] = ( cy*sp*sr - sy*cr,  sy*sp*sr + cy*cr,  cp*sr )
+    Unlike the angles, this is continuous (roll near +-pi, the desk's start pose, does not jump)."""
+    lib = torch if torch.is_tensor(euler) else np
+    r, p, y = euler[..., 0], euler[..., 1], euler[..., 2]
+    cr, sr, cp, sp, cy, sy = lib.cos(r), lib.sin(r), lib.cos(p), lib.sin(p), lib.cos(y), lib.sin(y)
+    cols = [cy * cp, sy * cp, -sp, cy * sp * sr - sy * cr, sy * sp * sr + cy * cr, cp * sr]
+    return lib.stack(cols, -1)
+
+
+def rot6d_to_matrix(r6):
+    """6-D rotation (..., 6) -> rotation matrix (..., 3, 3) by Gram-Schmidt (numpy); inverse of euler_to_rot6d."""
+    a1, a2 = r6[..., 0:3], r6[..., 3:6]
+    b1 = a1 / np.linalg.norm(a1, axis=-1, keepdims=True)
+    a2 = a2 - (b1 * a2).sum(-1, keepdims=True) * b1
+    b2 = a2 / np.linalg.norm(a2, axis=-1, keepdims=True)
+    return np.stack([b1, b2, np.cross(b1, b2)], -1)                     # columns b1, b2, b3
+
+
+def matrix_to_euler(R):
+    """Rotation matrix (..., 3, 3) -> pybullet Euler xyz (..., 3), pitch in [-pi/2, pi/2] (numpy)."""
+    roll = np.arctan2(R[..., 2, 1], R[..., 2, 2])
+    pitch = -np.arcsin(np.clip(R[..., 2, 0], -1.0, 1.0))
+    yaw = np.arctan2(R[..., 1, 0], R[..., 0, 0])
+    return np.stack([roll, pitch, yaw], -1)
+
+
+def robot_obs_to_proprio(robot_obs):
+    """CALVIN robot_obs (..., 15) -> proprio (..., 18): [tcp xyz, rot6d (S.4), width, 7 joints, gripper action]."""
+    if robot_obs.shape[-1] != 15:
+        raise DataError(f'robot_obs has last dimension {robot_obs.shape[-1]}, expected 15 (CALVIN layout)')
+    lib = torch if torch.is_tensor(robot_obs) else np
+    parts = [robot_obs[..., 0:3], euler_to_rot6d(robot_obs[..., 3:6]), robot_obs[..., 6:15]]
+    return lib.cat(parts, -1) if lib is torch else np.concatenate(parts, -1)
+
+
+def area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of area (box-filter) resampling: output pixel o averages the input interval
+    [o * n_in / n_out, (o + 1) * n_in / n_out), each input pixel weighted by its overlap. Rows sum to 1."""
+    scale = n_in / n_out
+    lo = np.arange(n_out)[:, None] * scale                                # (n_out, 1) interval ends
+    hi = lo + scale
+    i = np.arange(n_in)[None, :]                                          # (1, n_in) pixel [i, i + 1)
+    overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+    return overlap / overlap.sum(1, keepdims=True)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (..., H, W, 3) -> (..., size, size, 3) by area resampling; unchanged if already that size.
+    CALVIN's 200x200 static and 84x84 gripper images become 64x64 (S.4)."""
+    H, W = images.shape[-3:-1]
+    if (H, W) == (size, size):
+        return images
+    wy, wx = area_weights(H, size), area_weights(W, size)
+    out = np.einsum('oh,...hwc,pw->...opc', wy, images.astype(np.float32), wx, optimize=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def images_to_tensor(images, device='cpu') -> torch.Tensor:
+    """uint8 (..., H, W, 3) numpy/tensor -> float32 (..., 3, H, W) in [-1, 1] (S.4), converted on `device`."""
+    x = torch.as_tensor(images).to(device)
+    if x.dtype != torch.uint8:
+        raise DataError(f'images must be uint8 in [0, 255], got {x.dtype}')
+    return x.movedim(-1, -3).float() / 127.5 - 1.0
+
+
+def to_torch(batch: dict, device='cpu') -> dict:
+    """numpy batch from sample_sequences (images (B,T,S,S,3) uint8, robot_obs, scene_obs, rel_actions, is_first)
+    -> the world-model batch: rgb_* (B,T,3,S,S) [-1,1], proprio (B,T,18), scene (B,T,24), actions (B,T,7),
+    is_first (B,T) bool."""
+    f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)
+    B, T = batch['robot_obs'].shape[:2]
+    if 'is_first' in batch:
+        is_first = torch.as_tensor(np.asarray(batch['is_first'], bool), device=device)
+    else:
+        is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
+        is_first[:, 0] = True
+    return {'rgb_static': images_to_tensor(batch['rgb_static'], device),
+            'rgb_gripper': images_to_tensor(batch['rgb_gripper'], device),
+            'proprio': robot_obs_to_proprio(f32(batch['robot_obs'])),
+            'scene': f32(batch['scene_obs']),
+            'actions': f32(batch['rel_actions']),
+            'is_first': is_first}
+
+
+def preprocess_obs(obs_list: list, image_size: int = 64, device='cpu') -> dict:
+    """Env observation dicts (B of them) -> rgb_* (B,3,S,S) [-1,1], proprio (B,18), scene (B,24): for online use
+    (evaluation, DPPO) with exactly the preprocessing of the training data."""
+    out = {k: images_to_tensor(np.stack([resize_images(o['rgb_obs'][k], image_size) for o in obs_list]), device)
+           for k in IMAGE_KEYS}
+    robot = torch.as_tensor(np.stack([o['robot_obs'] for o in obs_list]).astype(np.float32), device=device)
+    out['proprio'] = robot_obs_to_proprio(robot)
+    out['scene'] = torch.as_tensor(np.stack([o['scene_obs'] for o in obs_list]).astype(np.float32), device=device)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# CALVIN layout: writing. Every file goes to a temp name first and is renamed into place, so a killed
+# collection never leaves a half-written file under a real name; frames of unfinished episodes are on disk
+# but not listed in ep_start_end_ids.npy, so readers never see them.
+# ----------------------------------------------------------------------------------------------------
+
+TMP_TAG = '.tmp-'                                                      # <name>.tmp-<pid>: never read
+
+
+def frame_path(folder, frame_id: int) -> Path:
+    return Path(folder) / f'episode_{int(frame_id):07d}.npz'
+
+
+def atomic_write(path, write_fn, sync: bool = False) -> None:
+    """write_fn(file object) into <path>.tmp-<pid>, then os.replace: a kill leaves the old file or the new one."""
+    path = str(path)
+    tmp = f'{path}{TMP_TAG}{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as fh:
+            write_fn(fh)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_frame(frame: dict, where) -> None:
+    """Raise DataError unless `frame` has CALVIN's keys and shapes (images (H, W, 3) uint8)."""
+    for k, shape in FRAME_SHAPES.items():
+        if k not in frame:
+            raise DataError(f'{where}: missing key {k!r}')
+        if np.shape(frame[k]) != shape:
+            raise DataError(f'{where}: {k} has shape {np.shape(frame[k])}, expected {shape}')
+    for k in IMAGE_KEYS:
+        if k not in frame:
+            raise DataError(f'{where}: missing key {k!r}')
+        a = frame[k]
+        if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
+            raise DataError(f'{where}: {k} is {a.dtype} {a.shape}, expected uint8 (H, W, 3)')
+
+
+def write_frame(folder, frame_id: int, frame: dict, compress: bool = True) -> None:
+    """One frame as <folder>/episode_%07d.npz (CALVIN stores compressed npz, ~3 KB at 64x64)."""
+    path = frame_path(folder, frame_id)
+    check_frame(frame, path)
+    save = np.savez_compressed if compress else np.savez
+    atomic_write(path, lambda fh: save(fh, **{k: frame[k] for k in (*FRAME_SHAPES, *IMAGE_KEYS)}))
+
+
+def write_split_index(folder, episodes, windows, tasks) -> None:
+    """ep_start_end_ids.npy ((E, 2) frame ids) and lang_annotations/auto_lang_ann.npy (windows (W, 2) frame ids,
+    task names) in CALVIN's format. Episodes first: between the two writes a reader sees fewer windows, never a
+    window outside the listed episodes."""
+    folder = Path(folder)
+    unknown = sorted(set(tasks) - set(LANG))
+    if unknown:
+        raise DataError(f'{folder}: unknown task name(s) {unknown}; known: {list(LANG)}')
+    episodes = np.asarray(episodes, np.int64).reshape(-1, 2)
+    windows = np.asarray(windows, np.int64).reshape(-1, 2)
+    assert len(windows) == len(tasks), f'{len(windows)} windows but {len(tasks)} task names'
+    (folder / 'lang_annotations').mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / 'ep_start_end_ids.npy', lambda fh: np.save(fh, episodes), sync=True)
+    ann = {'info': {'indx': [(int(s), int(e)) for s, e in windows], 'episodes': []},
+           'language': {'task': list(tasks), 'ann': [LANG[t] for t in tasks],
+                        'emb': np.zeros((len(tasks), 1, EMB_DIM), np.float32)}}
+    atomic_write(folder / 'lang_annotations' / 'auto_lang_ann.npy',
+                 lambda fh: np.save(fh, np.array(ann, dtype=object), allow_pickle=True), sync=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CALVIN layout: reading (our play data or a real CALVIN download) into a compact, memory-mapped cache
+# ----------------------------------------------------------------------------------------------------
+
+def _one_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ''
+    return f'{type(e).__name__}: {text[:120]}'
+
+
+def read_frame(path, image_size: int | None = None) -> dict:
+    """One episode_%07d.npz -> dict of the 6 CALVIN arrays (extra keys ignored), images resized if asked."""
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: frame file missing (listed in ep_start_end_ids.npy)')
+    try:
+        with open(path, 'rb') as fh:
+            if fh.read(4) != b'PK\x03\x04':
+                raise DataError(f'{path}: corrupt npz (not a zip archive)')
+        with np.load(path) as z:
+            missing = [k for k in (*FRAME_SHAPES, *IMAGE_KEYS) if k not in z.files]
+            if missing:
+                raise DataError(f'{path}: missing keys {missing}')
+            frame = {k: z[k] for k in (*FRAME_SHAPES, *IMAGE_KEYS)}
+    except DataError:
+        raise
+    except Exception as e:                      # BadZipFile, EOFError, zlib.error, pickled data, ...
+        raise DataError(f'{path}: corrupt or truncated npz ({_one_line(e)})') from None
+    check_frame(frame, path)
+    if image_size is not None:
+        for k in IMAGE_KEYS:
+            frame[k] = resize_images(frame[k], image_size)
+    return frame
+
+
+def _read_chunk(job):
+    folder, ids, size = job
+    frames = [read_frame(frame_path(folder, i), size) for i in ids]
+    return {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+
+
+def read_episodes(folder) -> np.ndarray:
+    """ep_start_end_ids.npy -> (E, 2) int64 inclusive frame ids, sorted, checked for overlaps."""
+    path = Path(folder) / 'ep_start_end_ids.npy'
+    if not path.is_file():
+        raise DataError(f'{path}: missing (a CALVIN split folder lists its segments there)')
+    try:
+        ep = np.load(path)
+    except Exception as e:
+        raise DataError(f'{path}: unreadable ({_one_line(e)})') from None
+    if ep.ndim != 2 or ep.shape[1] != 2 or len(ep) == 0 or not np.issubdtype(ep.dtype, np.integer):
+        raise DataError(f'{path}: expected a non-empty (E, 2) integer array, got {ep.dtype} {ep.shape}')
+    ep = ep.astype(np.int64)[np.argsort(ep[:, 0], kind='stable')]
+    if (ep[:, 1] < ep[:, 0]).any() or (ep < 0).any():
+        raise DataError(f'{path}: a segment ends before it starts (or has negative ids)')
+    if (ep[1:, 0] <= ep[:-1, 1]).any():
+        raise DataError(f'{path}: segments overlap')
+    return ep
+
+
+def read_annotations(folder) -> tuple[np.ndarray, list]:
+    """lang_annotations/auto_lang_ann.npy -> (windows (W, 2) frame ids, task names). Missing file = no windows."""
+    path = Path(folder) / 'lang_annotations' / 'auto_lang_ann.npy'
+    if not path.is_file():
+        return np.zeros((0, 2), np.int64), []
+    try:
+        ann = np.load(path, allow_pickle=True).item()
+        indx, tasks = ann['info']['indx'], list(ann['language']['task'])
+        windows = np.asarray(indx, np.int64).reshape(-1, 2)
+    except Exception as e:
+        raise DataError(f"{path}: not a CALVIN annotation dict with ['info']['indx'] and ['language']['task'] "
+                        f'({_one_line(e)})') from None
+    if len(windows) != len(tasks):
+        raise DataError(f'{path}: {len(windows)} windows but {len(tasks)} task names')
+    return windows, tasks
+
+
+def _windows_to_rows(windows: np.ndarray, ep: np.ndarray, row0: np.ndarray, where) -> np.ndarray:
+    """Global frame-id windows -> row windows; each must lie inside one listed segment."""
+    if len(windows) == 0:
+        return np.zeros((0, 2), np.int64)
+    e = np.clip(np.searchsorted(ep[:, 0], windows[:, 0], side='right') - 1, 0, None)
+    bad = (windows[:, 0] < ep[e, 0]) | (windows[:, 1] > ep[e, 1]) | (windows[:, 1] < windows[:, 0])
+    if bad.any():
+        w = int(np.flatnonzero(bad)[0])
+        raise DataError(f'{where}: window {w} = frames {tuple(windows[w].tolist())} is not inside one segment of '
+                        f'ep_start_end_ids.npy ({int(bad.sum())} such windows)')
+    return windows - ep[e, :1] + row0[e, None]
+
+
+def _fingerprint(folder: Path, ep: np.ndarray, image_size: int) -> str:
+    """Hash of the segment list, the size of each segment's first/last frame file, the image size: the cache is
+    rebuilt when any of these change (annotations are never cached, they are re-read on every load)."""
+    h = hashlib.sha1(f'v{CACHE_VERSION} size{image_size} '.encode() + ep.tobytes())
+    for s, e in ep:
+        for i in (s, e):
+            p = frame_path(folder, i)
+            h.update(str(p.stat().st_size if p.is_file() else -1).encode())
+    return h.hexdigest()
+
+
+CACHE_KEYS = {'rgb_static': np.uint8, 'rgb_gripper': np.uint8, 'robot_obs': np.float32, 'scene_obs': np.float32,
+              'rel_actions': np.float32, 'actions': np.float32}
+
+
+def _load_cache(cdir: Path, fingerprint: str, n: int, size: int):
+    try:
+        meta = json.loads((cdir / 'meta.json').read_text())
+        if meta.get('fingerprint') != fingerprint:
+            return None
+        out = {k: np.load(cdir / f'{k}.npy', mmap_mode='r' if k in IMAGE_KEYS else None) for k in CACHE_KEYS}
+    except (OSError, ValueError):
+        return None
+    ok = all(len(v) == n for v in out.values()) and all(out[k].shape[1:] == (size, size, 3) for k in IMAGE_KEYS)
+    return out if ok else None
+
+
+def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fingerprint: str, workers: int):
+    """Read every listed frame once (N worker processes), write one .npy per array, meta.json last."""
+    from tqdm import tqdm
+    cdir.mkdir(exist_ok=True)
+    (cdir / 'meta.json').unlink(missing_ok=True)                          # invalid until rebuilt
+    N, tag = len(frame_ids), f'{TMP_TAG}{os.getpid()}'
+    tmp = {k: cdir / f'{k}.npy{tag}' for k in CACHE_KEYS}
+    arrays = {k: np.lib.format.open_memmap(tmp[k], 'w+', CACHE_KEYS[k], (N, size, size, 3)) for k in IMAGE_KEYS}
+    arrays.update({k: np.zeros((N, FRAME_SHAPES[k][0]), CACHE_KEYS[k]) for k in FRAME_SHAPES})
+    chunk = 256
+    jobs = [(str(folder), frame_ids[i:i + chunk], size) for i in range(0, N, chunk)]
+    pool = mp.get_context('fork').Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_read_chunk, jobs) if pool else map(_read_chunk, jobs)
+        bar = tqdm(total=N, desc=f'caching {folder.name} at {size}x{size}', unit='frame', disable=N < 5000)
+        for i, part in zip(range(0, N, chunk), results):
+            for k in CACHE_KEYS:
+                arrays[k][i:i + len(part[k])] = part[k]
+            bar.update(len(part['robot_obs']))
+        bar.close()
+        for k in FRAME_SHAPES:
+            atomic_write(cdir / f'{k}.npy', lambda fh, a=arrays[k]: np.save(fh, a))
+        for k in IMAGE_KEYS:
+            arrays[k].flush()
+            del arrays[k]
+            os.replace(tmp[k], cdir / f'{k}.npy')
+        atomic_write(cdir / 'meta.json', lambda fh: fh.write(json.dumps(
+            {'version': CACHE_VERSION, 'fingerprint': fingerprint, 'n': N, 'image_size': size}).encode()), sync=True)
+    finally:
+        if pool:
+            pool.terminate()
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+
+
+def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict:
+    """A CALVIN split folder -> dict of numpy arrays (see the module docstring), images at image_size.
+
+    Reads ep_start_end_ids.npy and the annotations every time (cheap), the frames once into cache_<S>/ (the
+    images memory-mapped). workers: processes that read frames when the cache is built (None: 1 below 20k
+    frames, else up to 4)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f'{folder}: split folder not found')
+    ep = read_episodes(folder)                                            # (E, 2) frame ids
+    win_ids, tasks = read_annotations(folder)
+    lengths = ep[:, 1] - ep[:, 0] + 1
+    row0 = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    frame_ids = np.concatenate([np.arange(s, e + 1) for s, e in ep])      # (N,) global ids, row order
+    windows = _windows_to_rows(win_ids, ep, row0, folder / 'lang_annotations' / 'auto_lang_ann.npy')
+    fingerprint = _fingerprint(folder, ep, image_size)
+    cdir = folder / f'cache_{image_size}'
+    arrays = _load_cache(cdir, fingerprint, len(frame_ids), image_size)
+    if arrays is None:
+        if workers is None:
+            workers = 1 if len(frame_ids) < 20000 else min(4, os.cpu_count() or 1)
+        _build_cache(folder, cdir, frame_ids, image_size, fingerprint, workers)
+        arrays = _load_cache(cdir, fingerprint, len(frame_ids), image_size)
+        assert arrays is not None, f'{cdir}: cache unreadable right after writing it'
+    return {**arrays, 'frame_ids': frame_ids, 'episodes': np.stack([row0, row0 + lengths - 1], 1),
+            'windows': windows, 'window_tasks': np.array(tasks, dtype=str).reshape(-1)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling: world-model sequences, the 50 expert windows of a task (S.2.2), success labels (§III.C)
+# ----------------------------------------------------------------------------------------------------
+
+SEQ_KEYS = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions', 'actions')
+
+
+def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator) -> dict:
+    """B sequences of L consecutive frames, start uniform over all valid starts (so every frame is equally
+    likely), never crossing a segment boundary. Returns (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L) and
+    'is_first' (B, L) (True at t = 0: each sequence starts from a fresh RSSM state)."""
+    ep = data['episodes']
+    n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
+    if n_starts.sum() == 0:
+        raise DataError(f'no segment has {L} frames (longest: {int((ep[:, 1] - ep[:, 0]).max()) + 1}); '
+                        'use a shorter sequence length')
+    cum = np.cumsum(n_starts)
+    k = rng.integers(0, cum[-1], B)                                       # (B,) index among all valid starts
+    e = np.searchsorted(cum, k, side='right')
+    start = ep[e, 0] + k - (cum[e] - n_starts[e])
+    rows = start[:, None] + np.arange(L)                                  # (B, L)
+    out = {key: data[key][rows] for key in SEQ_KEYS}
+    out['rows'] = rows
+    out['is_first'] = np.zeros((B, L), bool)
+    out['is_first'][:, 0] = True
+    return out
+
+
+def expert_windows(data: dict, task: str, n: int = 50, seed: int = 0) -> np.ndarray:
+    """D_exp: n annotated windows of `task` chosen at random (S.2.2: N = 50), all if fewer. (n', 2) rows."""
+    idx = np.flatnonzero(data['window_tasks'] == task)
+    if len(idx) == 0:
+        present = sorted(set(data['window_tasks'].tolist()))
+        what = 'unknown task' if task not in LANG else 'no annotated window of task'
+        raise DataError(f"lang_annotations/auto_lang_ann.npy: {what} {task!r} in this split (present: {present})")
+    pick = np.random.default_rng(seed).choice(idx, min(n, len(idx)), replace=False)
+    return data['windows'][np.sort(pick)]
+
+
+def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
+    """(T,) int64: 1 where `task`'s success test holds at frame t relative to the window's first frame, for
+    t = start..end (rows). task defaults to the annotated task of that window."""
+    import env
+    s, e = int(window[0]), int(window[1])
+    if task is None:
+        match = np.flatnonzero((data['windows'] == (s, e)).all(1))
+        if len(match) == 0:
+            raise DataError(f'window {(s, e)} is not an annotated window of this split; pass task=')
+        task = str(data['window_tasks'][match[0]])
+    if task not in env.TASKS:
+        raise DataError(f'lang_annotations/auto_lang_ann.npy: unknown task {task!r}; known: {env.TASKS}')
+    info = lambda t: {'robot_obs': data['robot_obs'][t], 'scene_obs': data['scene_obs'][t]}
+    start = info(s)
+    return np.array([env.task_success(task, start, info(t)) for t in range(s, e + 1)], np.int64)

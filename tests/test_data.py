@@ -1,0 +1,288 @@
+"""data.py: preprocessing math against closed forms, CALVIN layout round trips (real CALVIN shapes), clear errors
+on bad input, crash safety, sequence sampling, and a tiny real collection on the built-in desk."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import data  # noqa: E402
+from data import DataError  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------------
+
+def naive_matrix(roll, pitch, yaw):
+    """R = Rz(yaw) Ry(pitch) Rx(roll) from the elementary rotations (extrinsic x-y-z)."""
+    c, s = np.cos, np.sin
+    Rx = np.array([[1, 0, 0], [0, c(roll), -s(roll)], [0, s(roll), c(roll)]])
+    Ry = np.array([[c(pitch), 0, s(pitch)], [0, 1, 0], [-s(pitch), 0, c(pitch)]])
+    Rz = np.array([[c(yaw), -s(yaw), 0], [s(yaw), c(yaw), 0], [0, 0, 1]])
+    return Rz @ Ry @ Rx
+
+
+def test_rot6d_is_first_two_columns_of_the_rotation_matrix():
+    rng = np.random.default_rng(0)
+    euler = rng.uniform(-np.pi, np.pi, (64, 3)) * [1, 0.49, 1]
+    r6 = data.euler_to_rot6d(euler)
+    for e, r in zip(euler, r6):
+        R = naive_matrix(*e)
+        np.testing.assert_allclose(r, np.concatenate([R[:, 0], R[:, 1]]), atol=1e-12)
+    # the same convention as pybullet (whose Euler angles CALVIN's robot_obs stores)
+    pb = pytest.importorskip('pybullet')
+    for e, r in zip(euler[:8], r6[:8]):
+        R = np.array(pb.getMatrixFromQuaternion(pb.getQuaternionFromEuler(e.tolist()))).reshape(3, 3)
+        np.testing.assert_allclose(r, np.concatenate([R[:, 0], R[:, 1]]), atol=1e-6)
+    # torch gives the same numbers
+    np.testing.assert_allclose(data.euler_to_rot6d(torch.tensor(euler)).numpy(), r6, atol=1e-12)
+
+
+def test_rot6d_round_trip_and_continuity_at_the_roll_wrap():
+    rng = np.random.default_rng(1)
+    euler = rng.uniform(-np.pi, np.pi, (200, 3)) * [1, 0.49, 1]
+    back = data.matrix_to_euler(data.rot6d_to_matrix(data.euler_to_rot6d(euler)))
+    wrapped = (back - euler + np.pi) % (2 * np.pi) - np.pi
+    np.testing.assert_allclose(wrapped, 0, atol=1e-9)
+    # the desk's start pose has roll near +-pi: the angle jumps by 2 pi, the 6-D rotation does not
+    a, b = data.euler_to_rot6d(np.array([[np.pi - 1e-4, 0, 1.5], [-np.pi + 1e-4, 0, 1.5]]))
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_proprio_layout_numpy_and_torch():
+    rng = np.random.default_rng(2)
+    robot = rng.normal(size=(3, 5, 15))
+    p = data.robot_obs_to_proprio(robot)
+    assert p.shape == (3, 5, 18)
+    np.testing.assert_array_equal(p[..., :3], robot[..., :3])
+    np.testing.assert_allclose(p[..., 3:9], data.euler_to_rot6d(robot[..., 3:6]))
+    np.testing.assert_array_equal(p[..., 9:], robot[..., 6:])
+    pt = data.robot_obs_to_proprio(torch.tensor(robot, dtype=torch.float32))
+    assert pt.dtype == torch.float32 and torch.allclose(pt, torch.tensor(p, dtype=torch.float32), atol=1e-6)
+    with pytest.raises(DataError, match='15'):
+        data.robot_obs_to_proprio(np.zeros((2, 14)))
+
+
+def test_area_resize_against_naive_loop_and_exact_cases():
+    rng = np.random.default_rng(3)
+    W = data.area_weights(200, 64)
+    scale = 200 / 64
+    for o in (0, 17, 63):
+        for i in range(200):
+            lo, hi = o * scale, (o + 1) * scale
+            assert abs(W[o, i] - max(0.0, min(hi, i + 1) - max(lo, i)) / scale) < 1e-12
+    np.testing.assert_allclose(W.sum(1), 1)
+    small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    big = small.repeat(2, 0).repeat(2, 1)                              # 128x128 made of 2x2 blocks
+    np.testing.assert_array_equal(data.resize_images(big, 64), small)
+    assert data.resize_images(small, 64) is small
+    const = np.full((2, 200, 200, 3), 77, np.uint8)
+    np.testing.assert_array_equal(data.resize_images(const, 64), np.full((2, 64, 64, 3), 77, np.uint8))
+
+
+def test_to_torch_and_preprocess_obs():
+    rng = np.random.default_rng(4)
+    B, T = 2, 3
+    batch = {'rgb_static': rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
+             'rgb_gripper': np.zeros((B, T, 64, 64, 3), np.uint8) + 255,
+             'robot_obs': rng.normal(size=(B, T, 15)), 'scene_obs': rng.normal(size=(B, T, 24)),
+             'rel_actions': rng.uniform(-1, 1, (B, T, 7))}
+    out = data.to_torch(batch)
+    assert out['rgb_static'].shape == (B, T, 3, 64, 64) and out['rgb_static'].dtype == torch.float32
+    assert out['rgb_gripper'].min() == 1.0
+    assert torch.allclose(out['rgb_static'][1, 2, 0], torch.tensor(batch['rgb_static'][1, 2, :, :, 0] / 127.5 - 1,
+                                                                   dtype=torch.float32), atol=1e-6)
+    assert out['proprio'].shape == (B, T, 18) and out['scene'].shape == (B, T, 24)
+    assert out['actions'].shape == (B, T, 7) and out['is_first'][:, 0].all() and not out['is_first'][:, 1:].any()
+    obs = [{'rgb_obs': {'rgb_static': np.full((200, 200, 3), 255, np.uint8), 'rgb_gripper': np.zeros((84, 84, 3), np.uint8)},
+            'robot_obs': np.zeros(15), 'scene_obs': np.ones(24)}] * 3
+    o = data.preprocess_obs(obs, 64)
+    assert o['rgb_static'].shape == (3, 3, 64, 64) and float(o['rgb_static'].min()) == 1.0
+    assert o['rgb_gripper'].shape == (3, 3, 64, 64) and float(o['rgb_gripper'].max()) == -1.0
+    assert o['proprio'].shape == (3, 18) and o['scene'].shape == (3, 24)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CALVIN layout
+# ----------------------------------------------------------------------------------------------------
+
+SEGMENTS = [(100, 111), (130, 139), (150, 165)]                       # gaps between segments, like CALVIN
+
+
+def calvin_frame(i, static=200, gripper=84):
+    """A frame with real CALVIN's keys and shapes; every value encodes the frame id."""
+    return {'actions': np.full(7, i, np.float64), 'rel_actions': np.full(7, (i % 10) / 10), 'robot_obs': np.full(15, float(i)),
+            'scene_obs': np.full(24, float(i)), 'rgb_static': np.full((static, static, 3), i % 256, np.uint8),
+            'rgb_gripper': np.full((gripper, gripper, 3), (3 * i) % 256, np.uint8),
+            'depth_static': np.zeros((static, static), np.float32), 'depth_gripper': np.zeros((gripper, gripper), np.float32),
+            'rgb_tactile': np.zeros((160, 120, 6), np.uint8), 'depth_tactile': np.zeros((160, 120, 2), np.float32)}
+
+
+def make_calvin(folder, segments=SEGMENTS, windows=((102, 108), (131, 139), (150, 160)),
+                tasks=('open_drawer', 'turn_on_led', 'open_drawer')):
+    os.makedirs(os.path.join(folder, 'lang_annotations'), exist_ok=True)
+    for s, e in segments:
+        for i in range(s, e + 1):
+            np.savez_compressed(data.frame_path(folder, i), **calvin_frame(i))
+    np.save(os.path.join(folder, 'ep_start_end_ids.npy'), np.array(segments[::-1]))      # unsorted on purpose
+    ann = {'info': {'indx': list(windows), 'episodes': []},
+           'language': {'task': list(tasks), 'ann': ['x'] * len(tasks), 'emb': np.zeros((len(tasks), 1, 384))}}
+    np.save(os.path.join(folder, 'lang_annotations', 'auto_lang_ann.npy'), ann, allow_pickle=True)
+    return folder
+
+
+def test_load_split_reads_real_calvin_shapes_with_gaps(tmp_path, monkeypatch):
+    folder = make_calvin(str(tmp_path / 'training'))
+    d = data.load_split(folder, 64)
+    ids = np.concatenate([np.arange(s, e + 1) for s, e in SEGMENTS])
+    np.testing.assert_array_equal(d['frame_ids'], ids)
+    N = len(ids)
+    assert d['rgb_static'].shape == (N, 64, 64, 3) and d['rgb_gripper'].shape == (N, 64, 64, 3)
+    assert d['rgb_static'].dtype == np.uint8 and d['robot_obs'].dtype == np.float32
+    np.testing.assert_array_equal(d['rgb_static'][:, 5, 7, 0], ids % 256)       # resized, right frame in each row
+    np.testing.assert_array_equal(d['rgb_gripper'][:, 63, 0, 2], (3 * ids) % 256)
+    np.testing.assert_array_equal(d['robot_obs'][:, 0], ids)
+    np.testing.assert_array_equal(d['episodes'], [[0, 11], [12, 21], [22, 37]])
+    np.testing.assert_array_equal(d['frame_ids'][d['windows']], [[102, 108], [131, 139], [150, 160]])
+    assert d['window_tasks'].tolist() == ['open_drawer', 'turn_on_led', 'open_drawer']
+    assert os.path.isfile(os.path.join(folder, 'cache_64', 'meta.json'))
+    # second load comes from the cache: no frame file is opened
+    monkeypatch.setattr(data, 'read_frame', lambda *a, **k: pytest.fail('cache not used'))
+    d2 = data.load_split(folder, 64)
+    np.testing.assert_array_equal(d2['rgb_static'], d['rgb_static'])
+    monkeypatch.undo()
+    # changed segment list -> cache rebuilt; the new list is honoured
+    np.save(os.path.join(folder, 'ep_start_end_ids.npy'), np.array(SEGMENTS[:2]))
+    np.save(os.path.join(folder, 'lang_annotations', 'auto_lang_ann.npy'),
+            {'info': {'indx': [(102, 108)]}, 'language': {'task': ['open_drawer']}}, allow_pickle=True)
+    d3 = data.load_split(folder, 64)
+    assert len(d3['frame_ids']) == 22 and len(d3['rgb_static']) == 22 and len(d3['windows']) == 1
+    # parallel reading gives the same arrays
+    d4 = data.load_split(folder, 32, workers=2)
+    np.testing.assert_array_equal(d4['robot_obs'], d3['robot_obs'])
+    assert d4['rgb_static'].shape == (22, 32, 32, 3)
+
+
+def test_writer_round_trip(tmp_path):
+    folder = tmp_path / 'validation'
+    folder.mkdir()
+    for s, e in SEGMENTS:
+        for i in range(s, e + 1):
+            data.write_frame(folder, i, calvin_frame(i, 64, 64))
+    data.write_split_index(folder, SEGMENTS, [(101, 105), (151, 152)], ['close_drawer', 'turn_off_led'])
+    ann = np.load(folder / 'lang_annotations' / 'auto_lang_ann.npy', allow_pickle=True).item()
+    assert ann['language']['emb'].shape == (2, 1, 384) and isinstance(ann['language']['ann'][0], str)
+    d = data.load_split(folder)
+    np.testing.assert_array_equal(d['frame_ids'][d['windows']], [[101, 105], [151, 152]])
+    np.testing.assert_allclose(d['rel_actions'][:, 0], (d['frame_ids'] % 10) / 10, atol=1e-6)
+    assert not [p for p in os.listdir(folder) if data.TMP_TAG in p]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: DataError naming the file
+# ----------------------------------------------------------------------------------------------------
+
+def _frame_file(folder, i):
+    return str(data.frame_path(folder, i))
+
+
+@pytest.mark.parametrize('case', ['missing_folder', 'missing_ep_ids', 'truncated', 'corrupt', 'robot_obs_14',
+                                  'missing_frame', 'window_outside', 'window_in_gap', 'bad_annotations'])
+def test_bad_input_raises_dataerror_naming_the_file(tmp_path, case):
+    folder = make_calvin(str(tmp_path / 'training'), segments=[(0, 3), (10, 12)], windows=[(0, 3)], tasks=['open_drawer'])
+    expect = folder
+    if case == 'missing_folder':
+        folder = expect = str(tmp_path / 'nope')
+    elif case == 'missing_ep_ids':
+        os.remove(os.path.join(folder, 'ep_start_end_ids.npy'))
+        expect = 'ep_start_end_ids.npy'
+    elif case == 'truncated':
+        raw = open(_frame_file(folder, 2), 'rb').read()
+        open(_frame_file(folder, 2), 'wb').write(raw[: len(raw) // 2])
+        expect = 'episode_0000002.npz'
+    elif case == 'corrupt':
+        open(_frame_file(folder, 11), 'wb').write(b'not a zip file at all' * 10)
+        expect = 'episode_0000011.npz'
+    elif case == 'robot_obs_14':
+        f = calvin_frame(1)
+        f['robot_obs'] = np.zeros(14)
+        np.savez_compressed(_frame_file(folder, 1), **f)
+        expect = 'episode_0000001.npz'
+    elif case == 'missing_frame':
+        os.remove(_frame_file(folder, 12))
+        expect = 'episode_0000012.npz'
+    elif case in ('window_outside', 'window_in_gap', 'bad_annotations'):
+        win = {'window_outside': [(10, 14)], 'window_in_gap': [(2, 11)], 'bad_annotations': [(0, 3), (10, 11)]}[case]
+        np.save(os.path.join(folder, 'lang_annotations', 'auto_lang_ann.npy'),
+                {'info': {'indx': win}, 'language': {'task': ['open_drawer']}}, allow_pickle=True)
+        expect = 'auto_lang_ann.npy'
+    with pytest.raises(DataError) as err:
+        data.load_split(folder, 16)
+    msg = str(err.value)
+    assert expect in msg and '\n' not in msg, msg
+
+
+def test_unknown_task_and_bad_frames_when_writing(tmp_path):
+    folder = make_calvin(str(tmp_path / 'training'), segments=[(0, 3)], windows=[(0, 3)], tasks=['rotate_red_block'])
+    d = data.load_split(folder, 16)                                    # real CALVIN has 34 tasks: loading is fine
+    with pytest.raises(DataError, match="auto_lang_ann.npy: unknown task 'open_the_fridge'"):
+        data.expert_windows(d, 'open_the_fridge')
+    with pytest.raises(DataError, match='no annotated window'):
+        data.expert_windows(d, 'open_drawer')
+    with pytest.raises(DataError, match='unknown task'):
+        data.write_split_index(folder, [(0, 3)], [(0, 3)], ['open_the_fridge'])
+    bad = calvin_frame(5, 64, 64)
+    bad['scene_obs'] = np.zeros(23)
+    with pytest.raises(DataError, match=r'episode_0000005.npz: scene_obs has shape \(23,\)'):
+        data.write_frame(folder, 5, bad)
+    assert not os.path.exists(data.frame_path(folder, 5))
+
+
+def test_interrupted_collection_reads_back_only_finished_episodes(tmp_path):
+    folder = tmp_path / 'training'
+    folder.mkdir()
+    for i in range(0, 8):
+        data.write_frame(folder, i, calvin_frame(i, 32, 32))
+    data.write_split_index(folder, [(0, 7)], [(1, 4)], ['open_drawer'])
+    # the killed second episode: two finished frames, one half-written temp file, not in ep_start_end_ids.npy
+    for i in (8, 9):
+        data.write_frame(folder, i, calvin_frame(i, 32, 32))
+    open(str(data.frame_path(folder, 10)) + data.TMP_TAG + '999', 'wb').write(b'PK\x03\x04 half')
+    d = data.load_split(folder, 32)
+    np.testing.assert_array_equal(d['frame_ids'], np.arange(8))
+    assert len(d['rgb_static']) == 8 and d['windows'].tolist() == [[1, 4]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+def test_sample_sequences_never_cross_a_boundary(tmp_path):
+    d = data.load_split(make_calvin(str(tmp_path / 'training')), 16)
+    rng = np.random.default_rng(0)
+    b = data.sample_sequences(d, 400, 10, rng)
+    assert b['rgb_static'].shape == (400, 10, 16, 16, 3) and b['rel_actions'].shape == (400, 10, 7)
+    assert b['is_first'][:, 0].all() and not b['is_first'][:, 1:].any()
+    ep_of = np.searchsorted(d['episodes'][:, 1], b['rows'])            # segment of each row
+    assert (ep_of == ep_of[:, :1]).all()
+    assert (np.diff(b['robot_obs'][..., 0], axis=1) == 1).all()          # consecutive global frame ids
+    # every valid start is reachable, in proportion to its count (3 + 1 + 7 starts -> 11)
+    starts = np.unique(b['rows'][:, 0])
+    assert len(starts) == 3 + 1 + 7
+    with pytest.raises(DataError, match='no segment has 17 frames'):
+        data.sample_sequences(d, 2, 17, rng)
+
+
+def test_expert_windows_random_subset(tmp_path):
+    windows = [(100 + i, 100 + i + 2) for i in range(9)]
+    d = data.load_split(make_calvin(str(tmp_path / 'training'), windows=windows, tasks=['open_drawer'] * 9), 16)
+    w = data.expert_windows(d, 'open_drawer', n=4, seed=0)
+    assert w.shape == (4, 2) and len({tuple(x) for x in w.tolist()}) == 4
+    np.testing.assert_array_equal(w, data.expert_windows(d, 'open_drawer', n=4, seed=0))
+    assert any(not np.array_equal(w, data.expert_windows(d, 'open_drawer', n=4, seed=s)) for s in range(1, 6))
+    assert len(data.expert_windows(d, 'open_drawer', n=10 ** 9)) == 9
