@@ -1,0 +1,141 @@
+"""Latent reward: a success classifier on world-model latents (DiWA §III.C, S.2.3, Eq. 13-14, Tab. S.4).
+
+The world model is trained on task-agnostic play and has no reward head. For each skill a classifier
+C_psi(z) is trained on latents of the expert demonstrations: annotated success frames are positives,
+distant / unsuccessful frames negatives (class-balanced batches). In imagination the reward of a step is
+the success probability of the next latent, R_psi(z_t, a_t) := C_psi(z_{t+1}) in [0, 1] (§III.C).
+
+    z (F) ─> f_psi: Linear 512, ReLU, Linear 512 ─> embedding e (512) ─> NT-Xent (Eq. 13)
+                                                    └─> g_psi: Linear 512, ReLU, Linear 2 ─> logits ─> CE
+    loss = NT-Xent + CE (Eq. 14)                reward = softmax(logits)[:, 1]
+
+The paper defines the reward as the success *probability*; the reference code thresholds it (argmax, a
+0/1 reward). We follow the paper: `success_prob` is the reward, `precision_recall` thresholds only for
+evaluation.
+
+Glossary (paper symbol -> variable -> shape)
+    z_t (WM latent)        feat      (B, F)
+    f_psi(z)               emb       (B, E)    E = cfg.embed_dim
+    g_psi(f_psi(z))        logits    (B, 2)    class 1 = success
+    success label          labels    (B,) long in {0, 1}
+    tau                    tau       float (0.5, Tab. S.4)
+    C_psi(z) = R_psi       prob      (B,)
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RewardConfig:
+    embed_dim: int = 512        # width of the embedding MLP f_psi, two layers (Tab. S.4: [512, 512])
+    hidden: int = 512           # hidden width of the classification MLP g_psi, two layers (Tab. S.4)
+    tau: float = 0.5            # NT-Xent temperature (Tab. S.4)
+    lr: float = 1e-6            # Adam learning rate (Tab. S.4)
+    batch: int = 32             # batch size, half success / half not (Tab. S.4)
+    epochs: int = 100           # training epochs (Tab. S.4)
+
+
+PRESETS = {
+    'paper': {},
+    # lr 1e-6 barely moves a freshly initialised MLP in the few thousand steps a small CPU data set gives;
+    # 3e-4 (the usual Adam default) trains the classifier in a minute or two. Batch 64 halves the steps.
+    'cpu': {'lr': 3e-4, 'batch': 64, 'epochs': 30},
+    'test': {'embed_dim': 32, 'hidden': 32, 'lr': 1e-3, 'batch': 16, 'epochs': 2},
+}
+
+
+def nt_xent(emb, labels, tau=0.5):
+    """Eq. 13, supervised-contrastive reading. emb (B,E), labels (B,) -> scalar.
+    For an anchor i and a positive j (another sample with the same label),
+        l(i, j) = -log exp(sim_ij / tau) / sum_{k != i} exp(sim_ik / tau),   sim = cosine similarity,
+    averaged over all ordered positive pairs in the batch. SimCLR's positives are two augmented views of
+    one image; here there are no augmentations, and Tab. S.4 says the positives are the success frames,
+    so every pair of same-label samples is a positive pair (as in SupCon, Khosla et al. 2020, L_out). With
+    class-balanced batches every anchor has the same number of positives, so averaging over pairs and
+    averaging over anchors coincide. The anchor itself is excluded from the denominator (the indicator
+    of Eq. 13)."""
+    assert emb.dim() == 2 and labels.shape == (emb.shape[0],) and emb.shape[0] >= 2, \
+        f'nt_xent needs emb (B>=2, E) and labels (B,), got {tuple(emb.shape)} and {tuple(labels.shape)}'
+    z = F.normalize(emb, dim=1)
+    sim = z @ z.t() / tau                                                   # (B, B) cosine / tau
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim - sim.masked_fill(self_mask, float('-inf')).logsumexp(dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask                 # (B, B) positive pairs
+    if not pos.any():
+        return emb.sum() * 0.0                                              # all labels distinct: no pairs
+    return -log_prob[pos].mean()
+
+
+class RewardClassifier(nn.Module):
+    def __init__(self, feat_dim, cfg):
+        super().__init__()
+        self.feat_dim, self.cfg = feat_dim, cfg
+        self.f_psi = nn.Sequential(nn.Linear(feat_dim, cfg.embed_dim), nn.ReLU(),
+                                   nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.g_psi = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 2))
+
+    def embed(self, feat):
+        """f_psi: (B, F) -> (B, E)."""
+        assert feat.dim() == 2 and feat.shape[1] == self.feat_dim, \
+            f'reward classifier expects (B, {self.feat_dim}) world-model latents, got {tuple(feat.shape)}'
+        return self.f_psi(feat)
+
+    def forward(self, feat):
+        """(B, F) -> logits (B, 2); class 1 = success."""
+        return self.g_psi(self.embed(feat))
+
+    @torch.no_grad()
+    def success_prob(self, feat):
+        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)"""
+        return self(feat).softmax(dim=1)[:, 1]
+
+
+def reward_loss(clf, feat, labels):
+    """Eq. 14: L_reward = L_NT-Xent + L_CE. -> (loss, dict of parts)."""
+    emb = clf.embed(feat)
+    logits = clf.g_psi(emb)
+    l_con, l_ce = nt_xent(emb, labels, clf.cfg.tau), F.cross_entropy(logits, labels)
+    acc = (logits.argmax(1) == labels).float().mean()
+    return l_con + l_ce, {'nt_xent': l_con.item(), 'ce': l_ce.item(), 'acc': acc.item()}
+
+
+def balanced_indices(labels, batch, generator=None):
+    """A class-balanced minibatch (Tab. S.4): batch//2 success rows and the rest non-success rows, each
+    drawn uniformly with replacement. labels (N,) -> (batch,) long."""
+    pos, neg = torch.nonzero(labels == 1)[:, 0], torch.nonzero(labels == 0)[:, 0]
+    assert len(pos) and len(neg), f'need both classes, got {len(pos)} success and {len(neg)} other frames'
+    half = batch // 2
+    return torch.cat([pos[torch.randint(0, len(pos), (half,), generator=generator)],
+                      neg[torch.randint(0, len(neg), (batch - half,), generator=generator)]])
+
+
+def make_optimizer(clf, cfg):
+    return torch.optim.Adam(clf.parameters(), lr=cfg.lr)
+
+
+def update_reward(clf, opt, feat, labels):
+    """One optimisation step on a (class-balanced) batch. feat (B,F), labels (B,) long -> metrics."""
+    assert labels.dtype == torch.long and bool(((labels == 0) | (labels == 1)).all()), \
+        'labels must be a long tensor of 0 (not success) / 1 (success)'
+    clf.train()
+    loss, parts = reward_loss(clf, feat, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {'reward_loss': loss.item(), **parts}
+
+
+@torch.no_grad()
+def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096):
+    """Evaluation only: success predicted where C_psi(z) >= threshold. -> precision, recall, accuracy, f1."""
+    clf.eval()
+    prob = torch.cat([clf.success_prob(feat[i:i + chunk]) for i in range(0, len(feat), chunk)])
+    pred, true = prob >= threshold, labels.bool()
+    tp, fp, fn = (pred & true).sum().item(), (pred & ~true).sum().item(), (~pred & true).sum().item()
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return {'precision': precision, 'recall': recall, 'accuracy': (pred == true).float().mean().item(),
+            'f1': 2 * precision * recall / max(precision + recall, 1e-12)}
