@@ -1,0 +1,566 @@
+"""DiWA fine-tuning: PPO inside the Dream Diffusion MDP (paper §III.D-E, S.2.4, Algorithm 1, Tab. S.5).
+
+The pre-trained diffusion policy is fine-tuned *entirely in imagination*: episodes start from
+world-model states encoded from recorded frames, the frozen world model (world_model.py) rolls
+them forward with its prior (Eq. 3), the latent success classifier (reward.py) gives the reward,
+and the two-layer MDP of DPPO (denoising steps inside environment steps) turns every denoising
+step into a Gaussian policy step that PPO can update.  No simulator is created or imported on
+this path; `counters['sim_steps']` stays 0.  The same update driven by the real simulator
+(`real_rollout`) is the DPPO baseline.
+
+Dream Diffusion MDP (Eq. 4), K denoising steps per decision t, k runs K..1:
+
+    t(t,k) = tK + (K-k)          s = (z_t, a_t^k)   a = a_t^{k-1}   R = C(z_{t+1}) if k == 1 else 0
+
+    decision t:  x^K ~ N(0,I) --pi_pre--> ... --pi_pre--> x^{K'} --actor--> ... --actor--> x^0 = chunk
+                 |<------ K-K' frozen steps ------>|<--- K' fine-tuned steps --->|
+                 chunk (Ta=4 actions) --4 x wm.img_step--> z_{t+1} --reward_clf--> R_t, done_t
+
+Only the last K' steps are fine-tuned (S.2.4) and only they enter the PPO batch.
+
+Glossary (paper symbol -> variable -> shape):
+    N parallel imagined episodes       cfg.n_envs            T decisions per iteration  cfg.n_steps
+    K / K'                             K / K_ft (cfg.K_ft)   Ta x Da action chunk       (4, 7)
+    z_t (feature cat(h, z))            feat                  (T, N, F)
+    a_t^k chain, fine-tuned part       chain                 (T, N, K_ft+1, Ta, Da), chain[:, :, i] = x^{K_ft-i}
+    R_{t(t,1)}                         rewards               (T, N)
+    episode end after decision t       dones                 (T, N) bool
+    V_nu(z_t)                          values                (T+1, N)
+    A at k=1 (Eq. 15)                  adv                   (T, N)
+    gamma_WM, gamma_denoise, lambda    gamma, gamma_denoise, gae_lambda
+    epsilon per fine-tuned step        clip_schedule(...)    (K_ft,)
+    alpha_BC                           alpha_bc_for(task, cfg)
+Flattened PPO samples (decision x fine-tuned step) carry the prefix b_, minibatches mb_.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from diffusion_policy import gaussian_logprob
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class FinetuneConfig:
+    # Tab. S.5 unless noted
+    n_envs: int = 50  # parallel imagined episodes (one batch)
+    n_steps: int = 36  # policy decisions per episode slot per iteration (x4 world-model steps)
+    max_episode_steps: int = 18  # decisions before an episode times out (72 control steps, as in the evaluation)
+    iterations: int = 800  # DiWA iterations (rollout + update), ~5M imagined steps
+    K_ft: int = 10  # K': fine-tuned (last) denoising steps; the first K-K' use the frozen policy
+    min_std: float = 0.1  # lower clip of the sampling std of every denoising step
+    noise_clip: float = 3.0  # clip of the sampling noise (in std units)
+    min_logprob_std: float = 0.1  # lower clip of the std used in the PPO/BC log-probs
+    actor_lr: float = 1e-5  # learning rate of the fine-tuned policy
+    critic_lr: float = 1e-3  # learning rate of the value function V_nu
+    critic_hidden: int = 256  # width of the critic MLP (on the world-model feature)
+    critic_layers: int = 3  # hidden layers of the critic MLP
+    gamma: float = 0.999  # gamma_WM, discount between decisions
+    gamma_denoise: float = 0.99  # gamma_denoise, advantage of step k scaled by gamma_denoise**k (Eq. 8)
+    gae_lambda: float = 0.95  # GAE lambda (Eq. 15)
+    clip_min: float = 0.001  # PPO clip epsilon of the noisiest fine-tuned step
+    clip_max: float = 0.01  # PPO clip epsilon of the last denoising step (k=1)
+    clip_rate: float = 3.0  # curvature of the exponential clip schedule (DPPO's value; not in the paper)
+    update_epochs: int = 10  # passes over the iteration's samples
+    batch_size: int = 7500  # PPO minibatch size (samples = decision x fine-tuned step)
+    alpha_bc: float = -1.0  # BC regulariser weight (Eq. 16); negative = per-task value of S.2.4
+    reward_scaling: bool = True  # divide rewards by the running std of the discounted return
+    norm_adv: bool = True  # normalise advantages per minibatch (DPPO default; not in the paper)
+    max_grad_norm: float = 1.0  # gradient-norm clip of actor and critic (DPPO default)
+    target_kl: float = 0.0  # stop the epochs early when approx-KL exceeds this; 0 = never (not in the paper)
+    critic_warmup: int = 0  # first iterations update only the critic (DPPO option; paper: 0)
+    reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
+    success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
+    reward_binary: bool = False  # reward = 1[p > threshold] (reference code) instead of the probability (paper)
+    sim_workers: int = 2  # DPPO baseline only: simulator processes
+
+
+PRESETS = {
+    'paper': {},
+    # 2-core CPU: more parallel episodes are cheap (one batch), so keep N large and T short;
+    # larger actor lr because we run ~10x fewer iterations than the paper.
+    'cpu': dict(n_envs=64, n_steps=18, iterations=150, update_epochs=5, batch_size=2048,
+                actor_lr=1e-4, critic_hidden=128, sim_workers=2),
+    'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
+                 batch_size=16, critic_hidden=32, critic_layers=2, actor_lr=1e-3, sim_workers=2),
+}
+
+ALPHA_BC = {'open_drawer': 0.10, 'close_drawer': 0.025, 'turn_on_led': 0.025}  # S.2.4; others: 0.05
+
+
+def alpha_bc_for(task: str, cfg: FinetuneConfig | None = None) -> float:
+    """alpha_BC of Eq. 16: cfg.alpha_bc when >= 0, else the per-task value of S.2.4 (default 0.05)."""
+    if cfg is not None and cfg.alpha_bc >= 0:
+        return cfg.alpha_bc
+    return ALPHA_BC.get(task, 0.05)
+
+
+def _check_cfg(cfg: FinetuneConfig):
+    assert cfg.K_ft >= 1, f'K_ft must be >= 1, got {cfg.K_ft}'
+    assert cfg.reward_over_chunk in ('max', 'last'), f"reward_over_chunk must be 'max' or 'last', got {cfg.reward_over_chunk!r}"
+    assert 0 < cfg.clip_min <= cfg.clip_max, f'need 0 < clip_min <= clip_max, got {cfg.clip_min}, {cfg.clip_max}'
+
+
+# ----------------------------------------------------------------------------- pure math
+def denoise_index(t, k, K: int):
+    """Eq. 4: position t(t,k) = tK + (K-k) of denoising step k of decision t in the flattened MDP."""
+    return t * K + (K - k)
+
+
+def denoising_rewards(rewards: torch.Tensor, K: int) -> torch.Tensor:
+    """Eq. 4: rewards (T,N) of the decisions -> (T*K, N) rewards of the Dream Diffusion MDP (R only at k=1)."""
+    T, N = rewards.shape
+    out = rewards.new_zeros(T * K, N)
+    out[denoise_index(torch.arange(T), 1, K)] = rewards
+    return out
+
+
+def denoising_discount(k: torch.Tensor, gamma_denoise: float) -> torch.Tensor:
+    """Eq. 8: the advantage of denoising step k is gamma_denoise**k times the advantage at k=1.
+    (DPPO uses gamma**(k-1); we follow the paper.)"""
+    return gamma_denoise ** k.to(torch.float32)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float, lam: float,
+        last_value: torch.Tensor | None = None):
+    """Eq. 15, GAE at k=1 over decisions.  rewards (T,N); values (T+1,N), or (T,N) plus last_value (N,);
+    dones (T,N): the episode ended after decision t (no bootstrap through it; timeouts end the task too).
+    Returns advantages (T,N) and the lambda-returns adv + V (T,N), the value targets."""
+    T, N = rewards.shape
+    if last_value is not None:
+        values = torch.cat([values, last_value[None]], 0)
+    assert values.shape == (T + 1, N), f'values must be (T+1,N)=({T + 1},{N}), got {tuple(values.shape)}'
+    assert dones.shape == (T, N), f'dones must be (T,N)=({T},{N}), got {tuple(dones.shape)}'
+    notdone = 1.0 - dones.float()
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * values[t + 1] * notdone[t] - values[t]  # delta_{t(t,1)}
+        last = delta + gamma * lam * notdone[t] * last  # sum_l (gamma lam)^l delta_{t(t+l,1)}
+        adv[t] = last
+    return adv, adv + values[:-1]
+
+
+def clip_schedule(K_ft: int, eps_min: float, eps_max: float, rate: float = 3.0) -> torch.Tensor:
+    """PPO clip epsilon per fine-tuned step, index i = 0..K_ft-1 <-> k = K_ft..1: exponential from
+    eps_min (noisiest step) to eps_max (k=1), as DPPO does; noisy steps move the action least."""
+    if K_ft == 1:
+        return torch.tensor([eps_max])
+    x = torch.arange(K_ft, dtype=torch.float64) / (K_ft - 1)
+    return (eps_min + (eps_max - eps_min) * (torch.exp(rate * x) - 1) / (math.exp(rate) - 1)).float()
+
+
+def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip):
+    """Eq. 7 as a loss to minimise: -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)), rho = pi_new/pi_old.
+    clip: float or (B,) per sample.  Returns (loss, dict of float diagnostics)."""
+    logratio = logp_new - logp_old
+    ratio = logratio.exp()
+    loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()  # k3 estimator of KL(old || new)
+        clipfrac = ((ratio - 1).abs() > clip).float().mean()
+    return loss, {'approx_kl': approx_kl.item(), 'clipfrac': clipfrac.item(), 'ratio': ratio.mean().item()}
+
+
+def bc_loss(logp_actor_on_pre: torch.Tensor) -> torch.Tensor:
+    """Eq. 9/16 BC regulariser, working form.  As printed, Eq. 9 scores samples of pi_old under the
+    frozen pi_pre, which has no gradient w.r.t. theta.  Like DPPO's bc loss we instead sample chains
+    from the frozen pre-trained policy and maximise their log-likelihood under the fine-tuned policy
+    (the forward KL(pi_pre || pi_theta) up to a constant), for the fine-tuned steps k <= K'."""
+    return -logp_actor_on_pre.mean()
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Eq. 17: (R_target - V_nu(z_t))^2.  The targets are GAE lambda-returns (Eq. 17's discounted
+    Monte-Carlo sum is the lambda=1 case); lower variance, as in DPPO/PPO."""
+    return ((returns - values) ** 2).mean()
+
+
+class RunningRewardScaler:
+    """Divide rewards by the running std of the discounted return (DPPO; Tab. S.5 text).
+    Every call is a fresh rollout (episodes restart each iteration), so the return starts at 0;
+    the mean/var/count statistics of all returns seen so far persist (exact parallel-variance merge)."""
+
+    def __init__(self, gamma: float, eps: float = 1e-8):
+        self.gamma, self.eps = gamma, eps
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def __call__(self, rewards: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
+        T, N = rewards.shape
+        ret = torch.zeros(N, dtype=torch.float64)
+        rets = []
+        for t in range(T):
+            ret = ret * self.gamma + rewards[t].double().cpu()  # discounted return so far
+            rets.append(ret)
+            ret = ret * (1.0 - dones[t].double().cpu())
+        x = torch.stack(rets).flatten()
+        m, v, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        tot = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / tot) / tot
+        self.mean, self.count = self.mean + delta * n / tot, tot
+        return rewards / math.sqrt(self.var + self.eps)
+
+    def state_dict(self):
+        return {'mean': self.mean, 'var': self.var, 'count': self.count}
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = d['mean'], d['var'], d['count']
+
+
+# ----------------------------------------------------------------------------- networks
+class Critic(nn.Module):
+    """V_nu: MLP on the world-model feature cat(h, z) of decision t (Tab. S.5: 3 x 256).
+    The paper writes V(z_t); the feature is the same input the policy sees."""
+
+    def __init__(self, feat_dim: int, hidden: int = 256, layers: int = 3):
+        super().__init__()
+        dims = [feat_dim] + [hidden] * layers
+        mods = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.Mish()]
+        self.net = nn.Sequential(*mods, nn.Linear(dims[-1], 1))
+
+    def forward(self, feat):  # (B,F) -> (B,)
+        return self.net(feat).squeeze(-1)
+
+
+def policy_K(policy) -> int:
+    """Number of denoising steps K of a DiffusionPolicy (K=1 for GaussianPolicy)."""
+    for obj in (policy, getattr(policy, 'cfg', None)):
+        if obj is not None and isinstance(getattr(obj, 'K', None), int):
+            return obj.K
+    raise AttributeError(f'{type(policy).__name__} has neither .K nor .cfg.K: cannot tell its denoising steps')
+
+
+def make_actor(policy_pre: nn.Module) -> nn.Module:
+    """Freeze the pre-trained policy (pi_pre) and return the trainable copy pi_theta (Alg. 1 line 3)."""
+    actor = copy.deepcopy(policy_pre).train()
+    policy_pre.eval().requires_grad_(False)
+    return actor.requires_grad_(True)
+
+
+def make_critic(feat_dim: int, cfg: FinetuneConfig) -> Critic:
+    return Critic(feat_dim, cfg.critic_hidden, cfg.critic_layers)
+
+
+def make_optimizers(actor, critic, cfg: FinetuneConfig) -> dict:
+    return {'actor': torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr),
+            'critic': torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)}
+
+
+def step_logprob(policy, x_k, x_prev, k, cond, min_std: float) -> torch.Tensor:
+    """log pi(x^{k-1} | x^k, z, k) of one denoising step (Eq. 5), (B,), *averaged* over the Ta x Da
+    action entries as in DPPO: the clip range 0.001-0.01 of Tab. S.5 is tuned for that scale."""
+    mean, std = policy.step_mean_std(x_k, k, cond, min_std=min_std)
+    return gaussian_logprob(x_prev, mean, std) / x_prev[0].numel()
+
+
+def chain_transitions(chain: torch.Tensor):
+    """Fine-tuned chain (B, K_ft+1, Ta, Da) -> flat transitions x^k (B*K_ft,..), x^{k-1}, k, step index i, row."""
+    B, L = chain.shape[:2]
+    K_ft = L - 1
+    row = torch.arange(B, device=chain.device).repeat_interleave(K_ft)  # decision of each sample
+    i = torch.arange(K_ft, device=chain.device).repeat(B)  # position in the fine-tuned chain
+    return chain[row, i], chain[row, i + 1], K_ft - i, i, row
+
+
+# ----------------------------------------------------------------------------- imagined rollout (Alg. 1 l. 8-26)
+def encode_start_pool(wm, batch: dict) -> dict:
+    """World-model posterior states of recorded frames: the filter runs over each (B,T) sequence and
+    its last posterior state is one imagined start {'h': (B,deter), 'z': (B,Z)}."""
+    with torch.no_grad():
+        post, _ = wm.observe(batch, sample=False)
+    return {'h': post['h'][:, -1].contiguous(), 'z': post['z'][:, -1].contiguous()}
+
+
+def _sample_starts(pool: dict, n: int, generator) -> dict:
+    idx = torch.randint(pool['h'].shape[0], (n,), generator=generator, device=pool['h'].device)
+    return {key: pool[key][idx] for key in ('h', 'z')}
+
+
+def _where_state(mask: torch.Tensor, a: dict, b: dict) -> dict:
+    return {key: torch.where(mask[:, None], a[key], b[key]) for key in ('h', 'z')}
+
+
+def execute_chunk(chunk: torch.Tensor) -> torch.Tensor:
+    """Chunk x^0 (B,Ta,Da) in [-1,1] -> executed actions: gripper thresholded at 0 to +-1 (S.3.1)."""
+    grip = torch.where(chunk[..., -1:] >= 0, 1.0, -1.0)
+    return torch.cat([chunk[..., :-1], grip], -1)
+
+
+def _sample_chain(policy_pre, actor, feat, cfg, generator):
+    K = policy_K(policy_pre)
+    K_ft = min(cfg.K_ft, K)
+    chain = policy_pre.sample(feat, min_std=cfg.min_std, noise_clip=cfg.noise_clip, ft_policy=actor,
+                              K_ft=K_ft, generator=generator)  # (N, K+1, Ta, Da)
+    assert chain.shape[1] == K + 1, f'policy.sample returned {chain.shape[1]} chain entries, expected K+1={K + 1}'
+    return chain[:, K - K_ft:]  # fine-tuned part: x^{K_ft} .. x^0
+
+
+@torch.no_grad()
+def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict, cfg: FinetuneConfig,
+                    generator: torch.Generator | None = None) -> dict:
+    """N imagined episodes in parallel for T decisions in the frozen world model (Alg. 1 l. 8-26).
+    Episodes start from states drawn (with replacement) from start_pool and restart from a fresh draw
+    when they end (success p > threshold, or max_episode_steps decisions)."""
+    _check_cfg(cfg)
+    N, T = cfg.n_envs, cfg.n_steps
+    state = _sample_starts(start_pool, N, generator)
+    ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
+    feats, chains, rewards, dones, succs, values = [], [], [], [], [], []
+    for t in range(T):
+        feat = wm.feature(state)  # z_t: (N, F)
+        chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
+        actions = execute_chunk(chain[:, -1])
+        probs = []
+        for j in range(actions.shape[1]):  # Ta world-model steps (Eq. 3): h_{t+1} = f(h_t, a), z ~ p(z|h)
+            state = wm.img_step(state, actions[:, j], sample=True)
+            probs.append(reward_clf.success_prob(wm.feature(state)))
+        probs = torch.stack(probs, 1)  # (N, Ta)
+        p = probs.max(1).values if cfg.reward_over_chunk == 'max' else probs[:, -1]
+        success = p > cfg.success_threshold
+        reward = success.float() if cfg.reward_binary else p  # R = C(z_{t+1}) (paper: probability)
+        ep_len += 1
+        done = success | (ep_len >= cfg.max_episode_steps)
+        feats.append(feat), chains.append(chain), rewards.append(reward), dones.append(done)
+        succs.append(success), values.append(critic(feat))
+        state = _where_state(done, _sample_starts(start_pool, N, generator), state)  # restart ended episodes
+        ep_len = ep_len * (~done)
+    values.append(critic(wm.feature(state)))  # bootstrap V(z_T)
+    return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': torch.stack(rewards),
+            'dones': torch.stack(dones), 'successes': torch.stack(succs), 'values': torch.stack(values),
+            'imagined_steps': T * N * actions.shape[1], 'sim_steps': 0}
+
+
+# ----------------------------------------------------------------------------- PPO update (Alg. 1 l. 27-35)
+def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneConfig, alpha_bc: float,
+           train_actor: bool = True, generator: torch.Generator | None = None) -> dict:
+    """GAE at k=1, flatten (decision x fine-tuned step) samples, update_epochs passes of minibatches of
+    the BC-regularised clipped PPO loss (Eq. 7-9, 16) and the value loss (Eq. 17).  buffer['rewards'] are
+    the (already scaled) rewards.  Returns float metrics."""
+    T, N = buffer['rewards'].shape
+    F = buffer['feat'].shape[-1]
+    adv, returns = gae(buffer['rewards'], buffer['values'], buffer['dones'], cfg.gamma, cfg.gae_lambda)
+    feat = buffer['feat'].reshape(T * N, F)
+    chain = buffer['chain'].reshape(T * N, *buffer['chain'].shape[2:])
+    K_ft = chain.shape[1] - 1
+    K = policy_K(actor)
+    b_x_k, b_x_prev, b_k, b_i, b_row = chain_transitions(chain)  # M = T*N*K_ft samples
+    M, Bm = b_row.numel(), cfg.batch_size
+    b_adv, b_ret = adv.reshape(-1)[b_row], returns.reshape(-1)[b_row]
+    b_clip = clip_schedule(K_ft, cfg.clip_min, cfg.clip_max, cfg.clip_rate).to(feat.device)[b_i]
+    # Gaussian policy (S.5.3, K=1): a single step, no denoising discount
+    b_disc = denoising_discount(b_k, cfg.gamma_denoise) if K > 1 else torch.ones_like(b_adv)
+    with torch.no_grad():
+        b_logp_old = torch.cat([step_logprob(actor, b_x_k[s:s + Bm], b_x_prev[s:s + Bm], b_k[s:s + Bm],
+                                             feat[b_row[s:s + Bm]], cfg.min_logprob_std) for s in range(0, M, Bm)])
+        # BC targets: one chain of the frozen pi_pre per decision and iteration (pi_pre and the feats do
+        # not change during the update, so one draw per iteration replaces DPPO's draw per minibatch)
+        pre = torch.cat([policy_pre.sample(feat[s:s + Bm], min_std=cfg.min_std, noise_clip=cfg.noise_clip,
+                                           generator=generator)[:, K - K_ft:] for s in range(0, T * N, Bm)])
+        b_bc_x_k, b_bc_x_prev = pre[b_row, b_i], pre[b_row, b_i + 1]
+    stats = {k: [] for k in ('policy', 'bc', 'value', 'approx_kl', 'clipfrac', 'ratio')}
+    stopped = 0
+    for epoch in range(cfg.update_epochs):
+        perm = torch.randperm(M, generator=generator, device='cpu').to(feat.device)
+        for s in range(0, M, Bm):
+            mb = perm[s:s + Bm]
+            mb_feat, mb_k = feat[b_row[mb]], b_k[mb]
+            v_loss = value_loss(critic(mb_feat), b_ret[mb])  # Eq. 17
+            opts['critic'].zero_grad(set_to_none=True)
+            v_loss.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            opts['critic'].step()
+            stats['value'].append(v_loss.item())
+            if not train_actor:
+                continue
+            mb_adv = b_adv[mb]
+            if cfg.norm_adv:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
+            mb_adv = mb_adv * b_disc[mb]  # Eq. 8: A_{t(t,k)} = gamma_denoise^k A_{t(t,1)}
+            logp_new = step_logprob(actor, b_x_k[mb], b_x_prev[mb], mb_k, mb_feat, cfg.min_logprob_std)
+            pg_loss, info = ppo_loss(logp_new, b_logp_old[mb], mb_adv, b_clip[mb])  # Eq. 7
+            bc = bc_loss(step_logprob(actor, b_bc_x_k[mb], b_bc_x_prev[mb], mb_k, mb_feat, cfg.min_logprob_std))
+            loss = pg_loss + alpha_bc * bc  # Eq. 16
+            opts['actor'].zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+            opts['actor'].step()
+            stats['policy'].append(pg_loss.item()), stats['bc'].append(bc.item())
+            for key in ('approx_kl', 'clipfrac', 'ratio'):
+                stats[key].append(info[key])
+        if train_actor and cfg.target_kl > 0 and np.mean(stats['approx_kl'][-math.ceil(M / Bm):]) > cfg.target_kl:
+            stopped = 1
+            break
+    with torch.no_grad():
+        v = buffer['values'][:-1].flatten()
+        explained_var = 1 - (returns.flatten() - v).var() / (returns.flatten().var() + 1e-8)
+    out = {f'losses/{k}': float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+    out.update({'losses/explained_variance': explained_var.item(), 'losses/early_stop': stopped,
+                'charts/samples': M * (epoch + 1), 'charts/alpha_bc': alpha_bc})
+    return out
+
+
+def rollout_metrics(buffer: dict) -> dict:
+    """Success rate among the episodes that ended in the rollout, mean raw reward."""
+    ended = buffer['dones'].sum().item()
+    return {'charts/episodes': ended,
+            'charts/success_rate': buffer['successes'].sum().item() / max(ended, 1),
+            'charts/reward_mean': buffer['rewards_raw'].mean().item()}
+
+
+def _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator):
+    buffer['rewards_raw'] = buffer['rewards']
+    if scaler is not None:
+        buffer = dict(buffer, rewards=scaler(buffer['rewards'], buffer['dones']))
+    train_actor = counters['iteration'] >= cfg.critic_warmup
+    metrics = update(actor, critic, policy_pre, buffer, opts, cfg, alpha_bc_for(task, cfg), train_actor, generator)
+    counters['iteration'] += 1
+    counters['imagined_steps'] += buffer['imagined_steps']
+    counters['sim_steps'] += buffer['sim_steps']
+    metrics.update(rollout_metrics(buffer))
+    metrics.update({f'charts/{k}': v for k, v in counters.items()})
+    return metrics
+
+
+def new_counters() -> dict:
+    return {'iteration': 0, 'imagined_steps': 0, 'sim_steps': 0}
+
+
+def iteration(wm, policy_pre, actor, critic, reward_clf, opts: dict, scaler: RunningRewardScaler | None,
+              start_pool: dict, task: str, cfg: FinetuneConfig, counters: dict,
+              generator: torch.Generator | None = None) -> dict:
+    """One DiWA iteration (Alg. 1 l. 6-36): imagined rollout + PPO update.  Updates counters in place
+    ('imagined_steps' += N*T*Ta world-model steps, 'sim_steps' stays 0)."""
+    buffer = imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool, cfg, generator)
+    return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
+
+
+# ----------------------------------------------------------------------------- DPPO baseline: the simulator instead
+def _sim_worker(conn, n, image_size, seed):
+    from env import DeskEnv  # only the baseline touches the simulator
+    envs = [DeskEnv(image_size=image_size, seed=seed + i) for i in range(n)]
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == 'reset':  # arg: list of (local index, robot_obs, scene_obs)
+            out = []
+            for i, robot_obs, scene_obs in arg:
+                out.append((envs[i].reset(robot_obs=robot_obs, scene_obs=scene_obs), envs[i].get_info()))
+            conn.send(out)
+        elif cmd == 'step':  # arg: (n, 7) actions
+            conn.send([(env.step(a)[0], env.get_info()) for env, a in zip(envs, arg)])
+        elif cmd == 'close':
+            for env in envs:
+                getattr(env, 'close', lambda: None)()
+            conn.send(None)
+            return
+
+
+class SimPool:
+    """n_envs DeskEnv instances spread over `workers` processes (spawned: safe next to torch threads)."""
+
+    def __init__(self, n_envs: int, workers: int, image_size: int = 64, seed: int = 0):
+        import multiprocessing as mp
+        ctx = mp.get_context('spawn')
+        workers = max(1, min(workers, n_envs))
+        self.split = [list(a) for a in np.array_split(np.arange(n_envs), workers)]
+        self.conns, self.procs = [], []
+        for w, ids in enumerate(self.split):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=_sim_worker, args=(b, len(ids), image_size, seed + 1000 * w), daemon=True)
+            p.start()
+            self.conns.append(a), self.procs.append(p)
+
+    def reset(self, ids, starts):
+        """Reset global envs `ids` to starts [(robot_obs, scene_obs)] -> lists of obs, info (in ids order)."""
+        todo = {w: [] for w in range(len(self.split))}
+        for g, (r, s) in zip(ids, starts):
+            w = next(w for w, part in enumerate(self.split) if g in part)
+            todo[w].append((self.split[w].index(g), r, s))
+        for w, c in enumerate(self.conns):
+            if todo[w]:
+                c.send(('reset', todo[w]))
+        res = {}
+        for w, c in enumerate(self.conns):
+            if todo[w]:
+                for (i, _, _), o in zip(todo[w], c.recv()):
+                    res[self.split[w][i]] = o
+        return [res[g][0] for g in ids], [res[g][1] for g in ids]
+
+    def step(self, actions: np.ndarray):
+        for c, ids in zip(self.conns, self.split):
+            c.send(('step', actions[ids]))
+        out = [o for c in self.conns for o in c.recv()]
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def close(self):
+        for c, p in zip(self.conns, self.procs):
+            c.send(('close', None))
+            c.recv()
+            p.join(timeout=5)
+
+
+@torch.no_grad()
+def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
+                 rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu') -> dict:
+    """DPPO baseline rollout: the same decisions in the simulator.  Observations are filtered online
+    by the world model (wm.obs_step), the reward is the simulator's own success test, and every
+    simulator step is counted.  Returns a buffer with the same fields as imagine_rollout."""
+    from data import preprocess_obs
+    from env import sample_task_start, task_success
+    _check_cfg(cfg)
+    N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
+    Da = 7
+
+    def start(ids):
+        obs, infos = sims.reset(ids, [sample_task_start(task, rng) for _ in ids])
+        post, _ = wm.obs_step(wm.initial(len(ids)), torch.zeros(len(ids), Da, device=device),
+                              preprocess_obs(obs, S, device))
+        return {'h': post['h'], 'z': post['z']}, infos
+
+    state, start_info = start(list(range(N)))
+    ep_len = torch.zeros(N, dtype=torch.long, device=device)
+    feats, chains, rewards, dones, values = [], [], [], [], []
+    for t in range(T):
+        feat = wm.feature(state)
+        chain = _sample_chain(policy_pre, actor, feat, cfg, generator)
+        actions = execute_chunk(chain[:, -1])
+        success = torch.zeros(N, dtype=torch.bool, device=device)
+        for j in range(actions.shape[1]):
+            obs, infos = sims.step(actions[:, j].cpu().numpy())
+            post, _ = wm.obs_step(state, actions[:, j], preprocess_obs(obs, S, device))
+            state = {'h': post['h'], 'z': post['z']}
+            success |= torch.tensor([task_success(task, s, i) for s, i in zip(start_info, infos)], device=device)
+        ep_len += 1
+        done = success | (ep_len >= cfg.max_episode_steps)
+        feats.append(feat), chains.append(chain), rewards.append(success.float()), dones.append(done)
+        values.append(critic(feat))
+        ids = done.nonzero().flatten().tolist()
+        if ids:
+            new_state, new_info = start(ids)
+            for key in ('h', 'z'):
+                state[key] = state[key].clone()
+                state[key][ids] = new_state[key]  # restart ended episodes
+            for g, info in zip(ids, new_info):
+                start_info[g] = info
+        ep_len = ep_len * (~done)
+    values.append(critic(wm.feature(state)))
+    rewards = torch.stack(rewards)
+    return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': rewards,
+            'dones': torch.stack(dones), 'successes': rewards.bool(), 'values': torch.stack(values),
+            'imagined_steps': 0, 'sim_steps': T * N * actions.shape[1]}
+
+
+def dppo_iteration(sims: SimPool, wm, policy_pre, actor, critic, opts: dict, scaler, task: str,
+                   cfg: FinetuneConfig, counters: dict, rng: np.random.Generator,
+                   generator: torch.Generator | None = None, device='cpu') -> dict:
+    """One DPPO-baseline iteration: simulator rollout + the same update; counts simulator steps."""
+    buffer = real_rollout(sims, wm, policy_pre, actor, critic, task, cfg, rng, generator, device)
+    return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
