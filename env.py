@@ -433,3 +433,262 @@ def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
         placed.append(xy)
         s[6 + 6 * i:12 + 6 * i] = [xy[0], xy[1], TABLE_TOP_Z + half[2], 0.0, 0.0, rng.uniform(-np.pi, np.pi)]
     return s
+
+
+# ---------------------------------------------------------------- the 8 tasks (REFERENCE §2)
+
+def task_success(task, start_info, info):
+    """Pure success test of one task between the info at the task's start and the current info."""
+    s0, s1 = np.asarray(start_info['scene_obs']), np.asarray(info['scene_obs'])
+    tests = {
+        'open_drawer': lambda: s1[1] - s0[1] > 0.12,
+        'close_drawer': lambda: s1[1] - s0[1] < -0.12,
+        'move_slider_left': lambda: s1[0] - s0[0] > 0.15,
+        'move_slider_right': lambda: s1[0] - s0[0] < -0.15,
+        'turn_on_lightbulb': lambda: s0[4] < 0.5 and s1[4] > 0.5,
+        'turn_off_lightbulb': lambda: s0[4] > 0.5 and s1[4] < 0.5,
+        'turn_on_led': lambda: s0[5] < 0.5 and s1[5] > 0.5,
+        'turn_off_led': lambda: s0[5] > 0.5 and s1[5] < 0.5,
+    }
+    if task not in tests:
+        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    return bool(tests[task]())
+
+
+def completed_tasks(start_info, info):
+    """The set of tasks completed between two infos (CALVIN's tasks.get_task_info)."""
+    return {t for t in TASKS if task_success(t, start_info, info)}
+
+
+def task_possible(task, scene_obs):
+    """Whether the joint ranges / light states of scene_obs allow the task to succeed from there."""
+    s = np.asarray(scene_obs)
+    tests = {
+        'open_drawer': s[1] < DRAWER_MAX - 0.12, 'close_drawer': s[1] > 0.12,
+        'move_slider_left': s[0] < DOOR_MAX - 0.15, 'move_slider_right': s[0] > 0.15,
+        'turn_on_lightbulb': s[4] < 0.5, 'turn_off_lightbulb': s[4] > 0.5,
+        'turn_on_led': s[5] < 0.5, 'turn_off_led': s[5] > 0.5,
+    }
+    if task not in tests:
+        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    return bool(tests[task])
+
+
+_KIN = {}
+
+
+def _kinematics():
+    """A private pybullet client holding only the Panda, for IK / FK of sampled start poses."""
+    if 'cid' not in _KIN or not p.isConnected(_KIN['cid']):
+        cid = p.connect(p.DIRECT)
+        _KIN.update(cid=cid, robot=p.loadURDF(panda_urdf(), ROBOT_BASE, useFixedBase=True, physicsClientId=cid))
+    return _KIN['cid'], _KIN['robot']
+
+
+def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05):
+    """robot_obs (15,) of a random pose near the neutral one: TCP offset uniform in +-pos_noise, Euler
+    noise, IK with the neutral joints as rest pose, gripper open or closed at random."""
+    cid, robot = _kinematics()
+    for j, q in zip(ARM, Q_INIT):
+        p.resetJointState(robot, j, q, physicsClientId=cid)
+    neutral = p.getLinkState(robot, TCP_LINK, computeForwardKinematics=1, physicsClientId=cid)
+    pos = np.array(neutral[4]) + rng.uniform(-1, 1, 3) * pos_noise
+    euler = np.array([np.pi, 0.0, np.pi / 2]) + rng.uniform(-1, 1, 3) * [tilt_noise, tilt_noise, yaw_noise]
+    quat = p.getQuaternionFromEuler(euler)
+    for _ in range(4):  # a few restarts from the last solution: pybullet's IK takes damped steps
+        q = p.calculateInverseKinematics(robot, TCP_LINK, pos, quat, restPoses=list(Q_INIT) + [0, 0],
+                                         maxNumIterations=100, residualThreshold=1e-5, physicsClientId=cid)
+        for j in ARM:
+            p.resetJointState(robot, j, q[j], physicsClientId=cid)
+    ls = p.getLinkState(robot, TCP_LINK, computeForwardKinematics=1, physicsClientId=cid)
+    r = np.zeros(15)
+    r[0:3], r[3:6], r[7:14] = ls[4], p.getEulerFromQuaternion(ls[5]), q[:7]
+    r[14] = 1.0 if rng.random() < 0.5 else -1.0
+    r[6] = 2 * FINGER_OPEN if r[14] > 0 else 0.0
+    return r
+
+
+def sample_task_start(task, rng):
+    """A random start state (robot_obs (15,), scene_obs (24,)) from which `task` is possible (with a margin):
+    robot near the neutral pose, the task's part at a random start value, all other parts random."""
+    kw = {'open_drawer': dict(drawer=rng.uniform(0, 0.06)), 'close_drawer': dict(drawer=rng.uniform(0.16, DRAWER_MAX)),
+          'move_slider_left': dict(door=rng.uniform(0, 0.1)), 'move_slider_right': dict(door=rng.uniform(0.18, DOOR_MAX)),
+          'turn_on_lightbulb': dict(switch_on=False), 'turn_off_lightbulb': dict(switch_on=True),
+          'turn_on_led': dict(led_on=False), 'turn_off_led': dict(led_on=True)}
+    if task not in kw:
+        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    scene = random_scene(rng, **kw[task])
+    assert task_possible(task, scene)
+    return random_robot_obs(rng), scene
+
+
+# ---------------------------------------------------------------- scripted skills (play data and demos)
+
+DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
+SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
+SKILLS = TASKS + ['reach', 'pause']
+
+
+class ScriptedSkill:
+    """A waypoint controller that solves `task` with CALVIN relative actions only.
+
+    act(obs) -> action (7,) in [-1,1]; .done turns True after the last phase (or a phase timeout).
+    Plans are built from the first observation (part positions follow from scene_obs and the desk
+    geometry). Each phase moves the TCP towards a goal with a proportional law capped at `speed`
+    (action units per step), and ends at its goal, when its scene condition holds, or at a timeout.
+      speed     max |action| of the motion part (1 = 2 cm per step)
+      gain      proportional gain on the TCP error (0.5 = close half the error per step)
+      noise     std of Gaussian noise added to the 6 motion dims (play-data diversity)
+      pause_steps / reach_target: parameters of the 'pause' and 'reach' skills (random if None)
+    """
+
+    def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None):
+        if task not in SKILLS:
+            raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
+        self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
+        self.pause_steps, self.reach_target = pause_steps, reach_target
+        self.phases, self.i, self.t, self.done = None, 0, 0, False
+
+    # phase = dict(goal=(3,), grip=+-1, tol=metres, until=callable(scene_obs) or None, wait=steps, max=steps)
+    def _plan(self, robot_obs, s):
+        P = lambda goal, grip, tol=0.01, until=None, wait=0, max_steps=40: dict(
+            goal=goal if goal is None or isinstance(goal, str) else np.asarray(goal, float),
+            grip=grip, tol=tol, until=until, wait=wait, max=max_steps)
+        tcp, task = robot_obs[:3], self.task
+        up = lambda g, z=SAFE_Z: (g[0], g[1], max(z, g[2]))
+        if task in ('open_drawer', 'close_drawer'):
+            q = s[1]
+            k = drawer_knob_pos(q)
+            tip_y = k[1] - 0.0375
+            if task == 'open_drawer':        # grasp the knob's tip from above, pull along -y
+                g = np.array([k[0], tip_y + 0.02, k[2]])
+                return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, 1, 0.03), P(g + (0, 0, 0.1), 1, 0.015),
+                        P(g, 1, 0.006), P(g, -1, wait=6),
+                        P(g + (0, -0.17, 0), -1, until=lambda x: x[1] > min(q + 0.15, DRAWER_MAX - 0.01)),
+                        P(None, 1, wait=4), P('up', 1, 0.02)]
+            g = np.array([k[0], tip_y - 0.03, k[2] - 0.005])  # push the knob's tip along +y
+            return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, -1, 0.03), P(g + (0, 0, 0.1), -1, 0.015),
+                    P(g, -1, 0.006), P((g[0], -0.265 - 0.02, g[2]), -1, until=lambda x: x[1] < max(q - 0.15, 0.01)),
+                    P('back', -1, 0.02)]
+        if task in ('move_slider_left', 'move_slider_right'):
+            k = door_knob_pos(s[0])
+            side = 1 if task == 'move_slider_left' else -1    # push from +x to move the door along -x
+            g = np.array([k[0] + side * 0.05, 0.03, k[2] - 0.005])
+            stop = (lambda x: x[0] > min(s[0] + 0.17, DOOR_MAX - 0.01)) if side > 0 else \
+                   (lambda x: x[0] < max(s[0] - 0.17, 0.01))
+            return [P(up(g), -1, 0.02), P(g, -1, 0.008), P(g + (-side * 0.22, 0, 0), -1, until=stop),
+                    P('up', -1, 0.02)]
+        if task in ('turn_on_lightbulb', 'turn_off_lightbulb'):
+            q = s[3]
+            k = switch_knob_pos(q)
+            g = np.array([k[0], k[1] - 0.015, k[2]])
+            sign = 1 if task == 'turn_on_lightbulb' else -1
+            stop = (lambda x: x[3] > 0.075) if sign > 0 else (lambda x: x[3] < 0.015)
+            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=6),
+                    P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=4), P('back', 1, 0.02)]
+        if task in ('turn_on_led', 'turn_off_led'):
+            b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
+            led0 = s[5]
+            return [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.012), -1, 0.004, until=lambda x: x[5] != led0),
+                    P(b + (0, 0, 0.08), -1, 0.02)]
+        if task == 'reach':
+            goal = self.reach_target if self.reach_target is not None else \
+                self.rng.uniform([-0.3, -0.35, 0.5], [0.35, -0.05, 0.72])
+            return [P(goal, 1 if self.rng.random() < 0.5 else -1, 0.02)]
+        n = self.pause_steps if self.pause_steps is not None else int(self.rng.integers(5, 20))
+        return [P(None, robot_obs[14], wait=n)]                 # 'pause': hold still, keep the gripper
+
+    def act(self, obs):
+        r, s = np.asarray(obs['robot_obs'], float), np.asarray(obs['scene_obs'], float)
+        if self.phases is None:
+            self.phases = self._plan(r, s)
+            self.hold = r[:3].copy()
+        a = np.zeros(7)
+        if self.done:
+            a[6] = r[14]
+            return a
+        ph = self.phases[self.i]
+        if isinstance(ph['goal'], str):      # relative retreat, fixed when the phase starts
+            ph['goal'] = r[:3] + ((0, -0.03, 0.1) if ph['goal'] == 'up' else (0, -0.06, 0.06))
+        goal = self.hold if ph['goal'] is None else ph['goal']
+        err = goal - r[:3]
+        if self.task != 'pause':
+            a[:3] = err * self.gain / POS_SCALE                                  # P-law on the TCP error
+            a[3:6] = wrap_angle(DOWN_EULER - r[3:6]) * self.gain / ORN_SCALE      # wrapped: roll sits at +-pi
+            a[:6] *= min(1.0, self.speed / max(np.abs(a[:6]).max(), 1e-9))       # cap the speed, keep the direction
+            if self.noise > 0:
+                a[:6] += self.rng.normal(0.0, self.noise, 6)
+        a[6] = ph['grip']
+        self.t += 1
+        if ph['wait']:
+            finished = self.t >= ph['wait']
+        else:
+            finished = np.linalg.norm(err) < ph['tol'] or (ph['until'] is not None and ph['until'](s))
+        if finished or self.t >= ph['max']:
+            if ph['goal'] is not None:
+                self.hold = goal
+            self.i, self.t = self.i + 1, 0
+            self.done = self.i >= len(self.phases)
+        return np.clip(a, -1.0, 1.0)
+
+
+# ---------------------------------------------------------------- command line: skills table, renders
+
+def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True):
+    """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}"""
+    env = DeskEnv(cameras=False, seed=seed)
+    rng, rates = np.random.default_rng(seed), {}
+    for task in tasks:
+        wins, steps = 0, []
+        for _ in range(episodes):
+            robot_obs, scene_obs = sample_task_start(task, rng)
+            obs = env.reset(robot_obs, scene_obs)
+            start, skill = env.get_info(), ScriptedSkill(task, rng)
+            for t in range(max_steps):
+                obs, _, _, info = env.step(skill.act(obs))
+                if task_success(task, start, info):      # CALVIN's evaluation stops at the first success
+                    wins += 1
+                    steps.append(t + 1)
+                    break
+        rates[task] = wins / episodes
+        if verbose:
+            print(f'{task:20s} {wins:4d}/{episodes}  success {100 * wins / episodes:5.1f}%  '
+                  f'mean steps {np.mean(steps) if steps else float("nan"):5.1f}', flush=True)
+    env.close()
+    return rates
+
+
+def render_examples(folder, image_size=200, gripper_size=84, seed=0):
+    """Write PNGs of both cameras for a few desk states (drawer closed/open, door left/right, LED, bulb)."""
+    import matplotlib.pyplot as plt
+    os.makedirs(folder, exist_ok=True)
+    env = DeskEnv(image_size=image_size, gripper_size=gripper_size, seed=seed)
+    base = random_scene(np.random.default_rng(seed), door=0.0, drawer=0.0, switch_on=False, led_on=False)
+    states = {'closed': {}, 'drawer_open': {1: DRAWER_MAX}, 'door_left': {0: DOOR_MAX},
+              'led_on': {5: 1.0}, 'bulb_on': {3: SWITCH_MAX, 4: 1.0}}
+    for name, changes in states.items():
+        scene = base.copy()
+        for k, v in changes.items():
+            scene[k] = v
+        obs = env.reset(scene_obs=scene)
+        for cam in ('rgb_static', 'rgb_gripper'):
+            plt.imsave(os.path.join(folder, f'{name}_{cam}.png'), obs['rgb_obs'][cam])
+    env.close()
+    print(f'wrote {2 * len(states)} PNGs to {folder}')
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description='The built-in CALVIN-style desk: skill check and example renders.')
+    ap.add_argument('--check-skills', action='store_true', help='print the success table of the scripted skills')
+    ap.add_argument('--episodes', type=int, default=100, help='episodes per task for --check-skills')
+    ap.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks for --check-skills')
+    ap.add_argument('--render', metavar='DIR', help='write PNGs of both cameras for a few desk states to DIR')
+    ap.add_argument('--size', type=int, default=64, help='static camera resolution for --render')
+    ap.add_argument('--seed', type=int, default=0)
+    args = ap.parse_args()
+    if args.check_skills:
+        check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','))
+    if args.render:
+        render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)
+    if not (args.check_skills or args.render):
+        ap.print_help()
