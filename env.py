@@ -526,6 +526,10 @@ def sample_task_start(task, rng):
 
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
+# The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
+# towards +y makes the whole switch travel reachable (CALVIN's Panda has longer fingers).
+SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
+LEASH = 0.03     # metres the skill lets CALVIN's integrated TCP target lead the measured TCP (anti-windup)
 SKILLS = TASKS + ['reach', 'pause']
 
 
@@ -603,6 +607,8 @@ class ScriptedSkill:
         if self.phases is None:
             self.phases = self._plan(r, s)
             self.hold = r[:3].copy()
+            self.target = r[:3].copy()     # estimate of the env's stored TCP target (reset to the measured TCP)
+            self.euler = SWITCH_EULER if 'lightbulb' in self.task else DOWN_EULER
         a = np.zeros(7)
         if self.done:
             a[6] = r[14]
@@ -614,10 +620,14 @@ class ScriptedSkill:
         err = goal - r[:3]
         if self.task != 'pause':
             a[:3] = err * self.gain / POS_SCALE                                  # P-law on the TCP error
-            a[3:6] = wrap_angle(DOWN_EULER - r[3:6]) * self.gain / ORN_SCALE      # wrapped: roll sits at +-pi
+            a[3:6] = wrap_angle(self.euler - r[3:6]) * self.gain / ORN_SCALE      # wrapped: roll sits at +-pi
             a[:6] *= min(1.0, self.speed / max(np.abs(a[:6]).max(), 1e-9))       # cap the speed, keep the direction
             if self.noise > 0:
                 a[:6] += self.rng.normal(0.0, self.noise, 6)
+            # Anti-windup: a blocked hand must not let the integrated target run away (CALVIN's controller).
+            lo, hi = (r[:3] - LEASH - self.target) / POS_SCALE, (r[:3] + LEASH - self.target) / POS_SCALE
+            a[:3] = np.clip(np.clip(a[:3], lo, hi), -1.0, 1.0)
+            self.target = np.clip(self.target + POS_SCALE * a[:3], WORKSPACE[0], WORKSPACE[1])
         a[6] = ph['grip']
         self.t += 1
         if ph['wait']:
