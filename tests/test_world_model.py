@@ -1,0 +1,208 @@
+"""Tests of world_model.py: the KL/straight-through math against closed forms, RSSM shapes and resets,
+online filtering vs batch filtering, checkpoint round trip, and a tiny learning run."""
+import io
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from world_model import (PRESETS, WMConfig, WorldModel, fit_linear_probe, kl_balance, kl_categorical,  # noqa: E402
+                         loss_wm, make_optimizer, open_loop, straight_through_sample, update_wm)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CI machine is a shared 2-core box: one thread avoids OpenMP contention (10x slower otherwise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_wm(**over):
+    torch.manual_seed(0)
+    return WorldModel(WMConfig(**{**PRESETS['test'], **over}))
+
+
+def random_batch(B=3, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {'rgb_static': torch.rand(B, T, 3, 64, 64, generator=g) * 2 - 1,
+            'rgb_gripper': torch.rand(B, T, 3, 64, 64, generator=g) * 2 - 1,
+            'proprio': torch.randn(B, T, 18, generator=g),
+            'scene': torch.rand(B, T, 24, generator=g) * 0.2,
+            'actions': torch.rand(B, T, 7, generator=g) * 2 - 1,
+            'is_first': torch.zeros(B, T, dtype=torch.bool)}
+
+
+def square_batch(B, T, g):
+    """Moving square: its position integrates the actions (dx, dy), so the dynamics are learnable."""
+    pos = torch.randint(8, 48, (B, 2), generator=g).float()
+    actions = torch.rand(B, T, 7, generator=g) * 2 - 1
+    imgs = torch.full((B, T, 3, 64, 64), -1.0)
+    for t in range(T):
+        for b in range(B):
+            x, y = int(pos[b, 0]), int(pos[b, 1])
+            imgs[b, t, :, y:y + 8, x:x + 8] = 1.0
+        pos = (pos + 4 * actions[:, t, :2]).clamp(0, 56)
+    return {'rgb_static': imgs, 'rgb_gripper': imgs.flip(-1), 'proprio': torch.zeros(B, T, 18),
+            'scene': torch.zeros(B, T, 24), 'actions': actions, 'is_first': torch.zeros(B, T, dtype=torch.bool)}
+
+
+# ---- pure math ---------------------------------------------------------------------------------------
+
+def test_kl_balance_value_matches_closed_form():
+    q = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])
+    p = torch.tensor([[0.1, 0.3, 0.6], [0.5, 0.25, 0.25]])
+    naive = sum(q[s, c].item() * math.log(q[s, c].item() / p[s, c].item()) for s in range(2) for c in range(3))
+    for delta in (0.0, 0.2, 0.8, 1.0):  # the value does not depend on delta
+        assert kl_balance(q.log(), p.log(), delta).item() == pytest.approx(naive, rel=1e-5)
+    assert kl_categorical(q.log(), q.log()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_balance_gradient_split():
+    torch.manual_seed(0)
+    post, prior = torch.randn(5, 4, 3), torch.randn(5, 4, 3)
+
+    def grads(delta):
+        q, p = post.clone().requires_grad_(), prior.clone().requires_grad_()
+        kl_balance(q, p, delta).sum().backward()
+        return q.grad, p.grad
+
+    gq1, gp1 = grads(1.0)
+    gq0, gp0 = grads(0.0)
+    assert torch.all(gp1 == 0) and gq1.abs().sum() > 1e-3    # delta=1: only the posterior is trained
+    assert torch.all(gq0 == 0) and gp0.abs().sum() > 1e-3    # delta=0: only the prior is trained
+    gq, gp = grads(0.8)
+    assert torch.allclose(gq, 0.8 * gq1) and torch.allclose(gp, 0.2 * gp0)
+
+
+def test_straight_through_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 5, requires_grad=True)
+    w = torch.randn(6, 4, 5)
+    z = straight_through_sample(logits)
+    assert torch.allclose(z.detach().sum(-1), torch.ones(6, 4))               # exact one-hot forward
+    assert set(z.detach().unique().tolist()) <= {0.0, 1.0}
+    (z * w).sum().backward()
+    ref = logits.detach().clone().requires_grad_()
+    (ref.softmax(-1) * w).sum().backward()                                   # straight-through = softmax grad
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-6) and logits.grad.abs().sum() > 0
+    mode = straight_through_sample(logits, sample=False).detach()
+    assert torch.equal(mode.argmax(-1), logits.argmax(-1))
+
+
+def test_gumbel_samples_follow_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0]).expand(40000, 1, 4)
+    freq = straight_through_sample(logits).detach().mean((0, 1))
+    assert torch.allclose(freq, logits[0, 0].softmax(-1), atol=0.01)
+
+
+def test_fit_linear_probe_recovers_linear_map():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 10, generator=g)
+    W, b = torch.randn(10, 3, generator=g), torch.randn(3, generator=g)
+    W_hat, b_hat = fit_linear_probe(X, X @ W + b, ridge=1e-9)
+    assert torch.allclose(W_hat, W, atol=1e-4) and torch.allclose(b_hat, b, atol=1e-4)
+    with pytest.raises(ValueError, match='fit_linear_probe'):
+        fit_linear_probe(X, b)
+
+
+# ---- model -------------------------------------------------------------------------------------------
+
+def test_shapes_and_paper_feature_size():
+    cfg = WMConfig(**PRESETS['test'])
+    wm, batch = make_wm(), random_batch(B=3, T=6)
+    S, C = cfg.stoch, cfg.classes
+    post, prior = wm.observe(batch)
+    for d in (post, prior):
+        assert d['h'].shape == (3, 6, cfg.deter) and d['z'].shape == (3, 6, S * C)
+        assert d['logits'].shape == (3, 6, S, C)
+    assert torch.allclose(post['z'].detach().sum(-1), torch.full((3, 6), float(S)))  # S one-hots
+    feat = wm.featurize(batch)
+    assert feat.shape == (3, 6, wm.feat_dim) and wm.feat_dim == cfg.deter + S * C and not feat.requires_grad
+    dec = wm.decode(feat)
+    assert dec['rgb_static'].shape == dec['rgb_gripper'].shape == (3, 6, 3, 64, 64)
+    assert dec['proprio'].shape == (3, 6, 18)
+    state = wm.img_step(wm.initial(3), batch['actions'][:, 0])
+    assert state['h'].shape == (3, cfg.deter) and wm.feature(state).shape == (3, wm.feat_dim)
+    assert WorldModel(WMConfig()).feat_dim == 2048                                   # Tab. S.2
+
+
+def test_obs_step_matches_observe():
+    wm, batch = make_wm(), random_batch(B=2, T=5)
+    feat = wm.featurize(batch)
+    state, prev_a = wm.initial(2), torch.zeros(2, 7)
+    with torch.no_grad():
+        for t in range(5):
+            obs_t = {k: batch[k][:, t] for k in ('rgb_static', 'rgb_gripper', 'proprio')}
+            state, _ = wm.obs_step(state, prev_a, obs_t, sample=False)
+            prev_a = batch['actions'][:, t]
+            assert torch.allclose(wm.feature(state), feat[:, t], atol=1e-5)
+
+
+def test_is_first_resets_state():
+    wm, batch = make_wm(), random_batch(B=2, T=6)
+    k = 3
+    reset = {**batch, 'is_first': batch['is_first'].clone()}
+    reset['is_first'][:, k] = True
+    full, fresh = wm.featurize(reset), wm.featurize({key: v[:, k:] for key, v in batch.items()})
+    assert torch.allclose(full[:, k:], fresh, atol=1e-5)             # history before k is forgotten
+    assert not torch.allclose(wm.featurize(batch)[:, k:], fresh, atol=1e-3)  # ... and it mattered
+
+
+def test_checkpoint_round_trip():
+    wm, batch = make_wm(), random_batch()
+    buf = io.BytesIO()
+    torch.save({'config': asdict(wm.cfg), 'model': wm.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    wm2 = WorldModel(WMConfig(**ckpt['config']))
+    wm2.load_state_dict(ckpt['model'])
+    assert torch.equal(wm.featurize(batch, sample=False), wm2.featurize(batch, sample=False))
+
+
+def test_open_loop_shapes_and_imagination():
+    wm, batch = make_wm(), random_batch(B=2, T=6)
+    pred = open_loop(wm, batch, context=2, horizon=50)                 # horizon clipped to T - context
+    assert pred['rgb_static'].shape == (2, 6, 3, 64, 64) and pred['proprio'].shape == (2, 6, 18)
+    with torch.no_grad():                                              # frame 3 = two prior steps after frame 1
+        post, _ = wm.observe({k: v[:, :2] for k, v in batch.items()}, sample=False)
+        s = {'h': post['h'][:, 1], 'z': post['z'][:, 1]}
+        for t in (2, 3):
+            s = wm.img_step(s, batch['actions'][:, t - 1], sample=False)
+        assert torch.allclose(wm.decode(wm.feature(s))['proprio'], pred['proprio'][:, 3], atol=1e-5)
+    with pytest.raises(ValueError, match='context'):
+        open_loop(wm, batch, context=6)
+
+
+def test_hybrid_scene_decoding_and_errors():
+    wm, batch = make_wm(hybrid=True), random_batch()
+    feat = wm.featurize(batch)
+    assert wm.decode_scene(feat).shape == (3, 6, 24) and wm.decode(feat)['scene'].shape == (3, 6, 24)
+    assert torch.allclose(wm.unscale_scene(wm.scale_scene(batch['scene'])), batch['scene'], atol=1e-6)
+    m = update_wm(wm, make_optimizer(wm, wm.cfg), batch)
+    assert {'loss', 'recon_static', 'recon_gripper', 'proprio', 'kl', 'scene'} <= set(m)
+    assert all(math.isfinite(v) for v in m.values())
+    with pytest.raises(ValueError, match='hybrid'):
+        make_wm().decode_scene(feat)
+    with pytest.raises(ValueError, match='64'):
+        make_wm().featurize({**batch, 'rgb_static': batch['rgb_static'][..., :32, :32]})
+
+
+def test_training_lowers_loss_on_moving_square():
+    wm = make_wm(lr=1e-3)
+    opt = make_optimizer(wm, wm.cfg)
+    g = torch.Generator().manual_seed(0)
+    held_out = square_batch(4, 8, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before = loss_wm(wm, held_out, sample=False)[0].item()
+    for _ in range(40):
+        update_wm(wm, opt, square_batch(4, 8, g))
+    with torch.no_grad():
+        after = loss_wm(wm, held_out, sample=False)[0].item()
+    assert after < 0.5 * before, (before, after)

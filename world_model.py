@@ -1,0 +1,396 @@
+"""DiWA world model: a DreamerV2-style recurrent state-space model (RSSM) of the desk.
+
+Paper: §III.A (Eq. 2-3), appendix S.2.1 (Eq. 10-11, Table S.2), Fig. 2 (vision vs hybrid), Fig. S.7
+(open-loop rollouts). The model is trained once on play data, then frozen: the diffusion policy and the
+reward classifier read its features, and fine-tuning rolls its prior forward in imagination.
+
+    x_t = (static image, gripper image, proprio [, scene])     frame t of a recorded sequence
+    e_t = embed(x_t)                                            two CNNs -> linear fusion, proprio appended
+    h_t = f(h_{t-1}, z_{t-1}, a_{t-1})                          GRU, deterministic path
+    z_t ~ q(z_t | h_t, x_t)                                     Eq. 2, posterior (filtering)
+    z^_t ~ p(z^_t | h_t)                                        Eq. 3, prior (imagination)
+    feature s^_t = cat(h_t, z_t)                                what every later stage consumes
+
+Glossary (paper symbol -> variable -> shape, B batch, T time, S = stoch, C = classes):
+    h_t                -> h              (B, deter)          deterministic GRU state
+    z_t                -> z              (B, S*C)            flattened one-hot sample of S categoricals
+    q / p logits       -> logits         (B, S, C)           posterior / prior categorical logits
+    s^_t = (h_t, z_t)  -> feat           (B, deter + S*C)    2048 at the paper preset
+    a_{t-1}            -> prev_action    (B, 7)              actions[:, t-1]; zeros at a segment start
+    beta, delta, zeta  -> kl_scale, kl_balance, reset_prob   Tab. S.2
+
+Batches follow the contract (notes/CONTRACT.md): dict of 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in
+[-1,1], 'proprio' (B,T,18), 'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class WMConfig:
+    image_size: int = 64        # side of the square camera images fed to the model (S.4: 64x64)
+    cnn_depth: int = 48         # channels of the first conv layer, doubled per layer (DreamerV2: 48)
+    deter: int = 1024           # Tab. S.2: size of the deterministic GRU state h
+    stoch: int = 32             # Tab. S.2: number of categorical latent variables in z
+    classes: int = 32           # Tab. S.2: classes per categorical variable
+    hidden: int = 1024          # width of the RSSM's MLP layers (DreamerV2 default; not in Tab. S.2)
+    mlp_hidden: int = 400       # width of the proprio/scene MLPs (DreamerV2 default)
+    mlp_layers: int = 2         # hidden layers of the proprio/scene decoder MLPs
+    hybrid: bool = False        # Fig. 2 hybrid WM: also encode and decode the scene state (scene_obs)
+    proprio_dim: int = 18       # proprioception size (data.robot_obs_to_proprio)
+    scene_dim: int = 24         # CALVIN scene_obs size
+    action_dim: int = 7         # relative action size
+    kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
+    kl_balance: float = 0.8     # Tab. S.2 delta: share of the KL gradient that trains the prior (see kl_balance)
+    unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
+    reset_prob: float = 0.01    # Tab. S.2 zeta: per-step probability of resetting the RSSM state in training
+    lr: float = 3e-4            # Tab. S.2: AdamW learning rate
+    eps: float = 1e-5           # Tab. S.2: Adam epsilon
+    weight_decay: float = 0.05  # Tab. S.2: decoupled weight decay
+    grad_clip: float = 100.0    # Tab. S.2: gradient-norm clipping
+    batch: int = 50             # Tab. S.2: sequences per batch
+    seq_len: int = 50           # Tab. S.2: steps per sequence
+    steps: int = 100_000        # world-model gradient steps (not in Tab. S.2)
+
+
+PRESETS = {
+    'paper': {},
+    # 2-core CPU: ~45 min of training (see report in the commit log / README for the measurement).
+    'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
+                batch=16, seq_len=32, steps=6000),
+    'test': dict(cnn_depth=4, deter=32, stoch=4, classes=4, hidden=32, mlp_hidden=32,
+                 batch=4, seq_len=8, steps=5),
+}
+
+# Fixed affine scaling of CALVIN scene_obs into roughly [-1, 1] (REFERENCE.md §1): the four joints by
+# their ranges, the two lights 0/1 -> -1/+1, block positions (m) around the table, block Euler angles by pi.
+_JOINT_RANGE = [0.28, 0.22, 0.02, 0.088]                  # door, drawer, button, switch
+_SCENE_OFFSET = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.0, 0.0, 0.5, 0.0, 0.0, 0.0] * 3
+_SCENE_SCALE = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.3, 0.3, 0.3, math.pi, math.pi, math.pi] * 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Categorical latents: straight-through samples and the balanced KL (pure functions)
+
+def mix_uniform(logits, unimix):
+    """Logits of (1 - unimix) * softmax(logits) + unimix / C (keeps every class's probability > 0)."""
+    if unimix <= 0:
+        return logits
+    probs = (1 - unimix) * logits.softmax(-1) + unimix / logits.shape[-1]
+    return probs.log()
+
+
+def straight_through_sample(logits, sample=True):
+    """One-hot sample of each categorical in logits (..., S, C), gradients to logits by straight-through.
+
+    Forward value: an exact one-hot (a Gumbel-max sample, or the argmax when sample=False).
+    Backward: d onehot / d logits := d softmax / d logits (Bengio et al. 2013; DreamerV2 §2).
+    """
+    probs = logits.softmax(-1)
+    if sample:  # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits))
+        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+        index = (logits - torch.log(-torch.log(u))).argmax(-1)
+    else:
+        index = logits.argmax(-1)
+    onehot = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
+    return onehot + (probs - probs.detach())  # exactly onehot in value
+
+
+def kl_categorical(q_logits, p_logits):
+    """KL(q || p) of S independent categoricals, logits (..., S, C) -> (...) summed over S."""
+    log_q, log_p = q_logits.log_softmax(-1), p_logits.log_softmax(-1)
+    return (log_q.exp() * (log_q - log_p)).sum((-2, -1))
+
+
+def kl_balance(post_logits, prior_logits, delta):
+    """Eq. 11 as printed: delta * KL(q || sg(p)) + (1 - delta) * KL(sg(q) || p), shape (...).
+
+    The value is always KL(q || p); delta only splits the gradient: delta = 1 trains only the posterior q
+    (towards the prior), delta = 0 only the prior p (towards the posterior). NOTE: DreamerV2 (Hafner et
+    al. 2021) and the DiWA/LUMOS reference code put the Tab. S.2 value 0.8 on the *prior* term, matching
+    the paper's prose ("accelerates the prior's convergence toward the richer posterior"); the printed
+    Eq. 11 puts delta on the posterior term. loss_wm() therefore calls kl_balance(q, p, 1 - cfg.kl_balance).
+    """
+    post_term = kl_categorical(post_logits, prior_logits.detach())   # posterior regulariser
+    prior_term = kl_categorical(post_logits.detach(), prior_logits)  # prior regulariser
+    return delta * post_term + (1 - delta) * prior_term
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks
+
+class CameraEncoder(nn.Module):
+    """64x64 RGB -> 32*depth features: 4 convs (kernel 4, stride 2, ELU), 64 -> 31 -> 14 -> 6 -> 2."""
+
+    def __init__(self, depth):
+        super().__init__()
+        chans = [3, depth, 2 * depth, 4 * depth, 8 * depth]
+        layers = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2), nn.ELU()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = 8 * depth * 2 * 2
+
+    def forward(self, x):  # (N, 3, 64, 64) -> (N, 32*depth)
+        # channels-last (NHWC) lets oneDNN pick its faster CPU conv kernels (measured: see bench.py)
+        return self.net(x.contiguous(memory_format=torch.channels_last)).flatten(1)
+
+
+class CameraDecoder(nn.Module):
+    """feature -> 64x64 RGB mean: linear to (32*depth, 1, 1), 4 transposed convs 1 -> 5 -> 13 -> 30 -> 64."""
+
+    def __init__(self, feat_dim, depth):
+        super().__init__()
+        self.fc = nn.Linear(feat_dim, 32 * depth)
+        chans, kernels = [32 * depth, 4 * depth, 2 * depth, depth, 3], [5, 5, 6, 6]
+        layers = []
+        for i, k in enumerate(kernels):
+            layers.append(nn.ConvTranspose2d(chans[i], chans[i + 1], k, stride=2))
+            if i < len(kernels) - 1:
+                layers.append(nn.ELU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat):  # (N, F) -> (N, 3, 64, 64)
+        x = self.fc(feat)[:, :, None, None].contiguous(memory_format=torch.channels_last)
+        return self.net(x).contiguous()
+
+
+def mlp(in_dim, hidden, out_dim, layers):
+    """ELU MLP with `layers` hidden layers."""
+    mods, d = [], in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.ELU()]
+        d = hidden
+    return nn.Sequential(*mods, nn.Linear(d, out_dim))
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WMConfig):
+        super().__init__()
+        if cfg.image_size != 64:
+            raise ValueError(f'world_model: image_size={cfg.image_size}, the DreamerV2 conv stack needs 64 '
+                             '(resize images to 64x64 first, paper S.4)')
+        self.cfg = cfg
+        S, C, D, H = cfg.stoch, cfg.classes, cfg.deter, cfg.hidden
+        self.feat_dim = D + S * C
+        # Encoders: one CNN per camera, concatenated and fused by a linear layer (S.2.1); proprio appended.
+        self.enc_static, self.enc_gripper = CameraEncoder(cfg.cnn_depth), CameraEncoder(cfg.cnn_depth)
+        cnn_dim = self.enc_static.out_dim
+        self.fuse = nn.Linear(2 * cnn_dim, cnn_dim)
+        self.embed_dim = cnn_dim + cfg.proprio_dim
+        if cfg.hybrid:  # Fig. 2 hybrid: the scaled scene state is encoded by an MLP and appended too
+            self.enc_scene = mlp(cfg.scene_dim, cfg.mlp_hidden, cfg.mlp_hidden, 1)
+            self.embed_dim += cfg.mlp_hidden
+        # RSSM. Linear layers on concatenated inputs are split into a sum of per-input linears, so that the
+        # action and observation parts can be computed for the whole sequence before the time loop.
+        self.img_z = nn.Linear(S * C, H)                         # (z_{t-1}, a_{t-1}) -> GRU input
+        self.img_a = nn.Linear(cfg.action_dim, H, bias=False)
+        self.img_norm = nn.LayerNorm(H)
+        self.gru = nn.GRUCell(H, D)                              # h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
+        self.prior_net = nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H), nn.ELU(), nn.Linear(H, S * C))  # Eq. 3
+        self.post_h = nn.Linear(D, H)                            # Eq. 2: q(z_t | h_t, e_t)
+        self.post_e = nn.Linear(self.embed_dim, H, bias=False)
+        self.post_out = nn.Sequential(nn.LayerNorm(H), nn.ELU(), nn.Linear(H, S * C))
+        # Decoders p(x_t | s^_t): transposed CNN per camera, MLP for proprio (and scene when hybrid).
+        self.dec_static = CameraDecoder(self.feat_dim, cfg.cnn_depth)
+        self.dec_gripper = CameraDecoder(self.feat_dim, cfg.cnn_depth)
+        self.dec_proprio = mlp(self.feat_dim, cfg.mlp_hidden, cfg.proprio_dim, cfg.mlp_layers)
+        if cfg.hybrid:
+            self.dec_scene = mlp(self.feat_dim, cfg.mlp_hidden, cfg.scene_dim, cfg.mlp_layers)
+        self.register_buffer('scene_offset', torch.tensor(_SCENE_OFFSET), persistent=False)
+        self.register_buffer('scene_scale', torch.tensor(_SCENE_SCALE), persistent=False)
+        assert len(_SCENE_SCALE) == cfg.scene_dim, 'scene scaling is written for CALVIN scene_obs (24)'
+
+    # ---- small helpers ---------------------------------------------------------------------------
+    def initial(self, B, device=None):
+        """Zero state for B sequences (also the state after a reset)."""
+        device = device or self.img_z.weight.device
+        return {'h': torch.zeros(B, self.cfg.deter, device=device),
+                'z': torch.zeros(B, self.cfg.stoch * self.cfg.classes, device=device)}
+
+    def feature(self, state):
+        """s^_t = cat(h_t, z_t): (..., deter + S*C)."""
+        return torch.cat([state['h'], state['z']], -1)
+
+    def _logits(self, x):  # (..., S*C) -> (..., S, C), with the optional uniform mix
+        return mix_uniform(x.unflatten(-1, (self.cfg.stoch, self.cfg.classes)), self.cfg.unimix)
+
+    def scale_scene(self, scene):    # raw scene_obs -> roughly [-1, 1]
+        return (scene - self.scene_offset) / self.scene_scale
+
+    def unscale_scene(self, scaled):
+        return scaled * self.scene_scale + self.scene_offset
+
+    def embed(self, obs):
+        """Observation dict with leading dims L (e.g. (B,T) or (B,)) -> embedding e (*L, embed_dim)."""
+        for key in ['rgb_static', 'rgb_gripper', 'proprio'] + (['scene'] if self.cfg.hybrid else []):
+            if key not in obs:
+                raise KeyError(f"world_model: observation has no '{key}' (keys: {sorted(obs)})")
+        img_s, img_g = obs['rgb_static'], obs['rgb_gripper']
+        S = self.cfg.image_size
+        if img_s.shape[-3:] != (3, S, S) or img_g.shape[-3:] != (3, S, S):
+            raise ValueError(f'world_model: images must be (...,3,{S},{S}) float in [-1,1], got '
+                             f'{tuple(img_s.shape)} and {tuple(img_g.shape)}')
+        lead = img_s.shape[:-3]
+        feats = torch.cat([self.enc_static(img_s.reshape(-1, 3, S, S)),
+                           self.enc_gripper(img_g.reshape(-1, 3, S, S))], -1)
+        parts = [self.fuse(feats).reshape(*lead, -1), obs['proprio']]
+        if self.cfg.hybrid:
+            parts.append(self.enc_scene(self.scale_scene(obs['scene'])))
+        return torch.cat(parts, -1)
+
+    def _gru_step(self, h, z, a_proj):
+        """h_t = f(h_{t-1}, z_{t-1}, a_{t-1}); a_proj = img_a(a_{t-1}) (precomputed for whole sequences)."""
+        return self.gru(F.elu(self.img_norm(self.img_z(z) + a_proj)), h)
+
+    # ---- the RSSM -----------------------------------------------------------------------------------
+    def img_step(self, state, action, sample=True):
+        """Eq. 3, one imagination step: (h_{t-1}, z_{t-1}), a_{t-1} (B,7) -> prior state {'h','z','logits'}."""
+        h = self._gru_step(state['h'], state['z'], self.img_a(action))
+        logits = self._logits(self.prior_net(h))
+        return {'h': h, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
+
+    def obs_step(self, state, prev_action, obs_t, sample=True):
+        """One filtering step for online use (eval, DPPO): obs_t dict of (B,...) tensors, optional
+        obs_t['is_first'] (B,) bool resets the state first. Returns (post_state, prior_state)."""
+        if 'is_first' in obs_t:
+            keep = (~obs_t['is_first'].bool()).float()[:, None]
+            state = {'h': state['h'] * keep, 'z': state['z'] * keep}
+            prev_action = prev_action * keep
+        prior = self.img_step(state, prev_action, sample)
+        logits = self._logits(self.post_out(self.post_h(prior['h']) + self.post_e(self.embed(obs_t))))
+        post = {'h': prior['h'], 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
+        return post, prior
+
+    def observe(self, batch, state=None, sample=True):
+        """Filter a batch of sequences (Eq. 2 at every step). Returns (post, prior), dicts of (B,T,...):
+        'h' (B,T,deter), 'z' (B,T,S*C), 'logits' (B,T,S,C); prior['h'] is post['h'] (same GRU path)."""
+        actions, is_first = batch['actions'], batch['is_first'].bool()
+        B, T = actions.shape[:2]
+        if state is None:
+            state = self.initial(B, actions.device)
+        # Everything that does not depend on the recurrence is computed for all (B,T) at once.
+        E = self.post_e(self.embed(batch))                                    # (B,T,H)
+        keep = (~is_first).float()[..., None]                                 # (B,T,1) 0 where reset
+        prev_actions = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1) * keep
+        A = self.img_a(prev_actions)                                          # (B,T,H)
+        h, z = state['h'], state['z']
+        hs, zs, logits_all = [], [], []
+        for t in range(T):
+            h, z = h * keep[:, t], z * keep[:, t]                             # reset at segment starts
+            h = self._gru_step(h, z, A[:, t])
+            logits = self._logits(self.post_out(self.post_h(h) + E[:, t]))   # Eq. 2
+            z = straight_through_sample(logits, sample).flatten(-2)
+            hs.append(h), zs.append(z), logits_all.append(logits)
+        h_seq = torch.stack(hs, 1)
+        post = {'h': h_seq, 'z': torch.stack(zs, 1), 'logits': torch.stack(logits_all, 1)}
+        prior_logits = self._logits(self.prior_net(h_seq))                    # Eq. 3, batched over (B,T)
+        prior = {'h': h_seq, 'z': straight_through_sample(prior_logits, sample).flatten(-2),
+                 'logits': prior_logits}
+        return post, prior
+
+    @torch.no_grad()
+    def featurize(self, batch, sample=False):
+        """Posterior features s^_t (B,T,feat_dim) of recorded sequences, no gradient (policy/reward input)."""
+        post, _ = self.observe(batch, sample=sample)
+        return self.feature(post)
+
+    def decode(self, feat):
+        """feat (..., feat_dim) -> dict 'rgb_static','rgb_gripper' (...,3,64,64), 'proprio' (...,18)
+        [, 'scene' (...,24) raw units when hybrid]: the means of p(x_t | s^_t)."""
+        lead, flat = feat.shape[:-1], feat.reshape(-1, self.feat_dim)
+        out = {'rgb_static': self.dec_static(flat), 'rgb_gripper': self.dec_gripper(flat),
+               'proprio': self.dec_proprio(flat)}
+        if self.cfg.hybrid:
+            out['scene'] = self.unscale_scene(self.dec_scene(flat))
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
+
+    def decode_scene(self, feat):
+        """Hybrid WM only: scene_obs (..., 24) decoded from features (latent-decoder reward, Fig. 2)."""
+        if not self.cfg.hybrid:
+            raise ValueError('world_model: decode_scene needs a hybrid world model (train with --hybrid)')
+        return self.unscale_scene(self.dec_scene(feat))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss (Eq. 10), optimiser and one training step
+
+def loss_wm(wm, batch, sample=True):
+    """Negative ELBO (Eq. 10) of a batch: unit-variance Gaussian NLL of every decoded modality (summed over
+    its dims, up to a constant) + beta * balanced KL (Eq. 11); all averaged over (B,T).
+    Returns (loss, dict of scalar tensors)."""
+    cfg = wm.cfg
+    post, prior = wm.observe(batch, sample=sample)
+    dec = wm.decode(wm.feature(post))
+    m = {'recon_static': 0.5 * (dec['rgb_static'] - batch['rgb_static']).square().sum((-3, -2, -1)).mean(),
+         'recon_gripper': 0.5 * (dec['rgb_gripper'] - batch['rgb_gripper']).square().sum((-3, -2, -1)).mean(),
+         'proprio': 0.5 * (dec['proprio'] - batch['proprio']).square().sum(-1).mean()}
+    if cfg.hybrid:  # compared in the scaled space, where all dims are O(1)
+        err = wm.dec_scene(wm.feature(post)) - wm.scale_scene(batch['scene'])
+        m['scene'] = 0.5 * err.square().sum(-1).mean()
+    # Eq. 11 with the prior term weighted by cfg.kl_balance (see kl_balance's docstring)
+    m['kl'] = kl_balance(post['logits'], prior['logits'], 1 - cfg.kl_balance).mean()
+    loss = sum(v for k, v in m.items() if k != 'kl') + cfg.kl_scale * m['kl']  # Eq. 10
+    m['loss'] = loss
+    return loss, m
+
+
+def make_optimizer(wm, cfg):
+    """Tab. S.2: AdamW, lr 3e-4, eps 1e-5, decoupled weight decay 0.05."""
+    return torch.optim.AdamW(wm.parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def update_wm(wm, opt, batch):
+    """One gradient step on a contract batch; returns float metrics (loss, recon_static, recon_gripper,
+    proprio, kl, [scene], grad_norm)."""
+    wm.train()
+    cfg = wm.cfg
+    is_first = batch['is_first'].bool()
+    # Tab. S.2 zeta: reset the recurrent state at random steps so the model learns to start from scratch
+    reset = torch.rand(is_first.shape, device=is_first.device) < cfg.reset_prob
+    loss, m = loss_wm(wm, {**batch, 'is_first': is_first | reset})
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    m['grad_norm'] = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
+    opt.step()
+    return {k: float(v.detach()) for k, v in m.items()}  # the only sync point of the step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Read-outs used by the evaluation
+
+@torch.no_grad()
+def open_loop(wm, batch, context=2, horizon=50, sample=False):
+    """Fig. S.7: filter the first `context` frames, then imagine `horizon` more with the recorded actions
+    (step to frame t consumes actions[:, t-1]). Returns wm.decode(...) of (B, context + horizon, ...):
+    frames [:context] are reconstructions, [context:] open-loop predictions of batch frames context.."""
+    T = batch['actions'].shape[1]
+    if not 1 <= context < T:
+        raise ValueError(f'open_loop: need 1 <= context < T, got context={context}, T={T}')
+    horizon = min(horizon, T - context)
+    post, _ = wm.observe({k: v[:, :context] for k, v in batch.items()}, sample=sample)
+    state = {'h': post['h'][:, -1], 'z': post['z'][:, -1]}
+    feats = [wm.feature(post)]
+    for t in range(context, context + horizon):
+        state = wm.img_step(state, batch['actions'][:, t - 1], sample=sample)
+        feats.append(wm.feature(state)[:, None])
+    return wm.decode(torch.cat(feats, 1))
+
+
+def fit_linear_probe(feats, targets, ridge=1e-3):
+    """Ridge least squares targets ~ feats @ W + b. feats (N,F), targets (N,D) -> W (F,D), b (D,).
+    Used to read the articulated-part state (drawer, door, lights) out of the vision latents."""
+    if feats.ndim != 2 or targets.ndim != 2 or len(feats) != len(targets):
+        raise ValueError(f'fit_linear_probe: want feats (N,F) and targets (N,D), got '
+                         f'{tuple(feats.shape)} and {tuple(targets.shape)}')
+    X, Y = feats.double(), targets.double()
+    x_mean, y_mean = X.mean(0), Y.mean(0)
+    Xc, Yc = X - x_mean, Y - y_mean
+    A = Xc.T @ Xc + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+    W = torch.linalg.solve(A, Xc.T @ Yc)
+    b = y_mean - x_mean @ W
+    return W.to(feats.dtype), b.to(feats.dtype)
