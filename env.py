@@ -245,13 +245,10 @@ class DeskEnv:
             p.changeVisualShape(self.robot, link, rgbaColor=rgba, physicsClientId=c)
         for j in FINGERS:
             p.changeDynamics(self.robot, j, lateralFriction=1.0, physicsClientId=c)
+        self._block_shapes = [(p.createCollisionShape(p.GEOM_BOX, halfExtents=half, physicsClientId=c),
+                               p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=rgba, physicsClientId=c))
+                              for half, rgba in BLOCKS.values()]
         self.blocks = []
-        for name, (half, rgba) in BLOCKS.items():
-            col = p.createCollisionShape(p.GEOM_BOX, halfExtents=half, physicsClientId=c)
-            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=rgba, physicsClientId=c)
-            uid = p.createMultiBody(1.0, col, vis, (0, 0, 1), physicsClientId=c)
-            p.changeDynamics(uid, -1, lateralFriction=0.7, physicsClientId=c)
-            self.blocks.append(uid)
         # Desk motors: door / drawer / switch hold still with a velocity motor (force 4 = friction),
         # the button springs back with a position motor (force 4).
         for j in (DOOR, DRAWER, SWITCH):
@@ -320,10 +317,16 @@ class DeskEnv:
             p.resetJointState(self.robot, j, np.clip(robot_obs[6] / 2, 0, FINGER_OPEN), 0.0, physicsClientId=c)
         for j, q in zip((DOOR, DRAWER, BUTTON, SWITCH), scene_obs[0:4]):
             p.resetJointState(self.desk, j, q, 0.0, physicsClientId=c)
-        for i, uid in enumerate(self.blocks):
+        # Blocks are re-created on every reset: this also drops the solver's cached contacts (warm
+        # starting), so that a reset to a given state is followed by the same trajectory whatever came before.
+        for uid in self.blocks:
+            p.removeBody(uid, physicsClientId=c)
+        self.blocks = []
+        for i, (col, vis) in enumerate(self._block_shapes):
             s = scene_obs[6 + 6 * i:12 + 6 * i]
-            p.resetBasePositionAndOrientation(uid, s[:3], p.getQuaternionFromEuler(s[3:]), physicsClientId=c)
-            p.resetBaseVelocity(uid, (0, 0, 0), (0, 0, 0), physicsClientId=c)
+            uid = p.createMultiBody(1.0, col, vis, s[:3], p.getQuaternionFromEuler(s[3:]), physicsClientId=c)
+            p.changeDynamics(uid, -1, lateralFriction=0.7, physicsClientId=c)
+            self.blocks.append(uid)
         self._led_on = self._bulb_on = None
         self._set_lights(scene_obs[5] > 0.5, scene_obs[4] > 0.5, force=True)
         self._gripper_action = 1.0 if robot_obs[14] >= 0 else -1.0

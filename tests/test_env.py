@@ -1,0 +1,219 @@
+"""Tests for env.py: success tests on hand-set states, LED edge logic, exact resets, the controller's
+clipping and gripper threshold, observation shapes, determinism, and every scripted skill."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import env as E  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def desk():
+    d = E.DeskEnv(cameras=False, seed=0)
+    yield d
+    d.close()
+
+
+def info_with(**parts):
+    """An info dict whose scene_obs has the named parts set (door, drawer, button, switch, bulb, led)."""
+    s = np.zeros(24)
+    for name, v in parts.items():
+        s[['door', 'drawer', 'button', 'switch', 'bulb', 'led'].index(name)] = v
+    return {'robot_obs': np.zeros(15), 'scene_obs': s}
+
+
+# ---------------------------------------------------------------- success tests (pure)
+
+@pytest.mark.parametrize('task, start, yes, no', [
+    ('open_drawer', dict(drawer=0.0), dict(drawer=0.13), dict(drawer=0.11)),
+    ('close_drawer', dict(drawer=0.2), dict(drawer=0.07), dict(drawer=0.09)),
+    ('move_slider_left', dict(door=0.0), dict(door=0.16), dict(door=0.14)),
+    ('move_slider_right', dict(door=0.28), dict(door=0.12), dict(door=0.14)),
+    ('turn_on_lightbulb', dict(bulb=0), dict(bulb=1), dict(bulb=0)),
+    ('turn_off_lightbulb', dict(bulb=1), dict(bulb=0), dict(bulb=1)),
+    ('turn_on_led', dict(led=0), dict(led=1), dict(led=0)),
+    ('turn_off_led', dict(led=1), dict(led=0), dict(led=1)),
+])
+def test_task_success_both_ways(task, start, yes, no):
+    s0 = info_with(**start)
+    assert E.task_success(task, s0, info_with(**yes))
+    assert not E.task_success(task, s0, info_with(**no))
+    assert task in E.completed_tasks(s0, info_with(**yes))
+    assert task not in E.completed_tasks(s0, info_with(**no))
+
+
+def test_light_tasks_need_the_start_state():
+    # bulb already on at the start: staying on is not "turn_on_lightbulb"
+    assert not E.task_success('turn_on_lightbulb', info_with(bulb=1), info_with(bulb=1))
+    assert not E.task_success('turn_off_led', info_with(led=0), info_with(led=0))
+    with pytest.raises(ValueError, match='unknown task'):
+        E.task_success('open_door', info_with(), info_with())
+
+
+def test_task_possible_and_sampled_starts():
+    assert E.task_possible('open_drawer', info_with(drawer=0.05)['scene_obs'])
+    assert not E.task_possible('open_drawer', info_with(drawer=0.15)['scene_obs'])
+    assert not E.task_possible('move_slider_right', info_with(door=0.1)['scene_obs'])
+    assert E.task_possible('turn_off_led', info_with(led=1)['scene_obs'])
+    rng = np.random.default_rng(0)
+    for task in E.TASKS:
+        robot_obs, scene_obs = E.sample_task_start(task, rng)
+        assert robot_obs.shape == (15,) and scene_obs.shape == (24,)
+        assert E.task_possible(task, scene_obs)
+        assert np.linalg.norm(robot_obs[:3] - [0.024, -0.232, 0.606]) < 0.15   # near the neutral TCP
+
+
+def test_wrap_angle():
+    np.testing.assert_allclose(E.wrap_angle([np.pi + 0.1, -np.pi - 0.1, 0.3]), [-np.pi + 0.1, np.pi - 0.1, 0.3])
+    # difference across the +-pi seam is small, not ~2 pi
+    assert abs(E.wrap_angle(-3.1 - 3.1)) < 0.1
+
+
+# ---------------------------------------------------------------- simulator
+
+def drive(desk, obs, goal, steps, grip=-1.0):
+    """Move the TCP towards goal with a P-law on relative actions; returns the list of observations."""
+    out = []
+    for _ in range(steps):
+        a = np.zeros(7)
+        a[:3] = 0.5 * (np.asarray(goal) - obs['robot_obs'][:3]) / E.POS_SCALE
+        a[3:6] = 0.5 * E.wrap_angle(E.DOWN_EULER - obs['robot_obs'][3:6]) / E.ORN_SCALE
+        a[6] = grip
+        obs = desk.step(np.clip(a, -1, 1))[0]
+        out.append(obs)
+    return out
+
+
+def test_led_toggles_once_per_press(desk):
+    scene = E.random_scene(np.random.default_rng(1), led_on=False)
+    obs = desk.reset(scene_obs=scene)
+    top = E.BUTTON_ORIGIN + (0, 0, 0.027)
+    obs = drive(desk, obs, top + (0, 0, 0.08), 30)[-1]
+    assert obs['scene_obs'][5] == 0
+    held = drive(desk, obs, top + (0, 0, -0.015), 15)          # press and hold
+    assert max(o['scene_obs'][2] for o in held) > E.LED_PRESS_THRESHOLD
+    assert held[-1]['scene_obs'][2] > E.LED_PRESS_THRESHOLD  # still held down at the end
+    leds = [o['scene_obs'][5] for o in held]
+    assert leds[-1] == 1 and np.count_nonzero(np.diff(leds)) == 1   # toggled exactly once while held
+    released = drive(desk, held[-1], top + (0, 0, 0.08), 15)
+    assert released[-1]['scene_obs'][2] < 0.005 and released[-1]['scene_obs'][5] == 1   # springs back, stays on
+    again = drive(desk, released[-1], top + (0, 0, -0.015), 15)
+    assert again[-1]['scene_obs'][5] == 0                     # second press toggles it off
+
+
+def test_bulb_follows_switch(desk):
+    scene = E.random_scene(np.random.default_rng(2), switch_on=False)
+    for q, bulb in ((0.040, 0.0), (0.050, 1.0)):
+        scene[3], scene[4] = q, 1.0 - bulb     # deliberately inconsistent: one step must fix it
+        desk.reset(scene_obs=scene)
+        obs = desk.step(np.zeros(7))[0]
+        assert obs['scene_obs'][4] == bulb, (q, obs['scene_obs'][3])
+
+
+def test_reset_reproduces_state(desk):
+    rng = np.random.default_rng(3)
+    obs = desk.reset(seed=3)
+    for _ in range(20):
+        obs = desk.step(np.r_[rng.uniform(-1, 1, 3), 0, 0, 0, -1])[0]
+    info = desk.get_info()
+    assert info['robot_obs'][14] == -1
+    info['scene_obs'][5] = 1.0                     # LED state is part of the state
+    desk.reset(seed=4)                             # somewhere else entirely
+    back = desk.reset(info['robot_obs'], info['scene_obs'])
+    np.testing.assert_allclose(back['robot_obs'], info['robot_obs'], atol=1e-4)
+    np.testing.assert_allclose(back['scene_obs'], info['scene_obs'], atol=1e-5)
+    # the controller's target is the measured pose: a zero action keeps the hand still
+    still = desk.step(np.r_[np.zeros(6), -1])[0]
+    np.testing.assert_allclose(still['robot_obs'][:3], info['robot_obs'][:3], atol=3e-3)
+
+
+def test_action_clipping_and_gripper_threshold(desk):
+    desk.reset(seed=0)
+    t0 = desk.target_pos.copy()
+    obs = desk.step([5.0, -7.0, 0.0, 0.0, 0.0, 0.0, 0.3])[0]
+    np.testing.assert_allclose(desk.target_pos - t0, [E.POS_SCALE, -E.POS_SCALE, 0.0], atol=1e-9)
+    assert obs['robot_obs'][14] == 1.0
+    assert desk.step([0, 0, 0, 0, 0, 0, -0.01])[0]['robot_obs'][14] == -1.0
+    assert desk.step([0, 0, 0, 0, 0, 0, 0.0])[0]['robot_obs'][14] == 1.0      # >= 0 opens (paper S.3.1)
+    closed = None
+    for _ in range(10):
+        closed = desk.step([0, 0, 0, 0, 0, 0, -1])[0]
+    assert closed['robot_obs'][6] < 0.01                                       # fingers closed
+    with pytest.raises(ValueError, match='7 finite'):
+        desk.step(np.zeros(6))
+    with pytest.raises(ValueError, match='7 finite'):
+        desk.step([np.nan] * 7)
+
+
+def test_obs_shapes_dtypes_custom_resolution():
+    d = E.DeskEnv(image_size=40, gripper_size=24, seed=0)
+    try:
+        for obs in (d.reset(), d.step(np.zeros(7))[0]):
+            assert obs['rgb_obs']['rgb_static'].shape == (40, 40, 3)
+            assert obs['rgb_obs']['rgb_gripper'].shape == (24, 24, 3)
+            assert obs['rgb_obs']['rgb_static'].dtype == np.uint8
+            assert obs['robot_obs'].shape == (15,) and obs['robot_obs'].dtype == np.float32
+            assert obs['scene_obs'].shape == (24,) and obs['scene_obs'].dtype == np.float32
+            assert obs['rgb_obs']['rgb_static'].std() > 10          # not a blank image
+        # the LED is visible: switching it on changes the static image
+        s = d.get_info()['scene_obs']
+        s[5] = 0.0
+        off = d.reset(scene_obs=s)['rgb_obs']['rgb_static'].astype(int)
+        s[5] = 1.0
+        on = d.reset(scene_obs=s)['rgb_obs']['rgb_static'].astype(int)
+        assert np.abs(on - off).sum() > 0
+    finally:
+        d.close()
+    with pytest.raises(ValueError, match='image sizes'):
+        E.DeskEnv(image_size=0)
+
+
+def test_deterministic(desk):
+    rng = np.random.default_rng(7)
+    robot_obs, scene_obs = E.sample_task_start('open_drawer', rng)
+    actions = rng.uniform(-1, 1, (15, 7))
+    runs = []
+    for _ in range(2):
+        desk.reset(robot_obs, scene_obs)
+        runs.append(np.stack([np.r_[o['robot_obs'], o['scene_obs']] for o in (desk.step(a)[0] for a in actions)]))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize('task', E.TASKS)
+def test_scripted_skill_solves_task(desk, task):
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        robot_obs, scene_obs = E.sample_task_start(task, rng)
+        obs = desk.reset(robot_obs, scene_obs)
+        start, skill = desk.get_info(), E.ScriptedSkill(task, rng)
+        for _ in range(150):
+            action = skill.act(obs)
+            assert action.shape == (7,) and np.all(np.abs(action) <= 1)
+            obs, reward, done, info = desk.step(action)
+            if skill.done:
+                break
+        assert skill.done and E.task_success(task, start, info), (task, info['scene_obs'][:6])
+
+
+def test_reach_and_pause_skills(desk):
+    rng = np.random.default_rng(0)
+    obs = desk.reset(seed=0)
+    goal = np.array([0.1, -0.2, 0.55])
+    skill = E.ScriptedSkill('reach', rng, reach_target=goal)
+    for _ in range(60):
+        obs = desk.step(skill.act(obs))[0]
+        if skill.done:
+            break
+    assert skill.done and np.linalg.norm(obs['robot_obs'][:3] - goal) < 0.03
+    pause, target = E.ScriptedSkill('pause', rng, pause_steps=5), desk.target_pos.copy()
+    actions = []
+    while not pause.done:
+        actions.append(pause.act(obs))
+        obs = desk.step(actions[-1])[0]
+    assert len(actions) == 5 and np.all(np.stack(actions)[:, :6] == 0)
+    np.testing.assert_array_equal(desk.target_pos, target)     # zero actions leave CALVIN's target alone
+    with pytest.raises(ValueError, match='unknown skill'):
+        E.ScriptedSkill('fly', rng)
