@@ -20,6 +20,10 @@ Glossary (CALVIN name -> variable -> shape):
   scene_obs  -> obs['scene_obs'] (24,) [door, drawer, button, switch, bulb, led, red xyz+euler, blue ..., pink ...]
   rel_action -> action (7,) [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1,1]; 0.02 m / 0.05 rad per unit
   info       -> env.get_info() {'robot_obs', 'scene_obs'}; task_success compares a start info with a current one
+
+API: DeskEnv(image_size, gripper_size, cameras, seed) .reset(robot_obs, scene_obs, seed) .step(a) .get_info();
+task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkill(task, rng, noise, speed).act;
+CalvinEnvAdapter (the real simulator, when installed). CLI: python env.py --check-skills | --render DIR
 """
 import argparse
 import os
@@ -643,6 +647,60 @@ class ScriptedSkill:
             self.i, self.t = self.i + 1, 0
             self.done = self.i >= len(self.phases)
         return np.clip(a, -1.0, 1.0)
+
+
+# ---------------------------------------------------------------- the real CALVIN simulator (optional)
+
+class CalvinEnvAdapter:
+    """The real calvin_env (scene D) behind DeskEnv's interface (REFERENCE §5). Untested here: calvin_env
+    is not on PyPI. Images come at CALVIN's resolution (200 / 84); data.preprocess_obs resizes them.
+    The gripper action is thresholded to exactly +-1 (CALVIN asserts it), success uses CALVIN's task oracle."""
+
+    def __init__(self, scene='calvin_scene_D', seed=None):
+        try:
+            import hydra
+            from hydra import compose, initialize_config_dir
+            import calvin_env
+        except ImportError as err:
+            raise ImportError('CalvinEnvAdapter needs the real CALVIN simulator: git clone --recursive '
+                              'https://github.com/mees/calvin_env && pip install -e calvin_env hydra-core '
+                              f'hydra-colorlog ({err})') from err
+        conf = os.path.join(os.path.dirname(os.path.dirname(calvin_env.__file__)), 'conf')
+        overrides = ['cameras=static_and_gripper', f'scene={scene}', 'robot=panda_longer_finger',
+                     'use_vr=false', 'env.use_egl=false']
+        with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
+            cfg = compose(config_name='config_data_collection', overrides=overrides)
+        self.env = hydra.utils.instantiate(cfg.env, show_gui=False, use_vr=False, use_scene_info=True)
+        self.tasks = hydra.utils.instantiate(cfg.tasks)
+        self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _obs(obs):
+        return {'rgb_obs': {k: obs['rgb_obs'][k] for k in ('rgb_static', 'rgb_gripper')},
+                'robot_obs': np.asarray(obs['robot_obs'], np.float32),
+                'scene_obs': np.asarray(obs['scene_obs'], np.float32)}
+
+    def reset(self, robot_obs=None, scene_obs=None, seed=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        if robot_obs is None and scene_obs is None:
+            return self._obs(self.env.reset())
+        return self._obs(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
+
+    def step(self, action):
+        a = np.clip(np.asarray(action, dtype=float).reshape(7), -1.0, 1.0)
+        a[6] = 1.0 if a[6] >= 0 else -1.0                        # paper S.3.1
+        obs, _, _, info = self.env.step(a)
+        return self._obs(obs), 0.0, False, info
+
+    def get_info(self):
+        return self.env.get_info()
+
+    def task_success(self, task, start_info, info):
+        return task in self.tasks.get_task_info_for_set(start_info, info, {task})
+
+    def completed_tasks(self, start_info, info):
+        return set(self.tasks.get_task_info(start_info, info))
 
 
 # ---------------------------------------------------------------- command line: skills table, renders

@@ -217,3 +217,13 @@ def test_reach_and_pause_skills(desk):
     np.testing.assert_array_equal(desk.target_pos, target)     # zero actions leave CALVIN's target alone
     with pytest.raises(ValueError, match='unknown skill'):
         E.ScriptedSkill('fly', rng)
+
+
+def test_calvin_adapter_explains_missing_install():
+    try:
+        import calvin_env  # noqa: F401
+        pytest.skip('calvin_env is installed')
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match='mees/calvin_env'):
+        E.CalvinEnvAdapter()
