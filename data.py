@@ -440,7 +440,7 @@ def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator) -> di
     e = np.searchsorted(cum, k, side='right')
     start = ep[e, 0] + k - (cum[e] - n_starts[e])
     rows = start[:, None] + np.arange(L)                                  # (B, L)
-    out = {key: data[key][rows] for key in SEQ_KEYS}
+    out = {key: np.asarray(data[key][rows]) for key in SEQ_KEYS}
     out['rows'] = rows
     out['is_first'] = np.zeros((B, L), bool)
     out['is_first'][:, 0] = True
@@ -473,3 +473,217 @@ def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
     info = lambda t: {'robot_obs': data['robot_obs'][t], 'scene_obs': data['scene_obs'][t]}
     start = info(s)
     return np.array([env.task_success(task, start, info(t)) for t in range(s, e + 1)], np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Play-data collection on the built-in desk (§IV.A: CALVIN's teleoperated play; here scripted skills made
+# human-like: a random task order among the tasks possible now, random reaches and pauses, per-segment speed
+# and gain, action noise)
+#
+#   episode e:  frames e*L .. e*L+L-1 (global ids), one continuous play segment, split = validation every
+#               val_every-th episode. Segments follow each other without reset:
+#     [ task skill | reach | task skill | pause | task skill | ... ]
+#       ^anchor      ^anchor                      each segment's first frame is its anchor
+#   annotation: whenever completed_tasks(anchor, frame t) gains a task, window = [max(anchor, t-max_window+1), t]
+#               (t = FIRST frame where the test holds; the window is kept only if the test also holds
+#               relative to the clipped start, otherwise it is counted as 'dropped')
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class CollectConfig:
+    episodes: int = 250         # §IV.A: ~500k play transitions (6 h at 30 Hz) = episodes x episode_len
+    episode_len: int = 2000     # frames per episode (one continuous play segment, global frame ids e*L ..)
+    val_every: int = 10         # every val_every-th episode goes to validation/ (10%); 0 = none
+    workers: int = 2            # collection processes, each with its own DeskEnv and its own episodes
+    image_size: int = 200       # static camera pixels (CALVIN dataset: 200; load_split resizes to 64, S.4)
+    gripper_size: int = 84      # gripper camera pixels (CALVIN dataset: 84)
+    seed: int = 0               # episode e is generated from (seed, e) alone: the same data for any #workers
+    p_task: float = 0.85        # probability that a play segment is a scripted task (else a reach or a pause)
+    p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
+    action_noise: float = 0.2   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
+    speed_min: float = 0.6      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
+    speed_max: float = 1.0      # (slow and fast operators)
+    gain_min: float = 0.3       # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
+    gain_max: float = 0.6
+    skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
+    max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
+    compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
+
+
+PRESETS = {
+    'paper': {},
+    'cpu': {'episodes': 80, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
+    'test': {'episodes': 2, 'episode_len': 150, 'val_every': 2, 'workers': 1, 'image_size': 32, 'gripper_size': 32,
+             'p_task': 1.0},
+}
+
+
+def episode_split(cfg: CollectConfig, e: int) -> str:
+    return 'validation' if cfg.val_every and e % cfg.val_every == cfg.val_every - 1 else 'training'
+
+
+def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs):
+    """The next play segment: env.ScriptedSkill of a task possible now (p_task), else a pause or a random reach,
+    each with its own random speed and gain and the operator's action noise. -> (kind, skill)"""
+    import env
+    # tasks possible now; a part stuck between its two tests (e.g. drawer at 0.11: neither opening nor closing
+    # can move it 0.12) is pushed back to 0 by its second task, which succeeds in no test but frees the part
+    pairs = [env.TASKS[i:i + 2] for i in range(0, len(env.TASKS), 2)]
+    options = []
+    for pair in pairs:
+        options += [k for k in pair if env.task_possible(k, scene_obs)] or pair[1:]
+    if rng.random() < cfg.p_task:
+        kind = str(rng.choice(options))
+    else:
+        kind = 'pause' if rng.random() < cfg.p_pause else 'reach'
+    skill = env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=rng.uniform(cfg.speed_min, cfg.speed_max),
+                              gain=rng.uniform(cfg.gain_min, cfg.gain_max))
+    return kind, skill
+
+
+def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
+    """Play one episode on `desk`, write its frames, return its summary (windows in global frame ids)."""
+    import env
+    rng = np.random.default_rng([cfg.seed, e])
+    split = episode_split(cfg, e)
+    folder = Path(out_dir) / split
+    start_id = e * cfg.episode_len
+    obs = desk.reset(seed=int(rng.integers(2 ** 31)))
+    kind, skill, anchor, reported, seg_t = None, None, 0, set(), 0
+    infos, windows, tasks = [], [], []
+    stats = {'attempts': {}, 'skill_success': {}, 'dropped': 0}
+    for t in range(cfg.episode_len):
+        infos.append({'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs']})
+        for task in sorted(env.completed_tasks(infos[anchor], infos[t]) - reported):   # tested vs the anchor
+            reported.add(task)
+            s = max(anchor, t - cfg.max_window + 1)
+            if env.task_success(task, infos[s], infos[t]):
+                windows.append((start_id + s, start_id + t))
+                tasks.append(task)
+            else:
+                stats['dropped'] += 1
+            if task == kind:
+                stats['skill_success'][task] = stats['skill_success'].get(task, 0) + 1
+        if skill is None or skill.done or seg_t >= cfg.skill_timeout:
+            kind, skill = next_segment(cfg, rng, obs['scene_obs'])
+            anchor, reported, seg_t = t, set(), 0
+            if kind in env.TASKS and env.task_possible(kind, obs['scene_obs']):
+                stats['attempts'][kind] = stats['attempts'].get(kind, 0) + 1
+        a = np.asarray(skill.act(obs), np.float64)
+        seg_t += 1
+        frame = {'rel_actions': a, 'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs'], **obs['rgb_obs']}
+        obs, _, _, _ = desk.step(a)
+        # CALVIN's absolute action: the TCP target pose the relative action produced, and the gripper command
+        frame['actions'] = np.concatenate([desk.target_pos, desk.target_euler, [1.0 if a[6] >= 0 else -1.0]])
+        write_frame(folder, start_id + t, frame, compress=cfg.compress)
+    return {'episode': e, 'split': split, 'start': start_id, 'end': start_id + cfg.episode_len - 1,
+            'windows': [list(w) for w in windows], 'tasks': tasks, **stats}
+
+
+_DESK = None                                        # one DeskEnv per worker process
+
+
+def _worker_init(cfg: CollectConfig) -> None:
+    global _DESK
+    import env
+    _DESK = env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True)
+
+
+def _worker_episode(job) -> dict:
+    cfg, e, out_dir = job
+    return run_episode(_DESK, cfg, e, out_dir)
+
+
+SETTINGS_EXEMPT = ('workers', 'episodes')           # may change between runs: they do not change any episode
+
+
+def collect(cfg: CollectConfig, out_dir) -> dict:
+    """Collect play data into <out_dir>/{training,validation} in CALVIN's layout. Resumable: finished episodes
+    are recorded in collect_progress.json and skipped; settings are stored in collect_config.json and a re-run
+    with different ones is refused. Returns {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts'}."""
+    global _DESK
+    from tqdm import tqdm
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
+    spath, ppath = out / 'collect_config.json', out / 'collect_progress.json'
+    if spath.is_file():
+        old = json.loads(spath.read_text())
+        diff = [f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise DataError(f"{spath}: this folder holds play data collected with other settings ({'; '.join(diff)}); "
+                            'use another output folder or the same settings to resume')
+    else:
+        atomic_write(spath, lambda fh: fh.write(json.dumps(settings, indent=1).encode()), sync=True)
+    progress = json.loads(ppath.read_text()) if ppath.is_file() else {}
+    for split in ('training', 'validation'):
+        (out / split).mkdir(exist_ok=True)
+        for p in (out / split).iterdir():           # temp files of a killed run
+            if TMP_TAG in p.name and p.is_file():
+                p.unlink()
+    todo = [e for e in range(cfg.episodes) if str(e) not in progress]
+    print(f'[collect] {out}: {cfg.episodes - len(todo)} of {cfg.episodes} episodes done, {len(todo)} to go '
+          f'({cfg.episode_len} frames each, {cfg.workers} workers)')
+
+    def finish(summary):                            # parent only: progress first, then the split indexes
+        progress[str(summary['episode'])] = summary
+        atomic_write(ppath, lambda fh: fh.write(json.dumps(progress).encode()), sync=True)
+        write_indexes(out, progress, summary['split'])
+
+    t0 = time.time()
+    bar = tqdm(total=len(todo) * cfg.episode_len, unit='frame', desc='collect', smoothing=0.1)
+    jobs = [(cfg, e, str(out)) for e in todo]
+    if cfg.workers > 1 and len(todo) > 1:
+        with mp.get_context('fork').Pool(cfg.workers, initializer=_worker_init, initargs=(cfg,)) as pool:
+            for summary in pool.imap_unordered(_worker_episode, jobs):
+                finish(summary)
+                bar.update(cfg.episode_len)
+    elif todo:                                      # one worker: in this process (easier to debug)
+        _worker_init(cfg)
+        try:
+            for job in jobs:
+                finish(_worker_episode(job))
+                bar.update(cfg.episode_len)
+        finally:
+            _DESK.close()
+            _DESK = None
+    bar.close()
+    seconds = time.time() - t0
+    for split in ('training', 'validation'):         # also (re)writes the index of a split with no new episode
+        write_indexes(out, progress, split)
+    report = summarize(progress)
+    report.update(seconds=seconds, frames_per_s=len(todo) * cfg.episode_len / max(seconds, 1e-9))
+    print(f"[collect] {report['frames']} frames in {report['episodes']} episodes; this run: "
+          f"{len(todo) * cfg.episode_len} frames in {seconds:.0f} s = {report['frames_per_s']:.0f} frames/s")
+    for task, n in report['counts'].items():
+        att, ok = report['attempts'].get(task, 0), report['skill_success'].get(task, 0)
+        print(f'  {task:20s} {n:6d} windows   scripted skill {ok}/{att} = {ok / max(att, 1):.0%}')
+    return report
+
+
+def write_indexes(out: Path, progress: dict, split: str) -> None:
+    """ep_start_end_ids.npy + annotations of one split from the finished episodes in `progress`."""
+    eps = sorted((s for s in progress.values() if s['split'] == split), key=lambda s: s['start'])
+    if not eps:
+        return
+    windows = [w for s in eps for w in s['windows']]
+    tasks = [t for s in eps for t in s['tasks']]
+    write_split_index(out / split, [(s['start'], s['end']) for s in eps], windows, tasks)
+
+
+def summarize(progress: dict) -> dict:
+    """Totals over finished episodes: frames, per-task window counts, scripted-skill attempts/successes."""
+    import env
+    counts = {k: 0 for k in env.TASKS}
+    attempts, success = {k: 0 for k in env.TASKS}, {k: 0 for k in env.TASKS}
+    for s in progress.values():
+        for t in s['tasks']:
+            counts[t] += 1
+        for t, n in s['attempts'].items():
+            attempts[t] += n
+        for t, n in s['skill_success'].items():
+            success[t] += n
+    frames = sum(s['end'] - s['start'] + 1 for s in progress.values())
+    return {'frames': frames, 'episodes': len(progress), 'counts': counts, 'attempts': attempts,
+            'skill_success': success, 'dropped': sum(s['dropped'] for s in progress.values())}

@@ -1,5 +1,6 @@
 """data.py: preprocessing math against closed forms, CALVIN layout round trips (real CALVIN shapes), clear errors
 on bad input, crash safety, sequence sampling, and a tiny real collection on the built-in desk."""
+import json
 import os
 import sys
 
@@ -286,3 +287,45 @@ def test_expert_windows_random_subset(tmp_path):
     np.testing.assert_array_equal(w, data.expert_windows(d, 'open_drawer', n=4, seed=0))
     assert any(not np.array_equal(w, data.expert_windows(d, 'open_drawer', n=4, seed=s)) for s in range(1, 6))
     assert len(data.expert_windows(d, 'open_drawer', n=10 ** 9)) == 9
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny real collection on the built-in desk (test preset: 2 episodes x 150 frames, a few seconds)
+# ----------------------------------------------------------------------------------------------------
+
+def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
+    pytest.importorskip('pybullet')
+    cfg = data.CollectConfig(**data.PRESETS['test'])
+    out = tmp_path / 'data'
+    rep = data.collect(cfg, out)
+    assert rep['frames'] == 2 * cfg.episode_len and sum(rep['counts'].values()) >= 2, rep
+    seen = 0
+    for split in ('training', 'validation'):
+        d = data.load_split(out / split, cfg.image_size)
+        assert len(d['frame_ids']) == cfg.episode_len and len(d['episodes']) == 1
+        assert np.abs(d['rel_actions']).max() <= 1 and set(np.unique(d['actions'][:, 6])) <= {-1.0, 1.0}
+        for w, task in zip(d['windows'], d['window_tasks']):
+            lab = data.success_labels(d, w)
+            assert lab[0] == 0 and lab[-1] == 1, (task, w, lab)     # end = a frame where the test holds
+            assert w[1] - w[0] + 1 <= cfg.max_window
+            seen += 1
+    assert seen == sum(rep['counts'].values())
+    before = data.load_split(out / 'validation', cfg.image_size)
+    last = data.frame_path(out / 'validation', 299)
+    last_before = data.read_frame(last)
+    # a run killed during episode 1: it is not in the progress file, a temp file is left behind
+    progress = json.loads((out / 'collect_progress.json').read_text())
+    del progress['1']
+    (out / 'collect_progress.json').write_text(json.dumps(progress))
+    (out / 'validation' / ('episode_0000150.npz' + data.TMP_TAG + '1')).write_bytes(b'PK\x03\x04')
+    rep2 = data.collect(cfg, out)                                      # redoes episode 1 only
+    assert rep2['frames'] == rep['frames'] and rep2['frames_per_s'] > 0
+    assert not [p for p in os.listdir(out / 'validation') if data.TMP_TAG in p]
+    after = data.load_split(out / 'validation', cfg.image_size)
+    np.testing.assert_array_equal(after['frame_ids'], before['frame_ids'])
+    np.testing.assert_array_equal(after['windows'], before['windows'])
+    for k, v in data.read_frame(last).items():                        # episodes depend on (seed, e) only
+        np.testing.assert_array_equal(v, last_before[k], err_msg=k)
+    # other settings in the same folder are refused, naming the settings file
+    with pytest.raises(DataError, match=r'collect_config.json: .*action_noise'):
+        data.collect(data.CollectConfig(**{**data.PRESETS['test'], 'action_noise': 0.5}), out)
