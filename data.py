@@ -33,12 +33,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
-import pickle
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,8 +479,8 @@ def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
 #
 #   episode e:  frames e*L .. e*L+L-1 (global ids), one continuous play segment, split = validation every
 #               val_every-th episode. Segments follow each other without reset:
-#     [ task skill | reach | task skill | pause | task skill | ... ]
-#       ^anchor      ^anchor                      each segment's first frame is its anchor
+#     [ task skill | home | task skill | reach | task skill | pause | ... ]   (home = back near the rest pose)
+#       ^anchor      ^anchor                                         each segment's first frame is its anchor
 #   annotation: whenever completed_tasks(anchor, frame t) gains a task, window = [max(anchor, t-max_window+1), t]
 #               (t = FIRST frame where the test holds; the window is kept only if the test also holds
 #               relative to the clipped start, otherwise it is counted as 'dropped')
@@ -500,11 +497,12 @@ class CollectConfig:
     seed: int = 0               # episode e is generated from (seed, e) alone: the same data for any #workers
     p_task: float = 0.85        # probability that a play segment is a scripted task (else a reach or a pause)
     p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
+    p_home: float = 0.5         # probability of a reach back near the rest pose after a task segment
     action_noise: float = 0.2   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
     speed_min: float = 0.6      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
     speed_max: float = 1.0      # (slow and fast operators)
     gain_min: float = 0.3       # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
-    gain_max: float = 0.6
+    gain_max: float = 0.6       # (gentle and brisk operators)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -512,7 +510,7 @@ class CollectConfig:
 
 PRESETS = {
     'paper': {},
-    'cpu': {'episodes': 80, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
+    'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
     'test': {'episodes': 2, 'episode_len': 150, 'val_every': 2, 'workers': 1, 'image_size': 32, 'gripper_size': 32,
              'p_task': 1.0},
 }
@@ -522,10 +520,17 @@ def episode_split(cfg: CollectConfig, e: int) -> str:
     return 'validation' if cfg.val_every and e % cfg.val_every == cfg.val_every - 1 else 'training'
 
 
-def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs):
-    """The next play segment: env.ScriptedSkill of a task possible now (p_task), else a pause or a random reach,
-    each with its own random speed and gain and the operator's action noise. -> (kind, skill)"""
+def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_kind, home):
+    """The next play segment: after a task, sometimes a reach back near the rest pose `home` (p_home; evaluation
+    and DiWA's imagined episodes start there); otherwise env.ScriptedSkill of a task possible now (p_task), a
+    pause or a random reach; each with its own random speed and gain and the operator's action noise.
+    -> (kind, skill)"""
     import env
+    speed, gain = rng.uniform(cfg.speed_min, cfg.speed_max), rng.uniform(cfg.gain_min, cfg.gain_max)
+    if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
+        target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
+        return 'home', env.ScriptedSkill('reach', rng, noise=cfg.action_noise, speed=speed, gain=gain,
+                                         reach_target=target)
     # tasks possible now; a part stuck between its two tests (e.g. drawer at 0.11: neither opening nor closing
     # can move it 0.12) is pushed back to 0 by its second task, which succeeds in no test but frees the part
     pairs = [env.TASKS[i:i + 2] for i in range(0, len(env.TASKS), 2)]
@@ -536,9 +541,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs):
         kind = str(rng.choice(options))
     else:
         kind = 'pause' if rng.random() < cfg.p_pause else 'reach'
-    skill = env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=rng.uniform(cfg.speed_min, cfg.speed_max),
-                              gain=rng.uniform(cfg.gain_min, cfg.gain_max))
-    return kind, skill
+    return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
@@ -548,7 +551,8 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
     split = episode_split(cfg, e)
     folder = Path(out_dir) / split
     start_id = e * cfg.episode_len
-    obs = desk.reset(seed=int(rng.integers(2 ** 31)))
+    obs = desk.reset(seed=int(rng.integers(2 ** 31)))                 # rest pose, random scene
+    home = obs['robot_obs'][:3].astype(np.float64)
     kind, skill, anchor, reported, seg_t = None, None, 0, set(), 0
     infos, windows, tasks = [], [], []
     stats = {'attempts': {}, 'skill_success': {}, 'dropped': 0}
@@ -565,7 +569,7 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
             if task == kind:
                 stats['skill_success'][task] = stats['skill_success'].get(task, 0) + 1
         if skill is None or skill.done or seg_t >= cfg.skill_timeout:
-            kind, skill = next_segment(cfg, rng, obs['scene_obs'])
+            kind, skill = next_segment(cfg, rng, obs['scene_obs'], kind, home)
             anchor, reported, seg_t = t, set(), 0
             if kind in env.TASKS and env.task_possible(kind, obs['scene_obs']):
                 stats['attempts'][kind] = stats['attempts'].get(kind, 0) + 1
