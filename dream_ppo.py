@@ -83,10 +83,11 @@ class FinetuneConfig:
 
 PRESETS = {
     'paper': {},
-    # 2-core CPU: more parallel episodes are cheap (one batch), so keep N large and T short;
-    # larger actor lr because we run ~10x fewer iterations than the paper.
-    'cpu': dict(n_envs=64, n_steps=18, iterations=150, update_epochs=5, batch_size=2048,
-                actor_lr=1e-4, critic_hidden=128, sim_workers=2),
+    # 2-core CPU (cpu presets of world_model/diffusion_policy: 512-d feature, K=20): 50 x 18 decisions and
+    # 4 epochs of 9000 samples = 20 gradient steps per iteration (paper: ~24); ~11 s per iteration on one
+    # busy core, so 150 iterations take ~30 min.  Larger actor lr: ~5x fewer iterations than the paper.
+    'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
+                critic_hidden=128, sim_workers=2),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
                  batch_size=16, critic_hidden=32, critic_layers=2, actor_lr=1e-3, sim_workers=2),
 }
@@ -368,8 +369,9 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
         b_bc_x_k, b_bc_x_prev = pre[b_row, b_i], pre[b_row, b_i + 1]
     stats = {k: [] for k in ('policy', 'bc', 'value', 'approx_kl', 'clipfrac', 'ratio')}
     stopped = 0
+    cpu_gen = generator if generator is not None and generator.device.type == 'cpu' else None
     for epoch in range(cfg.update_epochs):
-        perm = torch.randperm(M, generator=generator, device='cpu').to(feat.device)
+        perm = torch.randperm(M, generator=cpu_gen).to(feat.device)
         for s in range(0, M, Bm):
             mb = perm[s:s + Bm]
             mb_feat, mb_k = feat[b_row[mb]], b_k[mb]
@@ -418,7 +420,7 @@ def rollout_metrics(buffer: dict) -> dict:
 
 def _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator):
     buffer['rewards_raw'] = buffer['rewards']
-    if scaler is not None:
+    if scaler is not None and cfg.reward_scaling:
         buffer = dict(buffer, rewards=scaler(buffer['rewards'], buffer['dones']))
     train_actor = counters['iteration'] >= cfg.critic_warmup
     metrics = update(actor, critic, policy_pre, buffer, opts, cfg, alpha_bc_for(task, cfg), train_actor, generator)
@@ -454,8 +456,12 @@ def _sim_worker(conn, n, image_size, seed):
             for i, robot_obs, scene_obs in arg:
                 out.append((envs[i].reset(robot_obs=robot_obs, scene_obs=scene_obs), envs[i].get_info()))
             conn.send(out)
-        elif cmd == 'step':  # arg: (n, 7) actions
-            conn.send([(env.step(a)[0], env.get_info()) for env, a in zip(envs, arg)])
+        elif cmd == 'step':  # arg: (n, 7) actions -> (obs, info) per env
+            out = []
+            for env, a in zip(envs, arg):
+                obs, _, _, info = env.step(a)
+                out.append((obs, info))
+            conn.send(out)
         elif cmd == 'close':
             for env in envs:
                 getattr(env, 'close', lambda: None)()
@@ -522,7 +528,7 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
     def start(ids):
         obs, infos = sims.reset(ids, [sample_task_start(task, rng) for _ in ids])
         post, _ = wm.obs_step(wm.initial(len(ids)), torch.zeros(len(ids), Da, device=device),
-                              preprocess_obs(obs, S, device))
+                              preprocess_obs(obs, S, device), sample=False)  # mode, as featurize for BC
         return {'h': post['h'], 'z': post['z']}, infos
 
     state, start_info = start(list(range(N)))
@@ -535,7 +541,7 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
         success = torch.zeros(N, dtype=torch.bool, device=device)
         for j in range(actions.shape[1]):
             obs, infos = sims.step(actions[:, j].cpu().numpy())
-            post, _ = wm.obs_step(state, actions[:, j], preprocess_obs(obs, S, device))
+            post, _ = wm.obs_step(state, actions[:, j], preprocess_obs(obs, S, device), sample=False)
             state = {'h': post['h'], 'z': post['z']}
             success |= torch.tensor([task_success(task, s, i) for s, i in zip(start_info, infos)], device=device)
         ep_len += 1

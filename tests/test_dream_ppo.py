@@ -298,7 +298,7 @@ def test_iterations_end_to_end_with_stand_ins(kind):
     assert m['charts/alpha_bc'] == 0.10
 
 
-def test_iterations_with_real_world_model_test_preset():
+def test_iterations_with_real_modules_test_presets():
     from world_model import PRESETS as WM_PRESETS, WMConfig, WorldModel
     torch.manual_seed(0)
     wm = WorldModel(WMConfig(**WM_PRESETS['test'])).requires_grad_(False)
@@ -311,17 +311,39 @@ def test_iterations_with_real_world_model_test_preset():
     assert pool['h'].shape == (B, wm.cfg.deter) and pool['z'].shape == (B, wm.feat_dim - wm.cfg.deter)
     pre = DiffusionPolicy(wm.feat_dim, BCConfig(**BC_PRESETS['test']))
     actor, critic = dp.make_actor(pre), dp.make_critic(wm.feat_dim, TEST)
-    clf = ToyReward(wm.feat_dim).requires_grad_(False)
+    from reward import PRESETS as R_PRESETS, RewardClassifier, RewardConfig
+    clf = RewardClassifier(wm.feat_dim, RewardConfig(**R_PRESETS['test'])).requires_grad_(False)
     opts, counters = dp.make_optimizers(actor, critic, TEST), dp.new_counters()
     for _ in range(2):
         m = dp.iteration(wm, pre, actor, critic, clf, opts, dp.RunningRewardScaler(TEST.gamma), pool,
                          'close_drawer', TEST, counters)
     assert counters['sim_steps'] == 0 and counters['imagined_steps'] == 2 * TEST.n_envs * TEST.n_steps * 4
     assert all(math.isfinite(v) for v in m.values())
-    assert all(p.grad is None for p in wm.parameters())
+    assert all(p.grad is None for p in list(wm.parameters()) + list(clf.parameters()))
 
 
 def test_imagination_path_imports_no_simulator():
     code = ('import sys, dream_ppo; assert "env" not in sys.modules and "pybullet" not in sys.modules, '
             'sorted(m for m in sys.modules if "bullet" in m or m == "env")')
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
+def test_dppo_baseline_counts_simulator_steps():
+    """The same update driven by the built-in desk (2 simulator processes): reward = the simulator's success
+    test, episodes restart on success or timeout, every control step is counted."""
+    from world_model import PRESETS as WM_PRESETS, WMConfig, WorldModel
+    torch.manual_seed(0)
+    wm = WorldModel(WMConfig(**WM_PRESETS['test'])).requires_grad_(False)
+    pre = DiffusionPolicy(wm.feat_dim, BCConfig(**BC_PRESETS['test']))
+    actor, critic = dp.make_actor(pre), dp.make_critic(wm.feat_dim, TEST)
+    cfg = replace(TEST, n_envs=2, n_steps=3, max_episode_steps=2, sim_workers=2)
+    sims = dp.SimPool(cfg.n_envs, cfg.sim_workers, wm.cfg.image_size, seed=0)
+    try:
+        counters = dp.new_counters()
+        m = dp.dppo_iteration(sims, wm, pre, actor, critic, dp.make_optimizers(actor, critic, cfg),
+                              dp.RunningRewardScaler(cfg.gamma), 'open_drawer', cfg, counters, np.random.default_rng(0))
+    finally:
+        sims.close()
+    assert counters['sim_steps'] == cfg.n_steps * cfg.n_envs * 4 and counters['imagined_steps'] == 0
+    assert m['charts/episodes'] >= cfg.n_envs  # every episode ends by decision max_episode_steps
+    assert all(math.isfinite(v) for v in m.values())
