@@ -703,6 +703,113 @@ class CalvinEnvAdapter:
         return set(self.tasks.get_task_info(start_info, info))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Many desks at once: evaluation and the DPPO baseline step a batch of simulators, while the world
+# model and the policy run batched in the parent. Desks live in worker processes (one pybullet client
+# each); workers=0 keeps them in this process (tests, debugging).
+# ----------------------------------------------------------------------------------------------------
+
+def _make_env(kind: str, seed: int, env_kwargs: dict):
+    if kind == 'calvin':
+        return CalvinEnvAdapter(seed=seed)            # CALVIN renders at its own resolution (200 / 84)
+    return DeskEnv(seed=seed, **env_kwargs)
+
+
+def _vec_worker(conn, kind: str, n: int, seed: int, env_kwargs: dict) -> None:
+    """Own `n` desks; answer ('reset', states) / ('step', (actions, active)) / ('close', None)."""
+    envs = [_make_env(kind, seed + i, env_kwargs) for i in range(n)]
+    try:
+        while True:
+            cmd, payload = conn.recv()
+            if cmd == 'reset':
+                conn.send([e.reset(robot_obs=r, scene_obs=s) for e, (r, s) in zip(envs, payload)])
+            elif cmd == 'step':
+                actions, active = payload
+                conn.send([e.step(a)[0] if on else None for e, a, on in zip(envs, actions, active)])
+            elif cmd == 'close':
+                break
+    finally:
+        for e in envs:
+            e.close()
+        conn.close()
+
+
+class VecDeskEnv:
+    """`n` desks split over `workers` processes. Lists in, lists out, in env order.
+
+        venv = VecDeskEnv(8, workers=2, image_size=64)         # kind='calvin': the real simulator
+        obs = venv.reset(states)                 # states: list of (robot_obs (15,), scene_obs (24,))
+        obs = venv.step(actions, active)         # actions (n, 7); inactive desks are not stepped -> None
+    """
+
+    def __init__(self, n: int, workers: int = 2, seed: int = 0, kind: str = 'desk', **env_kwargs):
+        self.n = n
+        self.workers = min(workers, n)
+        if self.workers == 0:
+            self.envs = [_make_env(kind, seed + i, env_kwargs) for i in range(n)]
+            return
+        import multiprocessing as mp
+        ctx = mp.get_context('fork')            # no pybullet client exists in the parent: forking is safe
+        sizes = [n // self.workers + (w < n % self.workers) for w in range(self.workers)]
+        self.splits = np.cumsum([0] + sizes)
+        self.conns, self.procs = [], []
+        for w in range(self.workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_vec_worker, args=(child, kind, sizes[w], seed + int(self.splits[w]), env_kwargs),
+                               daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def _call(self, cmd: str, payloads: list) -> list:
+        for w, conn in enumerate(self.conns):
+            conn.send((cmd, payloads[w]))
+        return [o for conn in self.conns for o in conn.recv()]
+
+    def _split(self, seq) -> list:
+        return [seq[self.splits[w]:self.splits[w + 1]] for w in range(self.workers)]
+
+    def reset(self, states: list) -> list:
+        if self.workers == 0:
+            return [e.reset(robot_obs=r, scene_obs=s) for e, (r, s) in zip(self.envs, states)]
+        return self._call('reset', self._split(list(states)))
+
+    def step(self, actions, active=None) -> list:
+        actions = np.asarray(actions, dtype=np.float64)
+        active = np.ones(self.n, bool) if active is None else np.asarray(active, bool)
+        if self.workers == 0:
+            return [e.step(a)[0] if on else None for e, a, on in zip(self.envs, actions, active)]
+        return self._call('step', [(a, m) for a, m in zip(self._split(actions), self._split(active))])
+
+    def close(self) -> None:
+        if self.workers == 0:
+            for e in self.envs:
+                e.close()
+            return
+        for conn in self.conns:
+            try:
+                conn.send(('close', None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size: int = 64) -> VecDeskEnv:
+    """n simulators of `kind` ('desk' = the built-in desk, 'calvin' = the real calvin_env, in this process)."""
+    if kind == 'calvin':
+        return VecDeskEnv(n, workers=0, seed=seed, kind='calvin')
+    if kind != 'desk':
+        raise ValueError(f"unknown simulator {kind!r}; use 'desk' or 'calvin'")
+    return VecDeskEnv(n, workers=workers, seed=seed, image_size=image_size)
+
+
 # ---------------------------------------------------------------- command line: skills table, renders
 
 def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True):
