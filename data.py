@@ -356,11 +356,15 @@ def _load_cache(cdir: Path, fingerprint: str, n: int, size: int):
 def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fingerprint: str, workers: int):
     """Read every listed frame once (N worker processes), write one .npy per array, meta.json last."""
     from tqdm import tqdm
-    cdir.mkdir(exist_ok=True)
-    (cdir / 'meta.json').unlink(missing_ok=True)                          # invalid until rebuilt
     N, tag = len(frame_ids), f'{TMP_TAG}{os.getpid()}'
     tmp = {k: cdir / f'{k}.npy{tag}' for k in CACHE_KEYS}
-    arrays = {k: np.lib.format.open_memmap(tmp[k], 'w+', CACHE_KEYS[k], (N, size, size, 3)) for k in IMAGE_KEYS}
+    try:
+        cdir.mkdir(exist_ok=True)
+        (cdir / 'meta.json').unlink(missing_ok=True)                      # invalid until rebuilt
+        arrays = {k: np.lib.format.open_memmap(tmp[k], 'w+', CACHE_KEYS[k], (N, size, size, 3)) for k in IMAGE_KEYS}
+    except OSError as e:
+        raise DataError(f'{cdir}: cannot write the frame cache ({_one_line(e)}); make the split folder writable '
+                        'or copy the dataset') from None
     arrays.update({k: np.zeros((N, FRAME_SHAPES[k][0]), CACHE_KEYS[k]) for k in FRAME_SHAPES})
     chunk = 256
     jobs = [(str(folder), frame_ids[i:i + chunk], size) for i in range(0, N, chunk)]
@@ -511,7 +515,7 @@ class CollectConfig:
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
-    'test': {'episodes': 2, 'episode_len': 150, 'val_every': 2, 'workers': 1, 'image_size': 32, 'gripper_size': 32,
+    'test': {'episodes': 2, 'episode_len': 150, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'p_task': 1.0},
 }
 
