@@ -25,8 +25,11 @@ CALVIN split folder (one per split, 'training' / 'validation'):
   ep_start_end_ids.npy            (E, 2) inclusive frame ids of contiguous segments (gaps between them allowed)
   lang_annotations/auto_lang_ann.npy   pickled dict: ['info']['indx'] [(start, end)] frame ids,
                                        ['language']['task'|'ann'|'emb'] per window
-  cache_<S>/                      ours: one .npy per array at image size S + meta.json (rebuilt when the index
-                                  files change); images are memory-mapped
+  cache_<S>/                      ours: one .npy per array at image size S + meta.json, images memory-mapped;
+                                  rebuilt when ep_start_end_ids.npy or the frames change (annotations are
+                                  re-read on every load)
+collect(cfg, out_dir) also keeps out_dir/collect_config.json (settings) and collect_progress.json (finished
+episodes with their windows) to resume an interrupted collection.
 """
 from __future__ import annotations
 
