@@ -587,17 +587,19 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
         # CALVIN's absolute action: the TCP target pose the relative action produced, and the gripper command
         frame['actions'] = np.concatenate([desk.target_pos, desk.target_euler, [1.0 if a[6] >= 0 else -1.0]])
         write_frame(folder, start_id + t, frame, compress=cfg.compress)
+        if _PARENT is not None and t % 100 == 0 and os.getppid() != _PARENT:
+            raise SystemExit('collect: parent process is gone, worker stops')   # killed run: no orphans
     return {'episode': e, 'split': split, 'start': start_id, 'end': start_id + cfg.episode_len - 1,
             'windows': [list(w) for w in windows], 'tasks': tasks, **stats}
 
 
-_DESK = None                                        # one DeskEnv per worker process
+_DESK, _PARENT = None, None                         # one DeskEnv per worker process; the collecting process
 
 
-def _worker_init(cfg: CollectConfig) -> None:
-    global _DESK
+def _worker_init(cfg: CollectConfig, parent: int | None = None) -> None:
+    global _DESK, _PARENT
     import env
-    _DESK = env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True)
+    _DESK, _PARENT = env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True), parent
 
 
 def _worker_episode(job) -> dict:
@@ -646,7 +648,7 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     bar = tqdm(total=len(todo) * cfg.episode_len, unit='frame', desc='collect', smoothing=0.1)
     jobs = [(cfg, e, str(out)) for e in todo]
     if cfg.workers > 1 and len(todo) > 1:
-        with mp.get_context('fork').Pool(cfg.workers, initializer=_worker_init, initargs=(cfg,)) as pool:
+        with mp.get_context('fork').Pool(cfg.workers, initializer=_worker_init, initargs=(cfg, os.getpid())) as pool:
             for summary in pool.imap_unordered(_worker_episode, jobs):
                 finish(summary)
                 bar.update(cfg.episode_len)
