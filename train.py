@@ -200,11 +200,13 @@ def pick_device(name: str) -> torch.device:
 
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
-               extra: dict | None = None, log_every: int = 1, quiet: bool = False) -> dict:
+               extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
     objects: {'model': nn.Module, 'optim': Optimizer, ...} — everything with state_dict()/load_state_dict()
     that defines the run's state; saved under the same names. Returns the final checkpoint dict.
+    snapshot_every > 0 also keeps the model weights every that many steps in <path>_snapshots/step<N>.pt
+    (small: model only), for curves of real success during training (Fig. 3).
     """
     from tqdm import tqdm
 
@@ -249,6 +251,10 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
             log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
         if 'loss' in metrics:
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+        if snapshot_every and (step + 1) % snapshot_every == 0:
+            atomic_torch_save({'stage': stage, 'task': task, 'step': step + 1, 'key': key, 'config': config,
+                               'model': objects['model'].state_dict(), 'extra': extra or {}},
+                              os.path.join(os.path.splitext(path)[0] + '_snapshots', f'step{step + 1}.pt'))
         if (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
             save(step + 1, metrics, done=False)
     if start >= n_steps and ckpt is not None:
@@ -404,15 +410,16 @@ def stage_bc(args, device, task: str) -> dict:
     steps_per_epoch = max(1, math.ceil(N / cfg.batch))
     n_steps = cfg.epochs * steps_per_epoch
     policy = D.make_policy(wm.feat_dim, cfg).to(device)
-    opt, sched = D.make_optimizer(policy, cfg, n_steps)
-    ema = D.EMA(policy, cfg.ema_decay)
+    opt = D.make_optimizer(policy, cfg)
+    sched = D.make_scheduler(opt, cfg, n_steps)                          # cosine 1e-4 -> 1e-5 (Tab. S.3)
+    ema = D.make_ema(policy, cfg)
     gen = torch.Generator(device='cpu').manual_seed(args.seed)
     print(f'[bc/{task}] {demos["windows"].shape[0]} demos, {N} (latent, chunk) pairs, {n_steps} steps')
 
     def step_fn(step):
         idx = torch.randint(0, N, (min(cfg.batch, N),), generator=gen)
-        epoch = step // steps_per_epoch
-        return D.update_bc(policy, opt, sched, ema, b_x0[idx], b_cond[idx], epoch=epoch, step=step)
+        return D.update_bc(policy, opt, ema, {'actions': b_x0[idx], 'cond': b_cond[idx]},
+                           epoch=step // steps_per_epoch, sched=sched)
 
     return train_loop(stage='bc', task=task, path=os.path.join(args.run, task, 'bc.pt'),
                       config=dataclasses.asdict(cfg), upstream=[demos['key']],
@@ -421,8 +428,9 @@ def stage_bc(args, device, task: str) -> dict:
                       extra={'cond_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
 
 
-def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc', use_ema: bool = True):
-    """A policy checkpoint of `stage` for `task`, checked against the world model's latent size."""
+def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
+    """The policy of a checkpoint (the EMA weights of a BC checkpoint), checked against the world model's
+    latent size: a policy only makes sense on the latents it was trained on."""
     import diffusion_policy as D
     ckpt = load_checkpoint(path, stage, task)
     cond_dim = ckpt['extra'].get('cond_dim')
@@ -431,11 +439,8 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc', 
                          f'{feat_dim}-d features (checkpoints from different runs?)')
     cfg = D.BCConfig(**ckpt['extra'].get('bc_config', ckpt['config']))
     policy = D.make_policy(cond_dim, cfg).to(device)
-    state = ckpt['ema'] if (use_ema and ckpt.get('ema')) else ckpt['model']
-    if use_ema and 'shadow' in state:        # EMA stored as its own module state
-        state = state['shadow']
-    policy.load_state_dict(state)
-    return policy.eval(), ckpt
+    policy.load_state_dict(ckpt['ema']['model'] if stage == 'bc' else ckpt['model'])
+    return policy.eval().requires_grad_(False), ckpt
 
 
 def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int) -> torch.Tensor:
@@ -499,6 +504,137 @@ def stage_reward(args, device, task: str) -> dict:
     return ckpt
 
 
+def load_reward(args, task: str, feat_dim: int, device):
+    """The task's latent success classifier C_psi, checked against the world model's latent size."""
+    import reward as R
+    path = os.path.join(args.run, task, 'reward.pt')
+    ckpt = load_checkpoint(path, 'reward', task)
+    if ckpt['extra'].get('feat_dim') != feat_dim:
+        raise StageError(f"{path}: classifier of {ckpt['extra'].get('feat_dim')}-d latents, world model gives {feat_dim}-d")
+    clf = R.RewardClassifier(feat_dim, R.RewardConfig(**ckpt['config'])).to(device)
+    clf.load_state_dict(ckpt['model'])
+    return clf.eval().requires_grad_(False), ckpt
+
+
+@torch.no_grad()
+def start_pool(args, wm, task: str, device, n: int = 1024) -> dict:
+    """Imagined episodes start from recorded play frames where the task's precondition holds (e.g. drawer
+    closed for open_drawer), each encoded alone from a fresh state as the evaluation encodes its first frame.
+    No simulator is created: the pool is read from the dataset."""
+    import data
+    import dream_ppo as P
+    import env
+    split = data.load_split(os.path.join(data_root(args), 'training'), wm.cfg.image_size)
+    possible = np.flatnonzero([env.task_possible(task, s) for s in split['scene_obs']])
+    if len(possible) == 0:
+        raise StageError(f'finetune/{task}: no recorded frame where the task is possible')
+    rows = np.random.default_rng(args.seed).choice(possible, min(n, len(possible)), replace=False)[:, None]  # (n, 1)
+    pool = []
+    for i in range(0, len(rows), 256):
+        batch = {k: split[k][rows[i:i + 256]] for k in data.SEQ_KEYS}
+        pool.append(P.encode_start_pool(wm, data.to_torch(batch, device)))
+    return {k: torch.cat([p[k] for p in pool]) for k in ('h', 'z')}
+
+
+class StateBox:
+    """Plain-dict state (counters, a torch.Generator) behind the state_dict interface train_loop saves."""
+
+    def __init__(self, counters: dict | None = None, generator: torch.Generator | None = None):
+        self.counters, self.generator = counters, generator
+
+    def state_dict(self):
+        return {'counters': dict(self.counters or {}),
+                'generator': self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, d):
+        if self.counters is not None:
+            self.counters.update(d['counters'])
+        if self.generator is not None and d['generator'] is not None:
+            self.generator.set_state(d['generator'])
+
+
+def finetuned_checkpoints(args, task: str, seed: int) -> dict:
+    """Policy name (results.csv) -> checkpoint path, for the fine-tuned policies of a task and seed."""
+    names = {'diwa': f'diwa_s{seed}.pt', 'dppo': f'dppo_s{seed}.pt'}
+    return {k: os.path.join(args.run, task, v) for k, v in names.items()
+            if os.path.isfile(os.path.join(args.run, task, v))}
+
+
+def load_finetuned_actor(ckpt: dict, policy_pre, device):
+    """The fine-tuned copy pi_theta stored in a finetune/dppo checkpoint (same architecture as pi_pre)."""
+    import copy
+    actor = copy.deepcopy(policy_pre)
+    actor.load_state_dict(ckpt['model'])
+    return actor.eval().requires_grad_(False)
+
+
+def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) -> dict:
+    """DiWA (Alg. 1): PPO on the diffusion policy inside the frozen world model, reward from the classifier,
+    0 simulator steps. With simulator=True: the DPPO baseline, the same update driven by the built-in desk."""
+    import dream_ppo as P
+    stage = 'dppo' if simulator else 'finetune'
+    cfg = build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft')
+    print_config(stage, cfg)
+    seed_everything(seed)
+    wm, wm_ckpt = load_world_model(args, device)
+    policy_pre, bc_ckpt = load_policy(os.path.join(args.run, task, 'bc.pt'), task, wm.feat_dim, device)
+    actor = P.make_actor(policy_pre)
+    critic = P.make_critic(wm.feat_dim, cfg).to(device)
+    opts = P.make_optimizers(actor, critic, cfg)
+    scaler = P.RunningRewardScaler(cfg.gamma)
+    counters = P.new_counters()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    upstream = [wm_ckpt['key'], bc_ckpt['key']]
+    name = f"{'dppo' if simulator else 'diwa'}_s{seed}"
+    if simulator:
+        import env
+        rng = np.random.default_rng(seed)
+        sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
+        step = lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg, counters,
+                                           rng, gen, device)
+    else:
+        clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
+        pool = start_pool(args, wm, task, device)
+        upstream.append(rw_ckpt['key'])
+        step = lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters, gen)
+    extra = {'cond_dim': wm.feat_dim, 'bc_config': bc_ckpt['config'], 'alpha_bc': P.alpha_bc_for(task, cfg)}
+    try:
+        ckpt = train_loop(stage=stage, task=task, path=os.path.join(args.run, task, f'{name}.pt'),
+                          config=dataclasses.asdict(cfg), upstream=upstream + [seed],
+                          objects={'model': actor, 'critic': critic, 'optim_actor': opts['actor'],
+                                   'optim_critic': opts['critic'], 'scaler': scaler, 'state': StateBox(counters, gen)},
+                          step_fn=step, n_steps=cfg.iterations,
+                          ckpt_every=args.ckpt_every or max(1, cfg.iterations // 10), force=args.force,
+                          extra=extra, snapshot_every=max(1, cfg.iterations // args.snapshots) if args.snapshots else 0)
+    finally:
+        if simulator:
+            sims.close()
+    state = ckpt['state']['counters']
+    print(f"[{stage}/{task}] seed {seed}: {state.get('iteration')} iterations, {state.get('imagined_steps')} imagined "
+          f"steps, {state.get('sim_steps')} simulator steps")
+    return ckpt
+
+
+def stage_dppo(args, device, task: str, seed: int) -> dict:
+    return stage_finetune(args, device, task, seed, simulator=True)
+
+
+def stage_all(args, device, tasks: list) -> None:
+    """Everything missing, in Algorithm 1's order; each stage skips itself when its checkpoint is done and was
+    made with the same settings and inputs (train_loop compares keys), so a re-run of a finished run is fast."""
+    import eval as E
+    if not args.data:           # with --data the user brings the dataset (e.g. real CALVIN)
+        stage_collect(args)        # resumable: finished episodes are kept
+    stage_wm(args, device)
+    for task in tasks:
+        stage_bc(args, device, task)
+        stage_reward(args, device, task)
+        for seed in args.seeds:
+            stage_finetune(args, device, task, seed)
+            run_args = argparse.Namespace(**{**vars(args), 'seed': seed})
+            E.evaluate_stage(run_args, device, task)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -508,8 +644,8 @@ STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all']
 
 def config_classes() -> dict:
     """prefix -> (dataclass, presets) of every stage; imported here so that `--help` lists every field."""
-    import data, diffusion_policy, dream_ppo, reward, world_model
-    return {'collect': (data.CollectConfig, data.PRESETS), 'wm': (world_model.WMConfig, world_model.PRESETS),
+    import data, diffusion_policy, dream_ppo, eval, reward, world_model
+    return {'eval': (eval.EvalConfig, eval.PRESETS),'collect': (data.CollectConfig, data.PRESETS), 'wm': (world_model.WMConfig, world_model.PRESETS),
             'bc': (diffusion_policy.BCConfig, diffusion_policy.PRESETS),
             'reward': (reward.RewardConfig, reward.PRESETS), 'ft': (dream_ppo.FinetuneConfig, dream_ppo.PRESETS)}
 
@@ -532,8 +668,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
     p.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval in steps (0 = about 1/20 of the stage)')
     p.add_argument('--demos', type=int, default=50, help='expert demonstrations per task (paper: N = 50, Tab. S.3)')
+    p.add_argument('--snapshots', type=int, default=5, help='policy snapshots kept during fine-tuning (Fig. 3)')
     p.add_argument('--post-success-frames', type=int, default=16,
                    help='frames after a demo succeeds that still count as success examples for the classifier')
+    p.add_argument('--env', choices=['desk', 'calvin'], default='desk', help='simulator for eval: the built-in desk '
+                   'or the real calvin_env (installed separately)')
     for prefix, (cls, _) in config_classes().items():
         add_config_flags(p, prefix, cls)
     return p
@@ -551,7 +690,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         p.error(f'--tasks: unknown task(s) {", ".join(bad)}; choose from {", ".join(TASKS)} or all')
-    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames'):
+    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames', 'snapshots'):
         if getattr(args, name) < 0:
             p.error(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
     if args.demos == 0:

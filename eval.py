@@ -1,0 +1,253 @@
+"""Evaluation in the simulator: paper §IV (Table I, Fig. 2, Fig. 3), S.5-S.7.
+
+Every claim of the project is a success rate measured here, in the built-in desk (or the real CALVIN
+simulator with --env calvin), never in the world model:
+
+    for each episode (task-specific start state where the task is possible, same states for every policy):
+        x_0 = reset(start)                      -> z_0 = posterior(h_0, x_0)        (world_model.obs_step)
+        repeat 18 times (72 control steps):     chunk a_t..a_{t+3} = policy(z_t), deterministic denoising
+            execute each action (gripper thresholded at 0, S.3.1), update the posterior with every frame,
+            stop at the simulator's success test (REFERENCE §2)
+
+    python eval.py --task open_drawer --policy base diwa --episodes 100 --seed 0
+    python eval.py --task open_drawer --scripted            # the scripted skills through the same loop
+    python eval.py --task open_drawer --env calvin          # the real calvin_env, if installed
+
+Rows are appended to <run>/results.csv: one row per (task, policy, seed) with successes and a 95% interval.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 100        # episodes per task and seed (§IV)
+    max_decisions: int = 18    # policy decisions per episode: 18 chunks x Ta=4 = 72 control steps (REFERENCE §2)
+    envs: int = 20             # desks stepped in parallel per batch of episodes
+    workers: int = 2           # simulator processes (0 = in this process)
+
+
+PRESETS = {'paper': {}, 'cpu': {}, 'test': {'episodes': 4, 'envs': 4, 'workers': 0}}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate k/n (good also near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def task_starts(task: str, n: int, seed: int) -> list:
+    """n start states (robot_obs, scene_obs) where `task` is possible; the same for every policy at a seed,
+    so base and fine-tuned policies are compared on identical episodes."""
+    import env
+    rng = np.random.default_rng([seed, env.TASKS.index(task), 1234])
+    return [env.sample_task_start(task, rng) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Agents: map (control step, observations, latent features) -> actions (B, 7) for the active desks.
+# ----------------------------------------------------------------------------------------------------
+
+class ChunkAgent:
+    """Any policy that outputs action chunks from latents (diffusion or Gaussian): one decision every Ta steps."""
+
+    def __init__(self, policy, Ta: int = 4, deterministic: bool = True, generator=None):
+        self.policy, self.Ta, self.deterministic, self.generator = policy, Ta, deterministic, generator
+        self.chunk = None
+
+    @torch.no_grad()
+    def __call__(self, t: int, obs: list, feat: torch.Tensor) -> np.ndarray:
+        if t % self.Ta == 0:   # new decision: denoise a fresh chunk from z_t
+            chain = self.policy.sample(feat, deterministic=self.deterministic, generator=self.generator)
+            self.chunk = chain[:, -1].float().cpu().numpy()            # (B, Tp, 7)
+        return self.chunk[:, t % self.Ta]
+
+
+class ScriptedAgent:
+    """The scripted skills (env.ScriptedSkill) driven through the same loop: a check of the loop itself."""
+
+    def __init__(self, task: str, n: int, seed: int):
+        import env
+        rng = np.random.default_rng(seed)
+        self.skills = [env.ScriptedSkill(task, rng) for _ in range(n)]
+
+    def __call__(self, t: int, obs: list, feat) -> np.ndarray:
+        return np.stack([s.act(o) if o is not None else np.zeros(7) for s, o in zip(self.skills, obs)])
+
+
+@torch.no_grad()
+def run_episodes(make_agent, task: str, starts: list, cfg: EvalConfig, wm=None, device='cpu',
+                 image_size: int = 64, seed: int = 0, env_kind: str = 'desk') -> dict:
+    """Run one episode from each start state; returns {'success': (n,) bool, 'steps': (n,) int, 'sim_steps'}.
+
+    make_agent(B) -> agent(t, obs_list, feat (B, F) or None) -> actions (B, 7). With a world model, the
+    posterior is filtered from every real frame: s_0 = q(h_0, x_0), s_{t+1} = q(f(s_t, a_t), x_{t+1}).
+    """
+    import data
+    import env
+    n, T = len(starts), cfg.max_decisions * 4
+    success, steps = np.zeros(n, bool), np.full(n, T)
+    sim_steps = 0
+    for lo in range(0, n, cfg.envs):
+        batch = starts[lo:lo + cfg.envs]
+        B = len(batch)
+        venv = env.make_vec_env(env_kind, B, workers=cfg.workers, seed=seed + lo, image_size=image_size)
+        try:
+            obs = venv.reset(batch)
+            start_info = [{'robot_obs': o['robot_obs'].copy(), 'scene_obs': o['scene_obs'].copy()} for o in obs]
+            agent = make_agent(B)
+            active = np.ones(B, bool)
+            state, feat = None, None
+            prev_action = torch.zeros(B, 7, device=device)
+            last_obs = list(obs)
+            for t in range(T):
+                if wm is not None:   # posterior filter over the newest real frame of every desk
+                    x = data.preprocess_obs(last_obs, image_size=wm.cfg.image_size, device=device)
+                    state = wm.initial(B) if state is None else state
+                    state, _ = wm.obs_step(state, prev_action, x, sample=False)   # mode, as featurize
+                    feat = wm.feature(state)
+                actions = np.clip(np.asarray(agent(t, [o if a else None for o, a in zip(last_obs, active)], feat),
+                                          dtype=np.float64), -1, 1)
+                actions[:, 6] = np.where(actions[:, 6] >= 0, 1.0, -1.0)     # S.3.1: gripper thresholded at 0
+                obs = venv.step(actions, active)
+                sim_steps += int(active.sum())
+                for i in np.nonzero(active)[0]:
+                    last_obs[i] = obs[i]
+                    if env.task_success(task, start_info[i], {'scene_obs': obs[i]['scene_obs'],
+                                                              'robot_obs': obs[i]['robot_obs']}):
+                        success[lo + i], steps[lo + i], active[i] = True, t + 1, False
+                prev_action = torch.as_tensor(actions, dtype=torch.float32, device=device)
+                if not active.any():
+                    break
+        finally:
+            venv.close()
+    return {'success': success, 'steps': steps, 'sim_steps': sim_steps}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: one csv row per (task, policy, seed); results.md and figures are built from these rows.
+# ----------------------------------------------------------------------------------------------------
+
+RESULT_FIELDS = ['task', 'policy', 'seed', 'episodes', 'successes', 'success', 'ci_low', 'ci_high',
+                 'mean_steps', 'sim_steps_finetune', 'preset', 'env', 'ckpt_key', 'commit', 'wall_s']
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def read_results(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_result(path: str, row: dict) -> None:
+    """Replace the row of the same (task, policy, seed, env) or append it; atomic rewrite of the file."""
+    rows = [r for r in read_results(path)
+            if (r['task'], r['policy'], str(r['seed']), r.get('env', 'desk')) !=
+            (row['task'], row['policy'], str(row['seed']), row.get('env', 'desk'))]
+    rows.append({k: row.get(k, '') for k in RESULT_FIELDS})
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def summarize(task: str, policy: str, seed: int, out: dict, t0: float, **extra) -> dict:
+    k, n = int(out['success'].sum()), len(out['success'])
+    lo, hi = wilson_interval(k, n)
+    row = {'task': task, 'policy': policy, 'seed': seed, 'episodes': n, 'successes': k,
+           'success': round(k / max(n, 1), 4), 'ci_low': round(lo, 4), 'ci_high': round(hi, 4),
+           'mean_steps': round(float(out['steps'].mean()), 1), 'commit': git_commit(),
+           'wall_s': round(time.time() - t0, 1), **extra}
+    print(f"[eval] {task:>18s} {policy:>10s} seed {seed}: {k}/{n} = {100 * k / max(n, 1):5.1f}% "
+          f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}), {row['wall_s']} s")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluating the checkpoints of a run
+# ----------------------------------------------------------------------------------------------------
+
+def policy_agent_factory(policy_pre, actor=None, K_ft: int = 0, Ta: int = 4, seed: int = 0):
+    """make_agent(B) for a pre-trained policy, or for DiWA's pair (frozen first K-K' steps, fine-tuned last K')."""
+    gen = torch.Generator(device=next(policy_pre.parameters()).device).manual_seed(seed)
+
+    class _Pair(torch.nn.Module):  # sample() of the pair = the fine-tuned policy that DiWA deploys
+        def sample(self, feat, deterministic=True, generator=None):
+            return policy_pre.sample(feat, deterministic=deterministic, ft_policy=actor, K_ft=K_ft if actor else 0,
+                                     generator=generator)
+    return lambda B: ChunkAgent(_Pair(), Ta=Ta, deterministic=True, generator=gen)
+
+
+def already_done(results_path: str, task: str, policy: str, seed: int, key: str, episodes: int, env_kind: str) -> bool:
+    return any(r['task'] == task and r['policy'] == policy and str(r['seed']) == str(seed) and r['ckpt_key'] == key
+               and int(r['episodes']) == episodes and r.get('env', 'desk') == env_kind
+               for r in read_results(results_path))
+
+
+def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str = 'desk', policies=None) -> list:
+    """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = bc.pt, diwa =
+    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet."""
+    import train as TR
+    wm, wm_ckpt = TR.load_world_model(args, device)
+    results_path = os.path.join(args.run, 'results.csv')
+    base_path = os.path.join(args.run, task, 'bc.pt')
+    policy_pre, bc_ckpt = TR.load_policy(base_path, task, wm.feat_dim, device)
+    candidates = {'base': (bc_ckpt, None, 0)}
+    for name, ckpt_path in TR.finetuned_checkpoints(args, task, args.seed).items():
+        ck = TR.load_checkpoint(ckpt_path, ckpt_path_stage(name), task)
+        if ck.get('done'):
+            actor = TR.load_finetuned_actor(ck, policy_pre, device)
+            candidates[name] = (ck, actor, ck['config']['K_ft'])
+    rows = []
+    starts = task_starts(task, cfg.episodes, args.seed)
+    for name, (ck, actor, K_ft) in candidates.items():
+        if policies and name not in policies:
+            continue
+        if already_done(results_path, task, name, args.seed, ck['key'], cfg.episodes, env_kind):
+            print(f'[eval] {task} {name} seed {args.seed}: up to date in {results_path}: skipped')
+            continue
+        t0 = time.time()
+        out = run_episodes(policy_agent_factory(policy_pre, actor, K_ft, seed=args.seed), task, starts, cfg, wm=wm,
+                           device=device, seed=args.seed, env_kind=env_kind)
+        row = summarize(task, name, args.seed, out, t0, preset=args.preset, env=env_kind, ckpt_key=ck['key'],
+                        sim_steps_finetune=ck.get('state', {}).get('counters', {}).get('sim_steps', 0))
+        write_result(results_path, row)
+        rows.append(row)
+    return rows
+
+
+def ckpt_path_stage(name: str) -> str:
+    """Policy name in results.csv -> the stage that wrote its checkpoint."""
+    return 'dppo' if name.startswith('dppo') else 'finetune'
+
+
+def evaluate_stage(args, device, task: str) -> list:
+    """`train.py --stage eval`: evaluate the run's policies for one task and seed."""
+    import train as TR
+    cfg = TR.build_config(EvalConfig, PRESETS, args.preset, args, 'eval')
+    return evaluate_checkpoints(args, device, task, cfg, env_kind=getattr(args, 'env', 'desk'))
