@@ -282,6 +282,8 @@ def encode_start_pool(wm, batch: dict) -> dict:
 
 
 def _sample_starts(pool: dict, n: int, generator) -> dict:
+    assert isinstance(pool, dict) and {'h', 'z'} <= set(pool) and len(pool['h']) == len(pool['z']) > 0, \
+        "start_pool must be a non-empty dict {'h': (P,deter), 'z': (P,Z)} (see encode_start_pool)"
     idx = torch.randint(pool['h'].shape[0], (n,), generator=generator, device=pool['h'].device)
     return {key: pool[key][idx] for key in ('h', 'z')}
 
@@ -294,6 +296,11 @@ def execute_chunk(chunk: torch.Tensor) -> torch.Tensor:
     """Chunk x^0 (B,Ta,Da) in [-1,1] -> executed actions: gripper thresholded at 0 to +-1 (S.3.1)."""
     grip = torch.where(chunk[..., -1:] >= 0, 1.0, -1.0)
     return torch.cat([chunk[..., :-1], grip], -1)
+
+
+def action_horizon(policy) -> int:
+    """Ta: actions of the predicted chunk that are executed (Tab. S.3: Ta = Tp = 4)."""
+    return getattr(getattr(policy, 'cfg', None), 'Ta', None) or policy.Tp
 
 
 def _sample_chain(policy_pre, actor, feat, cfg, generator):
@@ -319,7 +326,7 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     for t in range(T):
         feat = wm.feature(state)  # z_t: (N, F)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
-        actions = execute_chunk(chain[:, -1])
+        actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])  # (N, Ta, Da)
         probs = []
         for j in range(actions.shape[1]):  # Ta world-model steps (Eq. 3): h_{t+1} = f(h_t, a), z ~ p(z|h)
             state = wm.img_step(state, actions[:, j], sample=True)
@@ -537,7 +544,7 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
     for t in range(T):
         feat = wm.feature(state)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)
-        actions = execute_chunk(chain[:, -1])
+        actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])
         success = torch.zeros(N, dtype=torch.bool, device=device)
         for j in range(actions.shape[1]):
             obs, infos = sims.step(actions[:, j].cpu().numpy())
