@@ -95,6 +95,19 @@ def test_step_mean_equals_posterior_mean_with_true_noise():
     assert torch.all(std_c >= 0.1) and torch.allclose(std_c, ref_std.clamp(min=0.1))
 
 
+def test_denoised_estimate_is_clipped_to_action_range():
+    pol = dp.DiffusionPolicy(5, make_cfg(K=10))
+
+    class Wild(torch.nn.Module):                              # noise estimate that implies |x0_hat| >> 1
+        def forward(self, x, kk, c):
+            return torch.full_like(x, -10.0)
+    pol.eps_net = Wild()
+    xk, k = torch.zeros(4, 4, 7), torch.tensor([1, 4, 7, 10])
+    mean, _ = pol.step_mean_std(xk, k, torch.zeros(4, 5))
+    ref, _ = pol.q_posterior(torch.ones_like(xk), xk, k)     # x0_hat clipped to +1
+    assert torch.allclose(mean, ref, atol=1e-6)
+
+
 def test_gaussian_logprob_matches_torch_normal():
     torch.manual_seed(1)
     x, mean, std = torch.randn(6, 4, 7), torch.randn(6, 4, 7), torch.rand(6, 4, 7) + 0.05
