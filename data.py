@@ -700,3 +700,22 @@ def summarize(progress: dict) -> dict:
     frames = sum(s['end'] - s['start'] + 1 for s in progress.values())
     return {'frames': frames, 'episodes': len(progress), 'counts': counts, 'attempts': attempts,
             'skill_success': success, 'dropped': sum(s['dropped'] for s in progress.values())}
+
+
+if __name__ == '__main__':
+    import argparse
+    ap = argparse.ArgumentParser(description='Summarise a CALVIN-layout split folder: frames, segments, windows per '
+                                             'task (builds the frame cache on first use).')
+    ap.add_argument('folder', help='a split folder, e.g. runs/cpu/data/training or calvin/task_D_D/validation')
+    ap.add_argument('--image-size', type=int, default=64, help='image size of the cache (S.4: 64)')
+    args = ap.parse_args()
+    try:
+        d = load_split(args.folder, args.image_size)
+    except DataError as err:
+        raise SystemExit(f'error: {err}')
+    lengths = d['episodes'][:, 1] - d['episodes'][:, 0] + 1
+    print(f"{args.folder}: {len(d['frame_ids'])} frames in {len(lengths)} segments "
+          f"(length {lengths.min()}..{lengths.max()}), {len(d['windows'])} annotated windows")
+    for task in sorted(set(d['window_tasks'].tolist())):
+        w = d['windows'][d['window_tasks'] == task]
+        print(f'  {task:28s} {len(w):6d} windows, mean length {np.mean(w[:, 1] - w[:, 0] + 1):5.1f} frames')
