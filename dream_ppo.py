@@ -453,75 +453,13 @@ def iteration(wm, policy_pre, actor, critic, reward_clf, opts: dict, scaler: Run
 
 
 # ----------------------------------------------------------------------------- DPPO baseline: the simulator instead
-def _sim_worker(conn, n, image_size, seed):
-    from env import DeskEnv  # only the baseline touches the simulator
-    envs = [DeskEnv(image_size=image_size, seed=seed + i) for i in range(n)]
-    while True:
-        cmd, arg = conn.recv()
-        if cmd == 'reset':  # arg: list of (local index, robot_obs, scene_obs)
-            out = []
-            for i, robot_obs, scene_obs in arg:
-                out.append((envs[i].reset(robot_obs=robot_obs, scene_obs=scene_obs), envs[i].get_info()))
-            conn.send(out)
-        elif cmd == 'step':  # arg: (n, 7) actions -> (obs, info) per env
-            out = []
-            for env, a in zip(envs, arg):
-                obs, _, _, info = env.step(a)
-                out.append((obs, info))
-            conn.send(out)
-        elif cmd == 'close':
-            for env in envs:
-                getattr(env, 'close', lambda: None)()
-            conn.send(None)
-            return
-
-
-class SimPool:
-    """n_envs DeskEnv instances spread over `workers` processes (spawned: safe next to torch threads)."""
-
-    def __init__(self, n_envs: int, workers: int, image_size: int = 64, seed: int = 0):
-        import multiprocessing as mp
-        ctx = mp.get_context('spawn')
-        workers = max(1, min(workers, n_envs))
-        self.split = [list(a) for a in np.array_split(np.arange(n_envs), workers)]
-        self.conns, self.procs = [], []
-        for w, ids in enumerate(self.split):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_sim_worker, args=(b, len(ids), image_size, seed + 1000 * w), daemon=True)
-            p.start()
-            self.conns.append(a), self.procs.append(p)
-
-    def reset(self, ids, starts):
-        """Reset global envs `ids` to starts [(robot_obs, scene_obs)] -> lists of obs, info (in ids order)."""
-        todo = {w: [] for w in range(len(self.split))}
-        for g, (r, s) in zip(ids, starts):
-            w = next(w for w, part in enumerate(self.split) if g in part)
-            todo[w].append((self.split[w].index(g), r, s))
-        for w, c in enumerate(self.conns):
-            if todo[w]:
-                c.send(('reset', todo[w]))
-        res = {}
-        for w, c in enumerate(self.conns):
-            if todo[w]:
-                for (i, _, _), o in zip(todo[w], c.recv()):
-                    res[self.split[w][i]] = o
-        return [res[g][0] for g in ids], [res[g][1] for g in ids]
-
-    def step(self, actions: np.ndarray):
-        for c, ids in zip(self.conns, self.split):
-            c.send(('step', actions[ids]))
-        out = [o for c in self.conns for o in c.recv()]
-        return [o[0] for o in out], [o[1] for o in out]
-
-    def close(self):
-        for c, p in zip(self.conns, self.procs):
-            c.send(('close', None))
-            c.recv()
-            p.join(timeout=5)
+def _info(obs: dict) -> dict:
+    """The part of the simulator's info dict that the success tests read."""
+    return {'robot_obs': obs['robot_obs'].copy(), 'scene_obs': obs['scene_obs'].copy()}
 
 
 @torch.no_grad()
-def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
+def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
                  rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu') -> dict:
     """DPPO baseline rollout: the same decisions in the simulator.  Observations are filtered online
     by the world model (wm.obs_step), the reward is the simulator's own success test, and every
@@ -533,7 +471,8 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
     Da = 7
 
     def start(ids):
-        obs, infos = sims.reset(ids, [sample_task_start(task, rng) for _ in ids])
+        obs = sims.reset([sample_task_start(task, rng) for _ in ids], ids=ids)
+        infos = [_info(o) for o in obs]
         post, _ = wm.obs_step(wm.initial(len(ids)), torch.zeros(len(ids), Da, device=device),
                               preprocess_obs(obs, S, device), sample=False)  # mode, as featurize for BC
         return {'h': post['h'], 'z': post['z']}, infos
@@ -547,7 +486,8 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
         actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])
         success = torch.zeros(N, dtype=torch.bool, device=device)
         for j in range(actions.shape[1]):
-            obs, infos = sims.step(actions[:, j].cpu().numpy())
+            obs = sims.step(actions[:, j].cpu().numpy())
+            infos = [_info(o) for o in obs]
             post, _ = wm.obs_step(state, actions[:, j], preprocess_obs(obs, S, device), sample=False)
             state = {'h': post['h'], 'z': post['z']}
             success |= torch.tensor([task_success(task, s, i) for s, i in zip(start_info, infos)], device=device)
@@ -571,7 +511,7 @@ def real_rollout(sims: SimPool, wm, policy_pre, actor, critic, task: str, cfg: F
             'imagined_steps': 0, 'sim_steps': T * N * actions.shape[1]}
 
 
-def dppo_iteration(sims: SimPool, wm, policy_pre, actor, critic, opts: dict, scaler, task: str,
+def dppo_iteration(sims, wm, policy_pre, actor, critic, opts: dict, scaler, task: str,
                    cfg: FinetuneConfig, counters: dict, rng: np.random.Generator,
                    generator: torch.Generator | None = None, device='cpu') -> dict:
     """One DPPO-baseline iteration: simulator rollout + the same update; counts simulator steps."""

@@ -31,8 +31,23 @@ import tempfile
 import time
 
 import numpy as np
-import pybullet as p
-import pybullet_data
+
+
+def _import_pybullet_quietly():
+    """pybullet's C code prints a build-time banner on import; keep stderr clean for one-line errors."""
+    fd = os.dup(2)
+    try:
+        with open(os.devnull, 'w') as null:
+            os.dup2(null.fileno(), 2)
+            import pybullet
+            import pybullet_data
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+    return pybullet, pybullet_data
+
+
+p, pybullet_data = _import_pybullet_quietly()
 
 TASKS = ['open_drawer', 'close_drawer', 'move_slider_left', 'move_slider_right',
          'turn_on_lightbulb', 'turn_off_lightbulb', 'turn_on_led', 'turn_off_led']
@@ -721,8 +736,8 @@ def _vec_worker(conn, kind: str, n: int, seed: int, env_kwargs: dict) -> None:
     try:
         while True:
             cmd, payload = conn.recv()
-            if cmd == 'reset':
-                conn.send([e.reset(robot_obs=r, scene_obs=s) for e, (r, s) in zip(envs, payload)])
+            if cmd == 'reset':   # payload: [(local index, (robot_obs, scene_obs)), ...]
+                conn.send([envs[i].reset(robot_obs=r, scene_obs=s) for i, (r, s) in payload])
             elif cmd == 'step':
                 actions, active = payload
                 conn.send([e.step(a)[0] if on else None for e, a, on in zip(envs, actions, active)])
@@ -749,7 +764,7 @@ class VecDeskEnv:
             self.envs = [_make_env(kind, seed + i, env_kwargs) for i in range(n)]
             return
         import multiprocessing as mp
-        ctx = mp.get_context('fork')            # no pybullet client exists in the parent: forking is safe
+        ctx = mp.get_context('spawn')           # fresh interpreters: safe next to torch's thread pools
         sizes = [n // self.workers + (w < n % self.workers) for w in range(self.workers)]
         self.splits = np.cumsum([0] + sizes)
         self.conns, self.procs = [], []
@@ -769,10 +784,19 @@ class VecDeskEnv:
     def _split(self, seq) -> list:
         return [seq[self.splits[w]:self.splits[w + 1]] for w in range(self.workers)]
 
-    def reset(self, states: list) -> list:
+    def reset(self, states: list, ids=None) -> list:
+        """Reset desks `ids` (default all) to states [(robot_obs, scene_obs)]; observations in `ids` order."""
+        ids = list(range(self.n)) if ids is None else [int(i) for i in ids]
         if self.workers == 0:
-            return [e.reset(robot_obs=r, scene_obs=s) for e, (r, s) in zip(self.envs, states)]
-        return self._call('reset', self._split(list(states)))
+            return [self.envs[i].reset(robot_obs=r, scene_obs=s) for i, (r, s) in zip(ids, states)]
+        owner = np.searchsorted(self.splits, ids, side='right') - 1          # worker of each desk
+        jobs = [[(i - self.splits[w], st) for i, st, o in zip(ids, states, owner) if o == w]
+                for w in range(self.workers)]
+        for w, conn in enumerate(self.conns):
+            if jobs[w]:
+                conn.send(('reset', jobs[w]))
+        by_worker = {w: iter(conn.recv()) for w, conn in enumerate(self.conns) if jobs[w]}
+        return [next(by_worker[o]) for o in owner]
 
     def step(self, actions, active=None) -> list:
         actions = np.asarray(actions, dtype=np.float64)

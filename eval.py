@@ -103,15 +103,16 @@ def run_episodes(make_agent, task: str, starts: list, cfg: EvalConfig, wm=None, 
     n, T = len(starts), cfg.max_decisions * 4
     success, steps = np.zeros(n, bool), np.full(n, T)
     sim_steps = 0
-    for lo in range(0, n, cfg.envs):
-        batch = starts[lo:lo + cfg.envs]
-        B = len(batch)
-        venv = env.make_vec_env(env_kind, B, workers=cfg.workers, seed=seed + lo, image_size=image_size)
-        try:
-            obs = venv.reset(batch)
+    venv = env.make_vec_env(env_kind, min(cfg.envs, n), workers=cfg.workers, seed=seed, image_size=image_size)
+    try:
+        for lo in range(0, n, venv.n):                  # batches of episodes on the same desks
+            batch = starts[lo:lo + venv.n]
+            B = len(batch)
+            obs = venv.reset(batch, ids=range(B))
             start_info = [{'robot_obs': o['robot_obs'].copy(), 'scene_obs': o['scene_obs'].copy()} for o in obs]
             agent = make_agent(B)
-            active = np.ones(B, bool)
+            active = np.zeros(venv.n, bool)
+            active[:B] = True
             state, feat = None, None
             prev_action = torch.zeros(B, 7, device=device)
             last_obs = list(obs)
@@ -122,9 +123,11 @@ def run_episodes(make_agent, task: str, starts: list, cfg: EvalConfig, wm=None, 
                     state, _ = wm.obs_step(state, prev_action, x, sample=False)   # mode, as featurize
                     feat = wm.feature(state)
                 actions = np.clip(np.asarray(agent(t, [o if a else None for o, a in zip(last_obs, active)], feat),
-                                          dtype=np.float64), -1, 1)
+                                             dtype=np.float64), -1, 1)
                 actions[:, 6] = np.where(actions[:, 6] >= 0, 1.0, -1.0)     # S.3.1: gripper thresholded at 0
-                obs = venv.step(actions, active)
+                padded = np.zeros((venv.n, 7))
+                padded[:B] = actions
+                obs = venv.step(padded, active)
                 sim_steps += int(active.sum())
                 for i in np.nonzero(active)[0]:
                     last_obs[i] = obs[i]
@@ -134,8 +137,8 @@ def run_episodes(make_agent, task: str, starts: list, cfg: EvalConfig, wm=None, 
                 prev_action = torch.as_tensor(actions, dtype=torch.float32, device=device)
                 if not active.any():
                     break
-        finally:
-            venv.close()
+    finally:
+        venv.close()
     return {'success': success, 'steps': steps, 'sim_steps': sim_steps}
 
 

@@ -337,7 +337,8 @@ def test_dppo_baseline_counts_simulator_steps():
     pre = DiffusionPolicy(wm.feat_dim, BCConfig(**BC_PRESETS['test']))
     actor, critic = dp.make_actor(pre), dp.make_critic(wm.feat_dim, TEST)
     cfg = replace(TEST, n_envs=2, n_steps=3, max_episode_steps=2, sim_workers=2)
-    sims = dp.SimPool(cfg.n_envs, cfg.sim_workers, wm.cfg.image_size, seed=0)
+    import env
+    sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=0, image_size=wm.cfg.image_size)
     try:
         counters = dp.new_counters()
         m = dp.dppo_iteration(sims, wm, pre, actor, critic, dp.make_optimizers(actor, critic, cfg),

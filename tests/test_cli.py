@@ -1,0 +1,152 @@
+"""CLI smoke tests on the `test` preset: every stage runs end to end in a subprocess, re-runs skip finished
+work, invalid flags fail at parse time, bad checkpoints and NaN losses give one-line errors, a SIGKILLed
+stage resumes, and the same seed gives the same metrics."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = 'turn_on_led'
+
+
+def run(*args, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'train.py {" ".join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def read_csv(path):
+    with open(path, newline='') as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """One full test-preset run of every stage (collect, wm, bc, reward, finetune, eval) for one task."""
+    d = str(tmp_path_factory.mktemp('run'))
+    run('--stage', 'all', '--preset', 'test', '--run', d, '--tasks', TASK)
+    return d
+
+
+def test_all_stages_write_their_outputs(run_dir):
+    for rel in ['data/training/ep_start_end_ids.npy', 'data/validation/ep_start_end_ids.npy', 'wm.pt',
+                f'{TASK}/bc.pt', f'{TASK}/reward.pt', f'{TASK}/diwa_s0.pt', 'results.csv', 'wm_metrics.csv']:
+        assert os.path.exists(os.path.join(run_dir, rel)), rel
+    rows = read_csv(os.path.join(run_dir, 'results.csv'))
+    assert {r['policy'] for r in rows} == {'base', 'diwa'}
+    diwa = [r for r in rows if r['policy'] == 'diwa'][0]
+    assert int(diwa['sim_steps_finetune']) == 0            # DiWA never steps the simulator while fine-tuning
+    ckpt = torch.load(os.path.join(run_dir, TASK, 'diwa_s0.pt'), weights_only=True)
+    assert ckpt['done'] and ckpt['state']['counters']['sim_steps'] == 0
+    assert ckpt['state']['counters']['imagined_steps'] > 0
+
+
+def test_rerun_skips_everything_and_changes_nothing(run_dir):
+    files = [os.path.join(dp, f) for dp, _, fs in os.walk(run_dir) for f in fs if f.endswith(('.pt', '.csv'))]
+    before = {f: os.path.getmtime(f) for f in files}
+    t0 = time.time()
+    out = run('--stage', 'all', '--preset', 'test', '--run', run_dir, '--tasks', TASK)
+    assert 'skipped' in out.stdout
+    assert {f: os.path.getmtime(f) for f in files} == before
+    assert time.time() - t0 < 120
+
+
+def test_changed_setting_reruns_and_says_which(run_dir, tmp_path):
+    d = str(tmp_path / 'copy')
+    shutil.copytree(run_dir, d)
+    out = run('--stage', 'bc', '--task', TASK, '--preset', 'test', '--run', d, '--bc.epochs', '3')
+    assert 'settings changed' in out.stdout and 'epochs' in out.stdout
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--stage', 'bc', '--task', 'fly_to_moon'], 'invalid choice'),
+    (['--stage', 'all', '--tasks', 'fly_to_moon'], 'unknown task'),
+    (['--stage', 'finetune', '--task', TASK, '--ft.K_ft', '30'], 'K_ft'),
+    (['--stage', 'wm', '--wm.batch', '-4'], 'must be >= 0'),
+    (['--stage', 'bc'], 'needs --task'),
+    (['--stage', 'wm', '--run', '/proc/diwa_cannot_write_here'], 'cannot write'),
+])
+def test_invalid_flags_fail_at_parse_time(flags, message):
+    out = run(*flags, '--preset', 'test', check=False)
+    assert out.returncode == 2 and 'usage:' in out.stderr and message in out.stderr, out.stderr
+
+
+def test_bad_checkpoints_give_one_line_errors(run_dir, tmp_path):
+    d = str(tmp_path / 'bad')
+    shutil.copytree(run_dir, d)
+    # the wrong stage: a policy where the world model should be
+    shutil.copy(os.path.join(d, TASK, 'bc.pt'), os.path.join(d, 'wm.pt'))
+    out = run('--stage', 'bc', '--task', TASK, '--preset', 'test', '--run', d, check=False)
+    assert out.returncode == 2 and "holds a 'bc' checkpoint, expected 'wm'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    # a truncated file
+    shutil.copy(os.path.join(run_dir, 'wm.pt'), os.path.join(d, 'wm.pt'))
+    with open(os.path.join(d, 'wm.pt'), 'r+b') as fh:
+        fh.truncate(100)
+    out = run('--stage', 'reward', '--task', TASK, '--preset', 'test', '--run', d, check=False)
+    assert out.returncode == 2 and 'wm.pt: not a readable checkpoint' in out.stderr
+    # a policy trained on another world model's latents
+    shutil.copy(os.path.join(run_dir, 'wm.pt'), os.path.join(d, 'wm.pt'))
+    ck = torch.load(os.path.join(d, TASK, 'bc.pt'), weights_only=True)
+    ck['extra']['cond_dim'] += 1
+    torch.save(ck, os.path.join(d, TASK, 'bc.pt'))
+    out = run('--stage', 'finetune', '--task', TASK, '--preset', 'test', '--run', d, '--force', check=False)
+    assert out.returncode == 2 and 'latents' in out.stderr and 'bc.pt' in out.stderr
+
+
+def test_nan_loss_stops_with_stage_step_and_term(tmp_path):
+    sys.path.insert(0, ROOT)
+    import train
+    lin = torch.nn.Linear(2, 2)
+    path = str(tmp_path / 'x.pt')
+    values = iter([1.0, 0.5, float('nan')])
+    with pytest.raises(train.StageError, match=r"stage demo, step 3: loss term 'kl' is nan.*kept at"):
+        train.train_loop(stage='demo', task=None, path=path, config={}, upstream=[], objects={'model': lin},
+                         step_fn=lambda s: {'loss': 1.0, 'kl': next(values)}, n_steps=5, ckpt_every=2, quiet=True)
+    kept = torch.load(path, weights_only=True)
+    assert kept['step'] == 2 and not kept['done']           # the last good checkpoint is untouched
+
+
+def test_sigkill_mid_stage_resumes(run_dir, tmp_path):
+    d = str(tmp_path / 'kill')
+    os.makedirs(d)
+    shutil.copytree(os.path.join(run_dir, 'data'), os.path.join(d, 'data'))
+    args = ['--stage', 'wm', '--preset', 'test', '--run', d, '--wm.steps', '400', '--ckpt-every', '5']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(d, 'wm.pt')
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(ckpt):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)['step']
+    assert 0 < killed_at < 400
+    out = run(*args[:-2], '--wm.steps', '400', '--ckpt-every', '5')
+    assert f'resuming from step {killed_at}' in out.stdout
+    final = torch.load(ckpt, weights_only=True)
+    assert final['done'] and final['step'] == 400
+    steps = [int(r['step']) for r in read_csv(os.path.join(d, 'wm_metrics.csv'))]
+    assert steps == sorted(set(steps)) and steps[-1] == 400     # no duplicated rows after the resume
+    assert not [f for f in os.listdir(d) if '.tmp' in f]        # no half-written files left
+
+
+def test_same_seed_same_metrics(run_dir, tmp_path):
+    metrics = []
+    for name in ('a', 'b'):
+        d = str(tmp_path / name)
+        os.makedirs(d)
+        shutil.copytree(os.path.join(run_dir, 'data'), os.path.join(d, 'data'))
+        run('--stage', 'wm', '--preset', 'test', '--run', d)
+        metrics.append([{k: v for k, v in r.items() if k != 'time'} for r in read_csv(os.path.join(d, 'wm_metrics.csv'))])
+    assert metrics[0] == metrics[1]
