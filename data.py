@@ -616,6 +616,11 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     with different ones is refused. Returns {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts'}."""
     global _DESK
     from tqdm import tqdm
+    for name in ('episodes', 'episode_len', 'workers', 'image_size', 'gripper_size', 'skill_timeout', 'max_window'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f'collect.{name} must be >= 1, got {getattr(cfg, name)}')
+    if not 0 <= cfg.speed_min <= cfg.speed_max or not 0 < cfg.gain_min <= cfg.gain_max:
+        raise ValueError('collect: need 0 <= speed_min <= speed_max and 0 < gain_min <= gain_max')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
@@ -636,6 +641,8 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
             if TMP_TAG in p.name and p.is_file():
                 p.unlink()
     todo = [e for e in range(cfg.episodes) if str(e) not in progress]
+    if not any(episode_split(cfg, e) == 'validation' for e in range(cfg.episodes)):
+        print(f'[collect] note: no validation episode (val_every={cfg.val_every}, episodes={cfg.episodes})')
     print(f'[collect] {out}: {cfg.episodes - len(todo)} of {cfg.episodes} episodes done, {len(todo)} to go '
           f'({cfg.episode_len} frames each, {cfg.workers} workers)')
 
