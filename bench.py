@@ -53,6 +53,197 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn(), counted by torch from the shapes of its matmuls and convolutions."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+CONFIG_CLASS = {'world_model': 'WMConfig', 'diffusion_policy': 'BCConfig', 'reward': 'RewardConfig',
+                'dream_ppo': 'FinetuneConfig', 'data': 'CollectConfig'}
+
+
+def presets(module) -> dict:
+    """{preset name: config} of a stage module (paper defaults shifted by each preset)."""
+    import dataclasses
+    cls = getattr(module, CONFIG_CLASS[module.__name__])
+    return {name: dataclasses.replace(cls(), **over) for name, over in module.PRESETS.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- env
+def bench_env(quick: bool) -> None:
+    """Control steps/s of one desk in this process, with and without both 64x64 cameras, and the frames/s
+    of a 2-worker play-data collection (writing CALVIN-layout files)."""
+    import tempfile
+    import numpy as np
+    import data
+    import env
+    n = 150 if quick else 600
+    for cameras in (True, False):
+        desk = env.DeskEnv(image_size=64, cameras=cameras, seed=0)
+        rng = np.random.default_rng(0)
+        desk.reset()
+        actions = np.clip(rng.normal(0, 0.5, (n, 7)), -1, 1)
+        t0 = time.perf_counter()
+        for i in range(n):
+            if i % 100 == 99:
+                desk.reset()
+            desk.step(actions[i])
+        dt = time.perf_counter() - t0
+        desk.close()
+        print(f'env: {"both 64x64 cameras" if cameras else "no cameras":>20s}: {n / dt:7.0f} control steps/s')
+    cfg = presets(data)['cpu']
+    import dataclasses
+    cfg = dataclasses.replace(cfg, episodes=2 if quick else 4, episode_len=300 if quick else 600, workers=2)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        data.collect(cfg, d)
+        dt = time.perf_counter() - t0
+    frames = cfg.episodes * cfg.episode_len
+    print(f'env: collection, 2 workers: {frames / dt:7.0f} frames/s ({frames} frames incl. process start-up)')
+
+
+# ---------------------------------------------------------------------------------------------------- wm
+def _wm_batch(cfg, device):
+    B, T, S = cfg.batch, cfg.seq_len, cfg.image_size
+    is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
+    is_first[:, 0] = True
+    return {'rgb_static': torch.rand(B, T, 3, S, S, device=device) * 2 - 1,
+            'rgb_gripper': torch.rand(B, T, 3, S, S, device=device) * 2 - 1,
+            'proprio': torch.randn(B, T, 18, device=device), 'scene': torch.randn(B, T, 24, device=device) * 0.1,
+            'actions': torch.rand(B, T, 7, device=device) * 2 - 1, 'is_first': is_first}
+
+
+def bench_wm_one(preset: str, device, quick: bool) -> dict:
+    """World-model training frames/s (frames = batch x seq_len per step) at one preset."""
+    import world_model as W
+    cfg = presets(W)[preset]
+    wm = W.WorldModel(cfg).to(device)
+    opt = W.make_optimizer(wm, cfg)
+    batch = _wm_batch(cfg, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    step = lambda: (W.update_wm(wm, opt, batch), sync(device))
+    t = timeit(step, min_time=2.0 if quick or preset == 'paper' else 5.0)
+    flops = 3 * count_flops(lambda: W.loss_wm(wm, batch))          # forward + ~2x for backward
+    out = {'preset': preset, 'frames_s': cfg.batch * cfg.seq_len / t, 'step_s': t, 'gflops': flops / t / 1e9,
+           'peak_rss_gib': peak_rss_gib(), 'params_m': sum(p.numel() for p in wm.parameters()) / 1e6}
+    if device.type == 'cuda':
+        out['peak_gpu_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def bench_wm(device, quick: bool, limit: float) -> None:
+    """Each preset in its own process, so that its peak memory is its own."""
+    import json
+    import subprocess
+    import sys
+    for preset in ('cpu', 'paper'):
+        cmd = [sys.executable, __file__, '_wm', preset, '--device', str(device)] + (['--quick'] if quick else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f'wm: {preset}: failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}')
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
+        print(f"wm: {preset:>5s} preset ({r['params_m']:.1f}M params): {r['frames_s']:7.0f} training frames/s, "
+              f"{r['gflops']:.1f} GFLOP/s ({100 * r['gflops'] / limit:.0f}% of limit), peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
+
+
+# ---------------------------------------------------------------------------------------------------- policy, dream, ppo
+def make_agent_models(preset: str, device):
+    """World model, pre-trained policy, classifier and critic of a preset, with random weights (speed only)."""
+    import diffusion_policy as D
+    import dream_ppo as P
+    import reward as R
+    import world_model as W
+    wm = W.WorldModel(presets(W)[preset]).to(device).requires_grad_(False)
+    policy = D.make_policy(wm.feat_dim, presets(D)[preset]).to(device)
+    clf = R.RewardClassifier(wm.feat_dim, presets(R)[preset]).to(device).requires_grad_(False)
+    ft = presets(P)[preset]
+    actor = P.make_actor(policy)
+    critic = P.make_critic(wm.feat_dim, ft).to(device)
+    return wm, policy, actor, critic, clf, ft
+
+
+def random_pool(wm, n: int, device) -> dict:
+    """Start states: a few prior steps from the initial state under random actions."""
+    state = wm.initial(n, device)
+    with torch.no_grad():
+        for _ in range(3):
+            state = wm.img_step(state, torch.rand(n, 7, device=device) * 2 - 1)
+    return state
+
+
+def bench_bc(device, quick: bool, limit: float) -> None:
+    """BC training samples/s (one sample = one (latent, chunk) pair, one random denoising step)."""
+    import diffusion_policy as D
+    import world_model as W
+    for preset in ('cpu', 'paper'):
+        cfg, feat_dim = presets(D)[preset], W.WorldModel(presets(W)[preset]).feat_dim
+        policy = D.make_policy(feat_dim, cfg).to(device)
+        opt, ema = D.make_optimizer(policy, cfg), D.make_ema(policy, cfg)
+        batch = {'actions': torch.rand(cfg.batch, cfg.Tp, cfg.action_dim, device=device) * 2 - 1,
+                 'cond': torch.randn(cfg.batch, feat_dim, device=device)}
+        t = timeit(lambda: (D.update_bc(policy, opt, ema, batch), sync(device)), min_time=1.0 if quick else 3.0)
+        flops = 3 * count_flops(lambda: policy.bc_loss(batch['actions'], batch['cond']))
+        print(f'bc: {preset:>5s} preset: {cfg.batch / t:8.0f} samples/s, {flops / t / 1e9:.1f} GFLOP/s '
+              f'({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+
+
+def bench_dream(device, quick: bool, limit: float) -> None:
+    """Imagination (Alg. 1 l. 8-26): imagined world-model steps/s and policy decisions/s for N parallel
+    episodes, each decision = K denoising steps + Ta world-model steps + Ta classifier calls."""
+    import dataclasses
+    import dream_ppo as P
+    for preset in ('cpu', 'paper'):
+        wm, policy, actor, critic, clf, ft = make_agent_models(preset, device)
+        for N in (50, 500):
+            cfg = dataclasses.replace(ft, n_envs=N, n_steps=2 if quick else 4)
+            pool = random_pool(wm, 256, device)
+            gen = torch.Generator(device=device).manual_seed(0)
+            roll = lambda: (P.imagine_rollout(wm, policy, actor, critic, clf, pool, cfg, gen), sync(device))
+            t = timeit(roll, min_time=1.0 if quick else 3.0)
+            flops = count_flops(lambda: P.imagine_rollout(wm, policy, actor, critic, clf, pool, cfg, gen))
+            dec = N * cfg.n_steps
+            print(f'dream: {preset:>5s} preset, N={N:3d}: {dec * 4 / t:8.0f} imagined steps/s, {dec / t:7.0f} decisions/s '
+                  f'(K={policy.K}), {flops / t / 1e9:.1f} GFLOP/s ({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+
+
+def bench_ppo(device, quick: bool, limit: float) -> None:
+    """The PPO update (Alg. 1 l. 27-35): samples/s, sample = one decision x one fine-tuned denoising step."""
+    import dataclasses
+    import dream_ppo as P
+    for preset in ('cpu', 'paper'):
+        wm, policy, actor, critic, clf, ft = make_agent_models(preset, device)
+        cfg = dataclasses.replace(ft, n_envs=min(ft.n_envs, 64), n_steps=4, update_epochs=1)
+        gen = torch.Generator(device=device).manual_seed(0)
+        buffer = P.imagine_rollout(wm, policy, actor, critic, clf, random_pool(wm, 256, device), cfg, gen)
+        opts = P.make_optimizers(actor, critic, cfg)
+        upd = lambda: (P.update(actor, critic, policy, buffer, opts, cfg, 0.05, generator=gen), sync(device))
+        t = timeit(upd, min_time=1.0 if quick else 3.0)
+        flops = count_flops(lambda: P.update(actor, critic, policy, buffer, opts, cfg, 0.05, generator=gen))
+        samples = cfg.n_envs * cfg.n_steps * cfg.K_ft
+        print(f'ppo: {preset:>5s} preset: {samples / t:8.0f} samples/s (batch {cfg.batch_size}), '
+              f'{flops / t / 1e9:.1f} GFLOP/s ({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+
+
+def bench_finetune(device, quick: bool) -> None:
+    """Wall-clock of `--stage finetune` at the cpu preset: seconds per DiWA iteration (rollout + update,
+    measured on 2 iterations) x the preset's iterations."""
+    import dream_ppo as P
+    wm, policy, actor, critic, clf, cfg = make_agent_models('cpu', device)
+    pool = random_pool(wm, 256, device)
+    opts, scaler, counters = P.make_optimizers(actor, critic, cfg), P.RunningRewardScaler(cfg.gamma), P.new_counters()
+    gen = torch.Generator(device=device).manual_seed(0)
+    it = lambda: P.iteration(wm, policy, actor, critic, clf, opts, scaler, pool, 'open_drawer', cfg, counters, gen)
+    t = timeit(it, min_time=0.1, warmup=1)
+    print(f'finetune: cpu preset: {t:.1f} s/iteration x {cfg.iterations} iterations = {t * cfg.iterations / 60:.0f} min '
+          f'per task and seed ({cfg.n_envs * cfg.n_steps * 4 / t:.0f} imagined steps/s end to end)')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('what', nargs='*', help='sections: env wm bc dream ppo finetune all (default all)')
@@ -60,15 +251,28 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='shorter timings (noisier)')
     args = p.parse_args(argv)
     sections = ['env', 'wm', 'bc', 'dream', 'ppo', 'finetune']
-    bad = [w for w in args.what if w not in sections + ['all']]
+    bad = [w for w in args.what if w not in sections + ['all']] if args.what[:1] != ['_wm'] else []
     if bad:
         p.error(f'unknown section(s) {bad}; choose from {sections} or all')
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           ('cpu' if args.device == 'auto' else args.device))
     what = sections if not args.what or 'all' in args.what else args.what
     print(f'device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}')
+    if args.what and args.what[0] == '_wm':          # internal: one world-model preset in its own process
+        import json
+        print(json.dumps(bench_wm_one(args.what[1], device, args.quick)))
+        return
     limit = matmul_limit(device)
     print(f'limit: fp32 matmul 2048^3: {limit:.1f} GFLOP/s')
+    for name in what:
+        if name == 'env':
+            bench_env(args.quick)
+        elif name == 'wm':
+            bench_wm(device, args.quick, limit)
+        elif name == 'finetune':
+            bench_finetune(device, args.quick)
+        else:
+            {'bc': bench_bc, 'dream': bench_dream, 'ppo': bench_ppo}[name](device, args.quick, limit)
 
 
 if __name__ == '__main__':
