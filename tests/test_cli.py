@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASK = 'turn_on_led'
+TASK = 'turn_on_led'      # the test preset's play data (seed 0) has a window of it in each split; checked below
 
 
 def run(*args, check=True, timeout=600):
@@ -33,6 +34,10 @@ def read_csv(path):
 def run_dir(tmp_path_factory):
     """One full test-preset run of every stage (collect, wm, bc, reward, finetune, eval) for one task."""
     d = str(tmp_path_factory.mktemp('run'))
+    run('--stage', 'collect', '--preset', 'test', '--run', d)
+    for split in ('training', 'validation'):
+        ann = np.load(os.path.join(d, 'data', split, 'lang_annotations', 'auto_lang_ann.npy'), allow_pickle=True).item()
+        assert TASK in ann['language']['task'], f'test-preset play data has no {TASK} window in {split}: pick another TASK'
     run('--stage', 'all', '--preset', 'test', '--run', d, '--tasks', TASK)
     return d
 
