@@ -333,7 +333,7 @@ def loss_wm(wm, batch, sample=True):
          'recon_gripper': 0.5 * (dec['rgb_gripper'] - batch['rgb_gripper']).square().sum((-3, -2, -1)).mean(),
          'proprio': 0.5 * (dec['proprio'] - batch['proprio']).square().sum(-1).mean()}
     if cfg.hybrid:  # compared in the scaled space, where all dims are O(1)
-        err = wm.dec_scene(wm.feature(post)) - wm.scale_scene(batch['scene'])
+        err = wm.scale_scene(dec['scene']) - wm.scale_scene(batch['scene'])
         m['scene'] = 0.5 * err.square().sum(-1).mean()
     # Eq. 11 with the prior term weighted by cfg.kl_balance (see kl_balance's docstring)
     m['kl'] = kl_balance(post['logits'], prior['logits'], 1 - cfg.kl_balance).mean()
