@@ -387,7 +387,8 @@ def open_loop(wm, batch, context=2, horizon=50, sample=False):
 
 def fit_linear_probe(feats, targets, ridge=1e-3):
     """Ridge least squares targets ~ feats @ W + b. feats (N,F), targets (N,D) -> W (F,D), b (D,).
-    Used to read the articulated-part state (drawer, door, lights) out of the vision latents."""
+    Used to read the articulated-part state (drawer, door, lights) out of the vision latents. The penalty is
+    ridge * N * |W|^2 (scale-free in N); features and targets are centred, so b is not penalised."""
     if feats.ndim != 2 or targets.ndim != 2 or len(feats) != len(targets):
         raise ValueError(f'fit_linear_probe: want feats (N,F) and targets (N,D), got '
                          f'{tuple(feats.shape)} and {tuple(targets.shape)}')
