@@ -254,3 +254,229 @@ def evaluate_stage(args, device, task: str) -> list:
     import train as TR
     cfg = TR.build_config(EvalConfig, PRESETS, args.preset, args, 'eval')
     return evaluate_checkpoints(args, device, task, cfg, env_kind=getattr(args, 'env', 'desk'))
+
+
+# ----------------------------------------------------------------------------------------------------
+# World-model quality (paper S.5.4, Fig. S.7): open-loop prediction of the desk's mechanisms on held-out play
+#
+#   frames  x_0 x_1 | x_2 ............................ x_51
+#           context |  imagined with the recorded actions (prior only, no observation)
+#   error at horizon h = |part(pred_{1+h}) - part(true_{1+h})|   vs.   'nothing moves': |part(true_1) - part(true_{1+h})|
+# The part state is read from the latent by a linear probe fitted on training latents (vision model) or
+# decoded by the hybrid model's scene head.
+# ----------------------------------------------------------------------------------------------------
+
+PARTS = {'door': 0, 'drawer': 1, 'led': 5, 'bulb': 4}            # scene_obs index of each mechanism's state
+MOVED = {'door': 0.05, 'drawer': 0.05, 'led': 0.5, 'bulb': 0.5}  # change within the horizon that counts as moving
+HORIZONS = (1, 10, 25, 50)
+
+
+@torch.no_grad()
+def part_reader(wm, train: dict, device, n_seq: int = 256, seed: int = 0):
+    """feat (..., F) -> mechanism states (..., 4). Hybrid: the scene decoder; vision: a ridge probe fitted on
+    posterior features of random training sequences."""
+    import data
+    import world_model as W
+    idx = torch.tensor(list(PARTS.values()))
+    if wm.cfg.hybrid:
+        return lambda feat: wm.decode_scene(feat)[..., idx]
+    batch = data.sample_sequences(train, n_seq, 32, np.random.default_rng(seed))
+    feats = torch.cat([wm.featurize(data.to_torch({k: v[i:i + 32] for k, v in batch.items()}, device))
+                       for i in range(0, n_seq, 32)])                                  # (n, 32, F)
+    target = torch.as_tensor(batch['scene_obs'][..., list(PARTS.values())], dtype=torch.float32)
+    Wp, b = W.fit_linear_probe(feats[:, 4:].reshape(-1, feats.shape[-1]).cpu(), target[:, 4:].reshape(-1, len(PARTS)))
+    return lambda feat: feat.cpu() @ Wp + b
+
+
+@torch.no_grad()
+def wm_open_loop_errors(wm, train: dict, val: dict, device, n_seq: int = 256, seed: int = 0) -> list:
+    """Rows {part, horizon, windows, model_mae, still_mae}: mean absolute error of the open-loop prediction of
+    each mechanism on held-out sequences where it moves, next to the 'nothing moves' baseline."""
+    import data
+    import world_model as W
+    read = part_reader(wm, train, device, seed=seed)
+    batch = data.sample_sequences(val, n_seq, 2 + max(HORIZONS), np.random.default_rng(seed + 1))
+    preds = torch.cat([read(W.open_loop_features(wm, data.to_torch({k: v[i:i + 32] for k, v in batch.items()}, device),
+                                                 context=2, horizon=max(HORIZONS)))
+                       for i in range(0, n_seq, 32)])                                  # (n, 52, 4)
+    true = torch.as_tensor(batch['scene_obs'][..., list(PARTS.values())], dtype=torch.float32)
+    rows = []
+    for j, part in enumerate(PARTS):
+        moving = (true[:, 2:, j] - true[:, 1:2, j]).abs().amax(1) > MOVED[part]     # (n,)
+        for h in HORIZONS:
+            err = (preds[moving, 1 + h, j] - true[moving, 1 + h, j]).abs()
+            still = (true[moving, 1, j] - true[moving, 1 + h, j]).abs()
+            rows.append({'part': part, 'horizon': h, 'windows': int(moving.sum()),
+                         'model_mae': round(float(err.mean()), 4) if len(err) else float('nan'),
+                         'still_mae': round(float(still.mean()), 4) if len(still) else float('nan')})
+    return rows
+
+
+@torch.no_grad()
+def wm_rollout_figure(wm, val: dict, path: str, device, seed: int = 0, horizons=(50, 80)) -> None:
+    """Fig. S.7: ground truth vs. imagined frames of both cameras from a held-out trajectory, 2 context frames,
+    then open loop with the recorded actions."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import data
+    import world_model as W
+    L = 2 + max(horizons)
+    batch = data.to_torch(data.sample_sequences(val, 1, L, np.random.default_rng(seed)), device)
+    dec = W.open_loop(wm, batch, context=2, horizon=L - 2)
+    cols = [0, 1] + [t for t in range(2, L) if (t - 1) % 10 == 0] + [1 + h for h in horizons]
+    cols = sorted(set(c for c in cols if c < L))
+    img = lambda x: ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+    fig, axes = plt.subplots(4, len(cols), figsize=(1.1 * len(cols), 4.8))
+    for c, t in enumerate(cols):
+        for r, (name, src) in enumerate([('static', batch), ('static', dec), ('gripper', batch), ('gripper', dec)]):
+            axes[r, c].imshow(img(src[f'rgb_{name}'][0, t]))
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[0, c].set_title(f't={t}' + (' ctx' if t < 2 else ''), fontsize=7)
+    for r, label in enumerate(['true static', 'imagined', 'true gripper', 'imagined']):
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle('World-model open loop on held-out play: 2 context frames, then recorded actions only', fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def wm_report(args, device) -> list:
+    """Open-loop errors (csv + printed table) and the Fig. S.7 figure for the run's world model."""
+    import data
+    import train as TR
+    wm, _ = TR.load_world_model(args, device)
+    root = TR.data_root(args)
+    train = data.load_split(os.path.join(root, 'training'), wm.cfg.image_size)
+    val = data.load_split(os.path.join(root, 'validation'), wm.cfg.image_size)
+    rows = wm_open_loop_errors(wm, train, val, device, seed=args.seed)
+    write_rows(os.path.join(args.run, 'wm_open_loop.csv'), rows)
+    print(f"{'part':>7s} {'horizon':>7s} {'windows':>7s} {'world model':>11s} {'nothing moves':>13s}")
+    for r in rows:
+        print(f"{r['part']:>7s} {r['horizon']:7d} {r['windows']:7d} {r['model_mae']:11.4f} {r['still_mae']:13.4f}")
+    wm_rollout_figure(wm, val, os.path.join(args.run, 'figures', 'wm_rollout.png'), device, seed=args.seed)
+    return rows
+
+
+def write_rows(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w', newline='') as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward classifier (§III.C): on held-out recorded latents, and on imagined ones, where DiWA uses it
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device) -> list:
+    """For each window (s, e): filter frame s alone, imagine along the recorded actions a_s..a_{e-1};
+    -> list of (T,) success probabilities C(z_t) of the imagined latents, t = s..e."""
+    import data
+    import world_model as W
+    out = []
+    for s, e in windows:
+        rows = np.arange(s, e + 1)[None]
+        batch = data.to_torch({k: split[k][rows] for k in data.SEQ_KEYS}, device)
+        if rows.shape[1] < 2:
+            continue
+        feat = W.open_loop_features(wm, batch, context=1, horizon=rows.shape[1] - 1)[0]   # (T, F)
+        out.append(clf.success_prob(feat).cpu().numpy())
+    return out
+
+
+def reward_report(args, device, task: str) -> dict:
+    """Precision/recall of C_psi on held-out recorded latents; on imagined latents, how often the final frame
+    of a held-out demo is scored a success, and how many frames of held-out play windows that do not
+    complete the task are (false alarms)."""
+    import data
+    import env
+    import reward as R
+    import train as TR
+    wm, wm_ckpt = TR.load_world_model(args, device)
+    clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
+    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation')
+    pr = R.precision_recall(clf, feat.to(device), label.to(device))
+    val = data.load_split(os.path.join(TR.data_root(args), 'validation'), wm.cfg.image_size)
+    demos = val['windows'][val['window_tasks'] == task]
+    final = [p[-1] > 0.5 for p in imagined_window_scores(wm, clf, val, demos, device)]
+    others = [w for w, t in zip(val['windows'], val['window_tasks']) if t != task and not env.task_success(
+        task, {'scene_obs': val['scene_obs'][w[0]]}, {'scene_obs': val['scene_obs'][w[1]]})]
+    false = np.concatenate(imagined_window_scores(wm, clf, val, np.array(others[:200]), device)) > 0.5
+    out = {'task': task, 'precision': round(float(pr['precision']), 4), 'recall': round(float(pr['recall']), 4),
+           'heldout_frames': len(label), 'imagined_final_success': round(float(np.mean(final)), 4),
+           'imagined_demos': len(final), 'imagined_false_alarm': round(float(false.mean()), 4),
+           'imagined_play_frames': int(false.size)}
+    print(f"[reward/{task}] held-out recorded: precision {out['precision']:.3f} recall {out['recall']:.3f} "
+          f"({len(label)} frames); imagined: demo final frame success {out['imagined_final_success']:.2f} "
+          f"({len(final)} demos), play frames false alarm {out['imagined_false_alarm']:.3f} ({false.size} frames)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import train as TR
+    from env import TASKS
+    p = argparse.ArgumentParser(description='DiWA evaluation in the simulator, world-model and reward reports.')
+    p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
+    p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu')
+    p.add_argument('--data', default=None, help='dataset root (default <run>/data)')
+    p.add_argument('--task', nargs='+', default=['open_drawer'], help="task(s), or 'all'")
+    p.add_argument('--policy', nargs='+', default=None, help='policies to evaluate (base, diwa, dppo); default all found')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--episodes', type=int, default=None, help='episodes per task and seed (default: the preset)')
+    p.add_argument('--workers', type=int, default=None, help='simulator processes')
+    p.add_argument('--env', choices=['desk', 'calvin'], default='desk')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--threads', type=int, default=0, help='torch threads (0 = torch default)')
+    p.add_argument('--scripted', action='store_true', help='run the scripted skills through the evaluation loop')
+    p.add_argument('--wm-report', action='store_true', help='world-model open-loop errors and Fig. S.7')
+    p.add_argument('--reward-report', action='store_true', help='reward classifier on held-out and imagined latents')
+    args = p.parse_args(argv)
+    tasks = list(TASKS) if args.task == ['all'] else args.task
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        p.error(f'--task: unknown task(s) {bad}; choose from {TASKS} or all')
+    args.run = args.run or os.path.join('runs', args.preset)
+    args.demos, args.post_success_frames = 50, 16           # the defaults of train.py (cache keys match)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = TR.pick_device(args.device)
+    cfg = EvalConfig(**{**EvalConfig().__dict__, **PRESETS[args.preset]})
+    if args.episodes is not None:
+        cfg.episodes = args.episodes
+    if args.workers is not None:
+        cfg.workers = args.workers
+    try:
+        if args.wm_report:
+            wm_report(args, device)
+        for task in tasks:
+            if args.reward_report:
+                reward_report(args, device, task)
+            if args.scripted:
+                t0 = time.time()
+                out = run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
+                                   task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
+                summarize(task, 'scripted', args.seed, out, t0)
+            if not (args.scripted or args.wm_report or args.reward_report):
+                evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy)
+    except (TR.StageError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ == 'DataError':
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

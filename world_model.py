@@ -368,10 +368,10 @@ def update_wm(wm, opt, batch):
 # Read-outs used by the evaluation
 
 @torch.no_grad()
-def open_loop(wm, batch, context=2, horizon=50, sample=False):
-    """Fig. S.7: filter the first `context` frames, then imagine `horizon` more with the recorded actions
-    (step to frame t consumes actions[:, t-1]). Returns wm.decode(...) of (B, context + horizon, ...):
-    frames [:context] are reconstructions, [context:] open-loop predictions of batch frames context.."""
+def open_loop_features(wm, batch, context=2, horizon=50, sample=False):
+    """Filter the first `context` frames, then imagine `horizon` more with the recorded actions (the step to
+    frame t consumes actions[:, t-1]). -> features (B, context + horizon, F): [:context] posterior,
+    [context:] prior (open loop) predictions of batch frames context.."""
     T = batch['actions'].shape[1]
     if not 1 <= context < T:
         raise ValueError(f'open_loop: need 1 <= context < T, got context={context}, T={T}')
@@ -382,7 +382,14 @@ def open_loop(wm, batch, context=2, horizon=50, sample=False):
     for t in range(context, context + horizon):
         state = wm.img_step(state, batch['actions'][:, t - 1], sample=sample)
         feats.append(wm.feature(state)[:, None])
-    return wm.decode(torch.cat(feats, 1))
+    return torch.cat(feats, 1)
+
+
+@torch.no_grad()
+def open_loop(wm, batch, context=2, horizon=50, sample=False):
+    """Fig. S.7: wm.decode of open_loop_features: frames [:context] are reconstructions, [context:] open-loop
+    predictions."""
+    return wm.decode(open_loop_features(wm, batch, context, horizon, sample))
 
 
 def fit_linear_probe(feats, targets, ridge=1e-3):
