@@ -166,17 +166,21 @@ def read_results(path: str) -> list:
 
 
 def write_result(path: str, row: dict) -> None:
-    """Replace the row of the same (task, policy, seed, env) or append it; atomic rewrite of the file."""
-    rows = [r for r in read_results(path)
-            if (r['task'], r['policy'], str(r['seed']), r.get('env', 'desk')) !=
-            (row['task'], row['policy'], str(row['seed']), row.get('env', 'desk'))]
-    rows.append({k: row.get(k, '') for k in RESULT_FIELDS})
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """Replace the row of the same (task, policy, seed, env) or append it; atomic rewrite of the file, under a
+    lock so that evaluations of several tasks running at once do not lose each other's rows."""
+    import fcntl
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [r for r in read_results(path)
+                if (r['task'], r['policy'], str(r['seed']), r.get('env', 'desk')) !=
+                (row['task'], row['policy'], str(row['seed']), row.get('env', 'desk'))]
+        rows.append({k: row.get(k, '') for k in RESULT_FIELDS})
+        tmp = f'{path}.tmp{os.getpid()}'
+        with open(tmp, 'w', newline='') as fh:
+            w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
 
 
 def summarize(task: str, policy: str, seed: int, out: dict, t0: float, **extra) -> dict:
@@ -467,14 +471,9 @@ def main(argv=None) -> int:
                 summarize(task, 'scripted', args.seed, out, t0)
             if not (args.scripted or args.wm_report or args.reward_report):
                 evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy)
-    except (TR.StageError, OSError) as e:
+    except TR.user_errors() as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001
-        if type(e).__name__ == 'DataError':
-            print(f'error: {e}', file=sys.stderr)
-            return 2
-        raise
     return 0
 
 

@@ -181,6 +181,12 @@ def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str) -> None:
             raise StageError(f"stage {stage}, step {step}: loss term '{k}' is {v}; stopped ({kept})")
 
 
+def user_errors() -> tuple:
+    """Errors that are the user's to fix (a missing file, a bad dataset, a NaN loss): printed as one line."""
+    from data import DataError
+    return StageError, DataError, OSError
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -665,6 +671,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='seeds Python, NumPy, torch and the simulator')
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='fine-tuning seeds for --stage all')
     p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
+    p.add_argument('--threads', type=int, default=0,
+                   help='torch CPU threads (0 = torch default); 1 is faster when other jobs share the cores')
     p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
     p.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval in steps (0 = about 1/20 of the stage)')
     p.add_argument('--demos', type=int, default=50, help='expert demonstrations per task (paper: N = 50, Tab. S.3)')
@@ -690,7 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         p.error(f'--tasks: unknown task(s) {", ".join(bad)}; choose from {", ".join(TASKS)} or all')
-    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames', 'snapshots'):
+    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames', 'snapshots', 'threads'):
         if getattr(args, name) < 0:
             p.error(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
     if args.demos == 0:
@@ -718,6 +726,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = pick_device(args.device)
     tasks = [args.task] if args.task else args.tasks
@@ -742,14 +752,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to continue from the last checkpoint', file=sys.stderr)
         return 130
-    except (StageError, OSError) as e:
+    except user_errors() as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - data errors from data.py carry their own one-line message
-        if type(e).__name__ == 'DataError':
-            print(f'error: {e}', file=sys.stderr)
-            return 2
-        raise
     return 0
 
 
