@@ -377,9 +377,11 @@ def write_rows(path: str, rows: list) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device) -> list:
-    """For each window (s, e): filter frame s alone, imagine along the recorded actions a_s..a_{e-1};
+def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device, seed: int = 0) -> list:
+    """For each window (s, e): filter frame s alone, imagine along the recorded actions a_s..a_{e-1} with
+    sampled prior latents, exactly as the Dream Diffusion MDP does (dream_ppo.imagine_rollout);
     -> list of (T,) success probabilities C(z_t) of the imagined latents, t = s..e."""
+    torch.manual_seed(seed)
     import data
     import world_model as W
     out = []
@@ -388,15 +390,15 @@ def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device) ->
         batch = data.to_torch({k: split[k][rows] for k in data.SEQ_KEYS}, device)
         if rows.shape[1] < 2:
             continue
-        feat = W.open_loop_features(wm, batch, context=1, horizon=rows.shape[1] - 1)[0]   # (T, F)
+        feat = W.open_loop_features(wm, batch, context=1, horizon=rows.shape[1] - 1, sample=True)[0]  # (T, F)
         out.append(clf.success_prob(feat).cpu().numpy())
     return out
 
 
 def reward_report(args, device, task: str) -> dict:
     """Precision/recall of C_psi on held-out recorded latents; on imagined latents, how often the final frame
-    of a held-out demo is scored a success, and how many frames of held-out play windows that do not
-    complete the task are (false alarms)."""
+    of a held-out demo (window + the post-success frames) is scored a success, and how many frames of
+    held-out play windows that do not complete the task are (false alarms)."""
     import data
     import env
     import reward as R
@@ -406,7 +408,10 @@ def reward_report(args, device, task: str) -> dict:
     feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation')
     pr = R.precision_recall(clf, feat.to(device), label.to(device))
     val = data.load_split(os.path.join(TR.data_root(args), 'validation'), wm.cfg.image_size)
-    demos = val['windows'][val['window_tasks'] == task]
+    # held-out demos, each followed for the same post-success frames as the classifier's positives
+    win = val['windows'][val['window_tasks'] == task]
+    rows, _ = TR.window_rows(val['episodes'], win, args.post_success_frames)
+    demos = np.stack([win[:, 0], rows[:, -1]], 1)
     final = [p[-1] > 0.5 for p in imagined_window_scores(wm, clf, val, demos, device)]
     others = [w for w, t in zip(val['windows'], val['window_tasks']) if t != task and not env.task_success(
         task, {'scene_obs': val['scene_obs'][w[0]]}, {'scene_obs': val['scene_obs'][w[1]]})]
