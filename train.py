@@ -136,7 +136,7 @@ def config_key(config: dict, upstream: list) -> str:
 
 
 def describe_change(old: dict, new: dict) -> str:
-    """'wm.steps 100 -> 200, lr 3e-4 -> 1e-4' for the settings that differ."""
+    """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
     diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
 
@@ -155,12 +155,12 @@ class MetricsLog:
                 self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
         elif os.path.isfile(path):
             os.remove(path)
-        self._flush()
+        self.flush()
 
     def log(self, step: int, metrics: dict) -> None:
         self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         keys = list(dict.fromkeys(k for r in self.rows for k in r)) or ['step']
         tmp = self.path + '.tmp'
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -169,8 +169,6 @@ class MetricsLog:
             w.writeheader()
             w.writerows(self.rows)
         os.replace(tmp, self.path)
-
-    flush = _flush
 
 
 def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str) -> None:
