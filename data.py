@@ -506,10 +506,16 @@ class CollectConfig:
     p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
     p_home: float = 0.5         # probability of a reach back near the rest pose after a task segment
     action_noise: float = 0.2   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
-    speed_min: float = 0.6      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
+    speed_min: float = 0.7      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
     speed_max: float = 1.0      # (slow and fast operators)
-    gain_min: float = 0.3       # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
+    gain_min: float = 0.35      # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
     gain_max: float = 0.6       # (gentle and brisk operators)
+    # The operator's style (env.ScriptedSkill): a drifting hand, detours and hesitations, so that 50 demos
+    # are as varied as teleoperated ones and cloning them is good but imperfect (Table I: base 36-63%).
+    noise_corr: float = 0.6     # AR(1) coefficient of the action noise (0 = iid jitter)
+    p_via: float = 0.4          # probability that a task first swings through a random via point
+    via_scale: float = 0.08     # how far (m) that via point lies off the straight line
+    p_hesitate: float = 0.1     # probability of a 3-10 step hesitation after each phase of a task
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -518,8 +524,9 @@ class CollectConfig:
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
+    # test: 150-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py): a brisk operator
     'test': {'episodes': 2, 'episode_len': 150, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
-             'p_task': 1.0},
+             'p_task': 1.0, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'speed_min': 0.6, 'gain_min': 0.3},
 }
 
 
@@ -537,7 +544,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
     if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
         target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
         return 'home', env.ScriptedSkill('reach', rng, noise=cfg.action_noise, speed=speed, gain=gain,
-                                         reach_target=target)
+                                         reach_target=target, noise_corr=cfg.noise_corr)
     # tasks possible now; a part stuck between its two tests (e.g. drawer at 0.11: neither opening nor closing
     # can move it 0.12) is pushed back to 0 by its second task, which succeeds in no test but frees the part
     pairs = [env.TASKS[i:i + 2] for i in range(0, len(env.TASKS), 2)]
@@ -548,13 +555,16 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
         kind = str(rng.choice(options))
     else:
         kind = 'pause' if rng.random() < cfg.p_pause else 'reach'
-    return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain)
+    return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain,
+                                   noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
+                                   p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
     """Play one episode on `desk`, write its frames, return its summary (windows in global frame ids)."""
     import env
     rng = np.random.default_rng([cfg.seed, e])
+    t_start = time.time()
     split = episode_split(cfg, e)
     folder = Path(out_dir) / split
     start_id = e * cfg.episode_len
@@ -590,7 +600,7 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
         if _PARENT is not None and t % 100 == 0 and os.getppid() != _PARENT:
             raise SystemExit('collect: parent process is gone, worker stops')   # killed run: no orphans
     return {'episode': e, 'split': split, 'start': start_id, 'end': start_id + cfg.episode_len - 1,
-            'windows': [list(w) for w in windows], 'tasks': tasks, **stats}
+            'windows': [list(w) for w in windows], 'tasks': tasks, 'wall_s': round(time.time() - t_start, 2), **stats}
 
 
 _DESK, _PARENT = None, None                         # one DeskEnv per worker process; the collecting process

@@ -75,6 +75,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # gradient-norm clip of actor and critic (DPPO default)
     target_kl: float = 0.0  # stop the epochs early when approx-KL exceeds this; 0 = never (not in the paper)
     critic_warmup: int = 0  # first iterations update only the critic (DPPO option; paper: 0)
+    reward: str = 'classifier'  # 'classifier' C(z_{t+1}) (§III.C) or 'decoder': the task's test on scene states decoded by a hybrid WM (Fig. 2)
     reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
     success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
     reward_binary: bool = False  # reward = 1[p > threshold] (reference code) instead of the probability (paper)
@@ -104,6 +105,7 @@ def alpha_bc_for(task: str, cfg: FinetuneConfig | None = None) -> float:
 
 def _check_cfg(cfg: FinetuneConfig):
     assert cfg.K_ft >= 1, f'K_ft must be >= 1, got {cfg.K_ft}'
+    assert cfg.reward in ('classifier', 'decoder'), f"reward must be 'classifier' or 'decoder', got {cfg.reward!r}"
     assert cfg.reward_over_chunk in ('max', 'last'), f"reward_over_chunk must be 'max' or 'last', got {cfg.reward_over_chunk!r}"
     assert 0 < cfg.clip_min <= cfg.clip_max, f'need 0 < clip_min <= clip_max, got {cfg.clip_min}, {cfg.clip_max}'
 
@@ -321,8 +323,10 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     _check_cfg(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
+    start_feat = wm.feature(state)  # z_0 of each episode: the decoded-state reward tests success against it
     ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
     feats, chains, rewards, dones, succs, values = [], [], [], [], [], []
+    relative = getattr(reward_clf, 'relative', False)
     for t in range(T):
         feat = wm.feature(state)  # z_t: (N, F)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
@@ -330,7 +334,8 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
         probs = []
         for j in range(actions.shape[1]):  # Ta world-model steps (Eq. 3): h_{t+1} = f(h_t, a), z ~ p(z|h)
             state = wm.img_step(state, actions[:, j], sample=True)
-            probs.append(reward_clf.success_prob(wm.feature(state)))
+            f_next = wm.feature(state)
+            probs.append(reward_clf.success_prob(f_next, start_feat) if relative else reward_clf.success_prob(f_next))
         probs = torch.stack(probs, 1)  # (N, Ta)
         p = probs.max(1).values if cfg.reward_over_chunk == 'max' else probs[:, -1]
         success = p > cfg.success_threshold
@@ -339,7 +344,9 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
         done = success | (ep_len >= cfg.max_episode_steps)
         feats.append(feat), chains.append(chain), rewards.append(reward), dones.append(done)
         succs.append(success), values.append(critic(feat))
-        state = _where_state(done, _sample_starts(start_pool, N, generator), state)  # restart ended episodes
+        fresh = _sample_starts(start_pool, N, generator)
+        state = _where_state(done, fresh, state)  # restart ended episodes
+        start_feat = torch.where(done[:, None], wm.feature(fresh), start_feat)
         ep_len = ep_len * (~done)
     values.append(critic(wm.feature(state)))  # bootstrap V(z_T)
     return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': torch.stack(rewards),

@@ -156,7 +156,7 @@ def desk_urdf():
         _box((0.45, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # right side
         _box((0.09, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # divider
         _box((0.27, 0.095, 0.5225), (0.17, 0.005, 0.0825), cab),                            # right front panel
-        _box((-0.12, -0.12, top + 0.004), (0.045, 0.045, 0.004), dark),                     # button housing
+        _box((-0.12, -0.12, top + 0.004), (0.032, 0.032, 0.004), dark),                     # button housing
     ]
     door = [_box((0, 0, 0), (0.13, 0.008, 0.07), (0.2, 0.45, 0.8, 1)),
             _box(DOOR_KNOB, (0.01, 0.0335, 0.025), dark)]
@@ -165,10 +165,10 @@ def desk_urdf():
               _box((-0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
               _box((0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
               _box(DRAWER_KNOB, (0.012, 0.0375, 0.015), dark)]
-    button = [_box((0, 0, 0), (0.03, 0.03, 0.027), (0.8, 0.1, 0.1, 1))]
+    button = [_box((0, 0, 0), (0.02, 0.02, 0.027), (0.8, 0.1, 0.1, 1))]    # 4 cm: pressing it takes aim
     switch = [_box((0, 0.015, 0), (0.03, 0.015, 0.03), dark),
               _box(SWITCH_KNOB, (0.015, 0.035, 0.012), (0.1, 0.1, 0.1, 1))]
-    led = [_box((0, 0, 0), (0.08, 0.025, 0.012), OFF_RGBA, collide=False)]
+    led = [_box((0, 0, 0), (0.09, 0.035, 0.02), OFF_RGBA, collide=False)]   # ~9x4 px at 64x64
     bulb = [_box((0, 0, 0), (0.03, 0.03, 0.03), OFF_RGBA, collide=False)]
     parts = [_link('base', base),
              _link('door', door, 1.0), _joint('door_joint', 'prismatic', 'door', DOOR_ORIGIN, (-1, 0, 0), DOOR_MAX),
@@ -477,6 +477,21 @@ def task_success(task, start_info, info):
     return bool(tests[task]())
 
 
+def task_success_batch(task, s0, s1):
+    """task_success on batches of scene states s0, s1 (..., 24), numpy or torch -> bool (...). Used by the
+    decoded-state reward of Fig. 2, where s0 / s1 are scene states decoded from world-model latents."""
+    d = lambda i: s1[..., i] - s0[..., i]
+    off_on = lambda i: (s0[..., i] < 0.5) & (s1[..., i] > 0.5)
+    on_off = lambda i: (s0[..., i] > 0.5) & (s1[..., i] < 0.5)
+    tests = {'open_drawer': lambda: d(1) > 0.12, 'close_drawer': lambda: d(1) < -0.12,
+             'move_slider_left': lambda: d(0) > 0.15, 'move_slider_right': lambda: d(0) < -0.15,
+             'turn_on_lightbulb': lambda: off_on(4), 'turn_off_lightbulb': lambda: on_off(4),
+             'turn_on_led': lambda: off_on(5), 'turn_off_led': lambda: on_off(5)}
+    if task not in tests:
+        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    return tests[task]()
+
+
 def completed_tasks(start_info, info):
     """The set of tasks completed between two infos (CALVIN's tasks.get_task_info)."""
     return {t for t in TASKS if task_success(t, start_info, info)}
@@ -566,14 +581,37 @@ class ScriptedSkill:
       gain      proportional gain on the TCP error (0.5 = close half the error per step)
       noise     std of Gaussian noise added to the 6 motion dims (play-data diversity)
       pause_steps / reach_target: parameters of the 'pause' and 'reach' skills (random if None)
+    A human operator is less regular than a waypoint script (CALVIN's play data is teleoperated), so that
+    cloning 50 demonstrations is not trivial (the paper's base policies succeed 36-63%, Table I):
+      noise_corr  AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
+      p_via, via_scale  with probability p_via a task first swings through a random via point (a detour
+                  of ~via_scale metres off the straight line towards its first waypoint)
+      p_hesitate  probability of a hesitation (3-10 steps holding still) after each phase
+    All three default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
-    def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None):
+    def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
+                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
         self.pause_steps, self.reach_target = pause_steps, reach_target
+        self.noise_corr, self.p_via, self.via_scale, self.p_hesitate = (float(noise_corr), float(p_via),
+                                                                       float(via_scale), float(p_hesitate))
         self.phases, self.i, self.t, self.done = None, 0, 0, False
+        self.drift, self.hesitating = np.zeros(6), 0
+
+    def _detour(self, tcp, phases, P):
+        """Prepend a via point between the TCP and the first waypoint, pushed sideways at random. Its height
+        stays above the lower of the two and it never goes further back (+y, towards the cabinet) than they do."""
+        first = phases[0]['goal']
+        if (self.p_via <= 0 or self.task not in TASKS or isinstance(first, str) or first is None
+                or self.rng.random() >= self.p_via):
+            return phases
+        via = tcp + self.rng.uniform(0.3, 0.7) * (first - tcp) + self.rng.uniform(-1, 1, 3) * self.via_scale * (1, 1, 0.5)
+        via[1] = min(via[1], max(tcp[1], first[1]))
+        via[2] = max(via[2], min(tcp[2], first[2]))
+        return [P(np.clip(via, WORKSPACE[0], WORKSPACE[1]), phases[0]['grip'], 0.03)] + phases
 
     # phase = dict(goal=(3,), grip=+-1, tol=metres, until=callable(scene_obs) or None, wait=steps, max=steps)
     def _plan(self, robot_obs, s):
@@ -627,7 +665,8 @@ class ScriptedSkill:
     def act(self, obs):
         r, s = np.asarray(obs['robot_obs'], float), np.asarray(obs['scene_obs'], float)
         if self.phases is None:
-            self.phases = self._plan(r, s)
+            P = lambda goal, grip, tol: dict(goal=goal, grip=grip, tol=tol, until=None, wait=0, max=40)
+            self.phases = self._detour(r[:3], self._plan(r, s), P)
             self.hold = r[:3].copy()
             self.target = r[:3].copy()     # estimate of the env's stored TCP target (reset to the measured TCP)
             self.euler = SWITCH_EULER if 'lightbulb' in self.task else DOWN_EULER
@@ -636,6 +675,10 @@ class ScriptedSkill:
             a[6] = r[14]
             return a
         ph = self.phases[self.i]
+        if self.hesitating:                  # the operator pauses between two phases: hold still
+            self.hesitating -= 1
+            a[6] = ph['grip'] if self.i == 0 else self.phases[self.i - 1]['grip']
+            return a
         if isinstance(ph['goal'], str):      # relative retreat, fixed when the phase starts
             ph['goal'] = r[:3] + ((0, -0.03, 0.1) if ph['goal'] == 'up' else (0, -0.06, 0.06))
         goal = self.hold if ph['goal'] is None else ph['goal']
@@ -644,8 +687,10 @@ class ScriptedSkill:
             a[:3] = err * self.gain / POS_SCALE                                  # P-law on the TCP error
             a[3:6] = wrap_angle(self.euler - r[3:6]) * self.gain / ORN_SCALE      # wrapped: roll sits at +-pi
             a[:6] *= min(1.0, self.speed / max(np.abs(a[:6]).max(), 1e-9))       # cap the speed, keep the direction
-            if self.noise > 0:
-                a[:6] += self.rng.normal(0.0, self.noise, 6)
+            if self.noise > 0:        # AR(1) noise with stationary std `noise` (iid when noise_corr = 0)
+                rho = self.noise_corr
+                self.drift = rho * self.drift + np.sqrt(1.0 - rho ** 2) * self.rng.normal(0.0, self.noise, 6)
+                a[:6] += self.drift
             # Anti-windup: a blocked hand must not let the integrated target run away (CALVIN's controller).
             lo, hi = (r[:3] - LEASH - self.target) / POS_SCALE, (r[:3] + LEASH - self.target) / POS_SCALE
             a[:3] = np.clip(np.clip(a[:3], lo, hi), -1.0, 1.0)
@@ -661,6 +706,8 @@ class ScriptedSkill:
                 self.hold = goal
             self.i, self.t = self.i + 1, 0
             self.done = self.i >= len(self.phases)
+            if not self.done and self.p_hesitate > 0 and self.rng.random() < self.p_hesitate:
+                self.hesitating = int(self.rng.integers(3, 11))
         return np.clip(a, -1.0, 1.0)
 
 
@@ -836,8 +883,9 @@ def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size:
 
 # ---------------------------------------------------------------- command line: skills table, renders
 
-def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True):
-    """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}"""
+def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True, **style):
+    """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}
+    `style`: extra ScriptedSkill arguments (noise, noise_corr, p_via, ...; --operator uses the play data's)."""
     env = DeskEnv(cameras=False, seed=seed)
     rng, rates = np.random.default_rng(seed), {}
     for task in tasks:
@@ -845,7 +893,7 @@ def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True)
         for _ in range(episodes):
             robot_obs, scene_obs = sample_task_start(task, rng)
             obs = env.reset(robot_obs, scene_obs)
-            start, skill = env.get_info(), ScriptedSkill(task, rng)
+            start, skill = env.get_info(), ScriptedSkill(task, rng, **style)
             for t in range(max_steps):
                 obs, _, _, info = env.step(skill.act(obs))
                 if task_success(task, start, info):      # CALVIN's evaluation stops at the first success
@@ -884,12 +932,22 @@ if __name__ == '__main__':
     ap.add_argument('--check-skills', action='store_true', help='print the success table of the scripted skills')
     ap.add_argument('--episodes', type=int, default=100, help='episodes per task for --check-skills')
     ap.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks for --check-skills')
+    ap.add_argument('--operator', action='store_true',
+                    help="--check-skills with the play data's operator style (data.CollectConfig: noise, drift, "
+                         'detours, hesitations; mid speed and gain)')
     ap.add_argument('--render', metavar='DIR', help='write PNGs of both cameras for a few desk states to DIR')
     ap.add_argument('--size', type=int, default=64, help='static camera resolution for --render')
     ap.add_argument('--seed', type=int, default=0)
     args = ap.parse_args()
     if args.check_skills:
-        check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','))
+        style = {}
+        if args.operator:
+            from data import CollectConfig
+            c = CollectConfig()
+            style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
+                         p_hesitate=c.p_hesitate, speed=(c.speed_min + c.speed_max) / 2,
+                         gain=(c.gain_min + c.gain_max) / 2)
+        check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
         render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)
     if not (args.check_skills or args.render):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import subprocess
@@ -201,7 +202,9 @@ def summarize(task: str, policy: str, seed: int, out: dict, t0: float, **extra) 
 
 def policy_agent_factory(policy_pre, actor=None, K_ft: int = 0, Ta: int = 4, seed: int = 0):
     """make_agent(B) for a pre-trained policy, or for DiWA's pair (frozen first K-K' steps, fine-tuned last K')."""
+    import dream_ppo as P
     gen = torch.Generator(device=next(policy_pre.parameters()).device).manual_seed(seed)
+    K_ft = min(K_ft, P.policy_K(policy_pre))      # the Gaussian policy (S.5.3) has a single 'denoising' step
 
     class _Pair(torch.nn.Module):  # sample() of the pair = the fine-tuned policy that DiWA deploys
         def sample(self, feat, deterministic=True, generator=None):
@@ -210,19 +213,24 @@ def policy_agent_factory(policy_pre, actor=None, K_ft: int = 0, Ta: int = 4, see
     return lambda B: ChunkAgent(_Pair(), Ta=Ta, deterministic=True, generator=gen)
 
 
-def already_done(results_path: str, task: str, policy: str, seed: int, key: str, episodes: int, env_kind: str) -> bool:
+def already_done(results_paths: list, task: str, policy: str, seed: int, key: str, episodes: int, env_kind: str) -> bool:
+    """Whether results.csv of this run (or of a run it inherits from) has this evaluation already."""
     return any(r['task'] == task and r['policy'] == policy and str(r['seed']) == str(seed) and r['ckpt_key'] == key
                and int(r['episodes']) == episodes and r.get('env', 'desk') == env_kind
-               for r in read_results(results_path))
+               for path in results_paths for r in read_results(path))
 
 
-def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str = 'desk', policies=None) -> list:
+def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str = 'desk', policies=None,
+                         snapshots: bool = False) -> list:
     """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = bc.pt, diwa =
-    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet."""
+    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet.
+    snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt) as policies
+    'diwa@<N>': real success along fine-tuning, Fig. 3."""
     import train as TR
     wm, wm_ckpt = TR.load_world_model(args, device)
     results_path = os.path.join(args.run, 'results.csv')
-    base_path = os.path.join(args.run, task, 'bc.pt')
+    known = [results_path] + [os.path.join(r, 'results.csv') for r in getattr(args, 'inherit', None) or []]
+    base_path = TR.find(args, task, 'bc.pt')
     policy_pre, bc_ckpt = TR.load_policy(base_path, task, wm.feat_dim, device)
     candidates = {'base': (bc_ckpt, None, 0)}
     for name, ckpt_path in TR.finetuned_checkpoints(args, task, args.seed).items():
@@ -230,12 +238,19 @@ def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str
         if ck.get('done'):
             actor = TR.load_finetuned_actor(ck, policy_pre, device)
             candidates[name] = (ck, actor, ck['config']['K_ft'])
+    folder = os.path.join(args.run, task, f'diwa_s{args.seed}_snapshots')
+    if snapshots and os.path.isdir(folder):
+        for f in sorted(os.listdir(folder), key=lambda f: int(''.join(filter(str.isdigit, f)) or 0)):
+            ck = TR.load_checkpoint(os.path.join(folder, f), 'finetune', task)
+            ck['key'] = f"{ck['key']}@{ck['step']}"          # one row per snapshot in results.csv
+            candidates[f"diwa@{ck['step']}"] = (ck, TR.load_finetuned_actor(ck, policy_pre, device),
+                                                ck['config']['K_ft'])
     rows = []
     starts = task_starts(task, cfg.episodes, args.seed)
     for name, (ck, actor, K_ft) in candidates.items():
         if policies and name not in policies:
             continue
-        if already_done(results_path, task, name, args.seed, ck['key'], cfg.episodes, env_kind):
+        if already_done(known, task, name, args.seed, ck['key'], cfg.episodes, env_kind):
             print(f'[eval] {task} {name} seed {args.seed}: up to date in {results_path}: skipped')
             continue
         t0 = time.time()
@@ -423,7 +438,247 @@ def reward_report(args, device, task: str) -> dict:
     print(f"[reward/{task}] held-out recorded: precision {out['precision']:.3f} recall {out['recall']:.3f} "
           f"({len(label)} frames); imagined: demo final frame success {out['imagined_final_success']:.2f} "
           f"({len(final)} demos), play frames false alarm {out['imagined_false_alarm']:.3f} ({false.size} frames)")
+    path = os.path.join(args.run, task, 'reward_report.json')
+    with open(path + '.tmp', 'w') as fh:
+        json.dump(out, fh, indent=1)
+    os.replace(path + '.tmp', path)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: the paper's evidence re-made on the built-in desk, from the files of a run folder alone.
+#   Table I    base vs DiWA, 8 tasks x seeds; simulator steps during fine-tuning; DPPO's steps to match
+#   Fig. 2     world-model / reward variants          Fig. 3   real success of the fine-tuning snapshots
+#   Fig. S.6   alpha_BC: imagined vs real success     Table S.6  the unimodal Gaussian policy
+#   Fig. S.7   world-model rollouts (wm_report)
+# `train.py --stage report` runs whatever is missing and calls write_report after each piece of work;
+# `eval.py --report` only rewrites results.md / results.csv / figures from what is there (seconds).
+# ----------------------------------------------------------------------------------------------------
+
+# Variants: run folders <run>/variants/<name> that inherit every checkpoint they do not change (train.py --inherit).
+VARIANTS = {
+    'alpha_bc_0': dict(overrides={'ft.alpha_bc': 0.0}, inherit=[], what='alpha_BC = 0 (no BC regulariser)'),
+    'alpha_bc_0.5': dict(overrides={'ft.alpha_bc': 0.5}, inherit=[], what='alpha_BC = 0.5'),
+    'gaussian': dict(overrides={'bc.policy': 'gaussian'}, inherit=[], what='unimodal Gaussian policy (S.5.3)'),
+    'hybrid': dict(overrides={'wm.hybrid': True}, inherit=[], what='hybrid world model + latent classifier'),
+    'hybrid_decoder': dict(overrides={'wm.hybrid': True, 'ft.reward': 'decoder'}, inherit=['hybrid'],
+                           what='hybrid world model + decoded-state reward'),
+}
+PAPER_TABLE_I = {  # task: (base %, DiWA %, DPPO env steps to match DiWA), Table I of the paper (CALVIN D, 3 seeds)
+    'open_drawer': ('57.8 ± 3.9', '74.4 ± 1.9', '134k'), 'close_drawer': ('59.1 ± 5.1', '92.0 ± 2.0', '346k'),
+    'move_slider_left': ('62.2 ± 0.6', '83.3 ± 1.8', '271k'), 'move_slider_right': ('62.6 ± 3.6', '82.8 ± 3.5', '250k'),
+    'turn_on_lightbulb': ('60.6 ± 3.0', '91.9 ± 1.8', '303k'), 'turn_off_lightbulb': ('35.6 ± 2.0', '77.0 ± 2.0', '327k'),
+    'turn_on_led': ('48.4 ± 3.7', '86.2 ± 3.5', '495k'), 'turn_off_led': ('55.3 ± 4.8', '82.3 ± 6.5', '277k')}
+
+
+def variant_run(run: str, name: str) -> str:
+    return os.path.join(run, 'variants', name)
+
+
+def _mean_std(values) -> str:
+    v = 100 * np.asarray(values, float)
+    return '–' if v.size == 0 else f'{v.mean():.1f} ± {v.std():.1f}' + (f' (n={v.size})' if v.size < 3 else '')
+
+
+def _latest(rows: list, **match) -> dict:
+    """The last row (results.csv is append-only) per seed among rows matching all `match` fields."""
+    out = {}
+    for r in rows:
+        if all(str(r.get(k)) == str(v) for k, v in match.items()):
+            out[r['seed']] = r
+    return out
+
+
+def _ckpt_facts(path: str) -> dict:
+    """Wall-clock and counters of a finished checkpoint, or {} when it is missing / unfinished."""
+    if not os.path.isfile(path):
+        return {}
+    ck = torch.load(path, weights_only=True, map_location='cpu')
+    if not ck.get('done'):
+        return {}
+    return {'wall_s': float(ck.get('wall_s', 0.0)), 'counters': ck.get('state', {}).get('counters', {}),
+            'metrics_csv': os.path.splitext(path)[0] + '_metrics.csv', 'key': ck.get('key')}
+
+
+def _final_metric(csv_path: str, name: str, last: int = 10) -> float:
+    """Mean of a metric over the last `last` logged iterations (e.g. imagined success during fine-tuning)."""
+    rows = [r for r in read_results(csv_path) if r.get(name) not in (None, '')]
+    return float(np.mean([float(r[name]) for r in rows[-last:]])) if rows else float('nan')
+
+
+def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
+    """Simulator steps after which DPPO's success in its own (exploring) rollouts, averaged over `window`
+    iterations, first reaches `target` (DiWA's success in the simulator). -> (steps or None, steps run)."""
+    rows = read_results(csv_path)
+    if not rows:
+        return None, 0
+    window = min(window, len(rows))
+    succ = np.array([float(r['charts/success_rate']) for r in rows])
+    steps = np.array([float(r['charts/sim_steps']) for r in rows])
+    smooth = np.convolve(succ, np.ones(window) / window, mode='valid')
+    hit = np.flatnonzero(smooth >= target)
+    return (int(steps[hit[0] + window - 1]) if hit.size else None), int(steps[-1])
+
+
+def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer') -> str:
+    """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from env import TASKS
+    os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
+    runs = {'main': run, **{n: variant_run(run, n) for n in VARIANTS}}
+    rows = [{'variant': n, **r} for n, d in runs.items() for r in read_results(os.path.join(d, 'results.csv'))]
+    seeds = [str(s) for s in seeds]
+    md = [f'# DiWA on the built-in desk: results of `python train.py --stage report --preset {preset}`', '',
+          f'Written by `eval.py` from `{run}` (commits: {", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
+          'Success rates in % over 100 simulator episodes per task and seed (mean ± std over seeds, '
+          f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Paper numbers: CALVIN D.', '']
+    main = [r for r in rows if r['variant'] == 'main']
+
+    # ---- Table I
+    md += ['## Table I: base vs. DiWA', '',
+           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | paper base | paper DiWA |',
+           '|---|---|---|---|---|---|---|---|']
+    deltas = {}
+    for task in TASKS:
+        base = _latest(main, task=task, policy='base')
+        diwa = _latest(main, task=task, policy='diwa')
+        b = [float(base[s]['success']) for s in seeds if s in base]
+        d = [float(diwa[s]['success']) for s in seeds if s in diwa]
+        paired = [float(diwa[s]['success']) - float(base[s]['success']) for s in seeds if s in base and s in diwa]
+        deltas[task] = (b, d, paired)
+        facts = [_ckpt_facts(os.path.join(run, task, f'diwa_s{s}.pt')) for s in seeds]
+        walls = [f['wall_s'] / 60 for f in facts if f]
+        sim = sum(int(f['counters'].get('sim_steps', 0)) for f in facts if f)
+        md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
+                  f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
+                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {PAPER_TABLE_I[task][0]} | {PAPER_TABLE_I[task][1]} |')
+    all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
+    all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
+    md += ['', f'Average over the tasks done: base {100 * np.mean(all_b) if all_b else float("nan"):.1f}, '
+               f'DiWA {100 * np.mean(all_d) if all_d else float("nan"):.1f}. '
+               'Tasks where DiWA does not gain 15 points on average: '
+               + (', '.join(t for t, v in deltas.items() if v[2] and np.mean(v[2]) < 0.15) or 'none') + '.', '']
+    # DPPO
+    dppo = _ckpt_facts(os.path.join(run, report_task, 'dppo_s0.pt'))
+    diwa_real = np.mean(deltas[report_task][1]) if deltas[report_task][1] else None
+    if dppo and diwa_real is not None:
+        steps, ran = dppo_steps_to_match(dppo['metrics_csv'], diwa_real)
+        dppo_eval = _latest(main, task=report_task, policy='dppo').get('0')
+        md += [f'DPPO on {report_task} (seed 0, the same PPO in the simulator, reward = the simulator\'s success test): '
+               + (f'its rollouts reach DiWA\'s {100 * diwa_real:.1f}% after **{steps:,} simulator steps**'
+                  if steps is not None else f'its rollouts did not reach DiWA\'s {100 * diwa_real:.1f}% within the cap '
+                                            f'of {ran:,} simulator steps')
+               + f' (paper: {PAPER_TABLE_I[report_task][2]}); final DPPO policy in the evaluation: '
+               + (f"{100 * float(dppo_eval['success']):.0f}%" if dppo_eval else '–')
+               + f'; wall-clock {dppo["wall_s"] / 60:.0f} min. DiWA: 0 simulator steps.', '']
+    # ---- Fig. 3
+    fig3 = {}
+    for r in main:
+        if r['policy'].startswith('diwa@'):
+            fig3.setdefault(r['task'], {}).setdefault(int(r['policy'][5:]), []).append(float(r['success']))
+    if fig3:
+        plt.figure(figsize=(6, 4))
+        for task, pts in sorted(fig3.items()):
+            base = _latest(main, task=task, policy='base').get('0')
+            xs = ([0] if base else []) + sorted(pts)
+            ys = ([float(base['success'])] if base else []) + [np.mean(pts[x]) for x in sorted(pts)]
+            plt.plot(xs, 100 * np.array(ys), marker='o', label=task)
+        plt.xlabel('fine-tuning iteration (in imagination)'), plt.ylabel('success in the simulator (%)')
+        plt.title('Fig. 3 analogue: real success during fine-tuning'), plt.legend(fontsize=7), plt.grid(alpha=0.3)
+        plt.tight_layout(), plt.savefig(os.path.join(out_dir, 'figures', 'fig3_finetuning_curves.png'), dpi=120)
+        plt.close()
+        md += ['## Fig. 3: success in the simulator during fine-tuning', '',
+               '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
+    # ---- Fig. 2, Fig. S.6, Table S.6 (variants, seed 0, on report_task)
+    md += [f'## Variants on {report_task} (Fig. 2, Fig. S.6, Table S.6), seed 0', '',
+           '| variant | base | DiWA | imagined success at the end of fine-tuning |', '|---|---|---|---|']
+    main_d = _latest(main, task=report_task, policy='diwa').get('0')
+    main_b = _latest(main, task=report_task, policy='base').get('0')
+    main_f = _ckpt_facts(os.path.join(run, report_task, 'diwa_s0.pt'))
+    table = {'default (vision WM + classifier, alpha_BC of S.2.4)': (main_b, main_d, main_f)}
+    for name, v in VARIANTS.items():
+        vr = [r for r in rows if r['variant'] == name]
+        # the base policy's row lives in the first run of the variant's chain that evaluated it
+        chain = [[r for r in rows if r['variant'] == p] for p in v['inherit']] + [main]
+        b = next((x for x in [_latest(r, task=report_task, policy='base').get('0') for r in [vr] + chain] if x), None)
+        table[v['what']] = (b, _latest(vr, task=report_task, policy='diwa').get('0'),
+                            _ckpt_facts(os.path.join(runs[name], report_task, 'diwa_s0.pt')))
+    bars = []
+    for what, (b, d, f) in table.items():
+        imag = _final_metric(f['metrics_csv'], 'charts/success_rate') if f else float('nan')
+        pct = lambda r: f"{100 * float(r['success']):.0f}" if r else '–'
+        md.append(f'| {what} | {pct(b)} | {pct(d)} | {"–" if np.isnan(imag) else f"{100 * imag:.0f}"} |')
+        bars.append((what, float(b['success']) if b else np.nan, float(d['success']) if d else np.nan, imag))
+    md.append('')
+    if any(not np.isnan(x[2]) for x in bars):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = np.arange(len(bars))
+        for i, (lab, col) in enumerate([('base (real)', '0.6'), ('DiWA (real)', 'C0'), ('DiWA (imagined)', 'C1')]):
+            ax.bar(x + (i - 1) * 0.27, [100 * b[i + 1] for b in bars], 0.27, label=lab, color=col)
+        ax.set_xticks(x, [b[0].replace(' + ', '\n+ ').replace(' (', '\n(') for b in bars], fontsize=6)
+        ax.set_ylabel('success (%)'), ax.set_title(f'Fig. 2 / Fig. S.6 / Table S.6 analogues ({report_task}, seed 0)')
+        ax.legend(fontsize=7), plt.tight_layout()
+        plt.savefig(os.path.join(out_dir, 'figures', 'fig2_s6_variants.png'), dpi=120), plt.close()
+        md += ['![variants](figures/fig2_s6_variants.png)', '']
+    # ---- Fig. S.7 and the world-model / reward checks
+    wm_csv = os.path.join(run, 'wm_open_loop.csv')
+    if os.path.isfile(wm_csv):
+        import shutil
+        md += ['## Fig. S.7: world-model open-loop prediction (held-out play, 2 context frames)', '',
+               'Mean absolute error of each part\'s state read from the imagined latents, vs. "nothing moves", on '
+               'windows where the part moves.', '', '| part | h=1 | h=10 | h=25 | h=50 |', '|---|---|---|---|---|']
+        wm_rows = read_results(wm_csv)
+        for part in PARTS:
+            cells = {int(r['horizon']): f"{float(r['model_mae']):.3f} / {float(r['still_mae']):.3f}"
+                     for r in wm_rows if r['part'] == part}
+            md.append(f'| {part} | ' + ' | '.join(cells.get(h, '–') for h in HORIZONS) + ' |')
+        md.append('')
+        fig = os.path.join(run, 'figures', 'wm_rollout.png')
+        if os.path.isfile(fig):
+            shutil.copyfile(fig, os.path.join(out_dir, 'figures', 'figS7_wm_rollout.png'))
+            md += ['![Fig. S.7](figures/figS7_wm_rollout.png)', '']
+    rw = [json.load(open(p)) for p in (os.path.join(run, t, 'reward_report.json') for t in TASKS) if os.path.isfile(p)]
+    if rw:
+        md += ['## Reward classifier (§III.C)', '', '| task | precision | recall | imagined demo end scored success '
+               '| imagined play false alarm |', '|---|---|---|---|---|']
+        md += [f"| {r['task']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['imagined_final_success']:.2f} "
+               f"| {r['imagined_false_alarm']:.3f} |" for r in rw] + ['']
+    # ---- wall-clock
+    md += ['## Wall-clock (this machine, as run)', '', '| stage | runs | total |', '|---|---|---|']
+    totals = {}
+    for root in runs.values():
+        for dirpath, dirs, files in os.walk(root):
+            if root == run and 'variants' in dirs:
+                dirs.remove('variants')                 # walked as runs of their own
+            for f in files:
+                if f.endswith('.pt') and not f.startswith('latents') and 'snapshots' not in dirpath:
+                    ck = torch.load(os.path.join(dirpath, f), weights_only=True, map_location='cpu')
+                    if isinstance(ck, dict) and 'wall_s' in ck:
+                        n, s = totals.get(ck['stage'], (0, 0.0))
+                        totals[ck['stage']] = (n + 1, s + float(ck['wall_s']))
+    collect_s = _collect_wall(run)
+    if collect_s:
+        totals['collect'] = (1, collect_s)        # per-episode times / worker processes
+    totals['eval'] = (len(rows), sum(float(r.get('wall_s') or 0) for r in rows))
+    for stage, (n, s) in totals.items():
+        md.append(f'| {stage} | {n} | {s / 3600:.2f} h |')
+    md += [f'| **all** | | **{sum(s for _, s in totals.values()) / 3600:.2f} h** |', '']
+    write_rows(os.path.join(out_dir, 'results.csv'), rows or [{'variant': ''}])
+    path = os.path.join(out_dir, 'results.md')
+    with open(path + '.tmp', 'w') as fh:
+        fh.write('\n'.join(md))
+    os.replace(path + '.tmp', path)
+    return path
+
+
+def _collect_wall(run: str) -> float:
+    p, c = os.path.join(run, 'data', 'collect_progress.json'), os.path.join(run, 'data', 'collect_config.json')
+    if not os.path.isfile(p):
+        return 0.0
+    workers = json.load(open(c)).get('workers', 1) if os.path.isfile(c) else 1
+    return float(sum(v.get('wall_s', 0.0) for v in json.load(open(p)).values() if isinstance(v, dict))) / workers
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,7 +703,18 @@ def main(argv=None) -> int:
     p.add_argument('--scripted', action='store_true', help='run the scripted skills through the evaluation loop')
     p.add_argument('--wm-report', action='store_true', help='world-model open-loop errors and Fig. S.7')
     p.add_argument('--reward-report', action='store_true', help='reward classifier on held-out and imagined latents')
+    p.add_argument('--report', action='store_true',
+                   help='only rewrite results.md / results.csv / figures from the run folder (train.py --stage '
+                        'report runs the missing experiments first)')
+    p.add_argument('--report-dir', default='results', help='where --report writes')
+    p.add_argument('--report-task', choices=TASKS, default='open_drawer', help='the task of the variants / DPPO')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds the report averages over')
+    p.add_argument('--inherit', nargs='+', default=[], metavar='RUN', help='parent run folder(s) (train.py --inherit)')
     args = p.parse_args(argv)
+    if args.report:
+        args.run = args.run or os.path.join('runs', args.preset)
+        print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task))
+        return 0
     tasks = list(TASKS) if args.task == ['all'] else args.task
     bad = [t for t in tasks if t not in TASKS]
     if bad:

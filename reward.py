@@ -140,3 +140,22 @@ def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096):
     recall = tp / max(tp + fn, 1)
     return {'precision': precision, 'recall': recall, 'accuracy': (pred == true).float().mean().item(),
             'f1': 2 * precision * recall / max(precision + recall, 1e-12)}
+
+
+class DecodedStateReward(nn.Module):
+    """Fig. 2's third variant: no classifier; the hybrid world model decodes the scene state (door, drawer,
+    lights, ...) from the latent and the task's own success test (env.task_success_batch) is applied between
+    the episode's first latent and the current one. 'relative' tells dream_ppo to pass the start latent."""
+    relative = True
+
+    def __init__(self, wm, task: str):
+        super().__init__()
+        if not getattr(wm.cfg, 'hybrid', False):
+            raise ValueError('reward=decoder needs a hybrid world model (--wm.hybrid true): a vision model '
+                             'has no scene decoder')
+        self.wm, self.task = wm, task
+
+    @torch.no_grad()
+    def success_prob(self, feat, start_feat):  # (B, F), (B, F) -> (B,) in {0, 1}
+        import env
+        return env.task_success_batch(self.task, self.wm.decode_scene(start_feat), self.wm.decode_scene(feat)).float()

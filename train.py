@@ -86,7 +86,7 @@ def add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls) -> None:
         kind = type(default)
         group.add_argument(f'--{prefix}.{f.name}', dest=f'{prefix}.{f.name}', default=None, metavar=kind.__name__.upper(),
                            type=lambda s, k=kind: _parse_value(k, s),
-                           help=f"{helps.get(f.name, '')} (paper: {default})")
+                           help=f"{helps.get(f.name, '')} (paper: {default})".replace('%', '%%'))
 
 
 def build_config(cls, presets: dict, preset: str, args: argparse.Namespace, prefix: str):
@@ -204,18 +204,27 @@ def pick_device(name: str) -> torch.device:
 
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
-               extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0) -> dict:
+               extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0,
+               inherited: list | None = None) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
     objects: {'model': nn.Module, 'optim': Optimizer, ...} — everything with state_dict()/load_state_dict()
     that defines the run's state; saved under the same names. Returns the final checkpoint dict.
     snapshot_every > 0 also keeps the model weights every that many steps in <path>_snapshots/step<N>.pt
     (small: model only), for curves of real success during training (Fig. 3).
+    inherited: the same checkpoint in the runs this one inherits from (--inherit); when `path` does not exist
+    yet and one of them is finished with the same key, it is used as it is and nothing runs.
     """
     from tqdm import tqdm
 
     key = config_key(config, upstream)
     status, ckpt = 'fresh', None
+    for other in ([] if force or os.path.isfile(path) else inherited or []):
+        if os.path.isfile(other):
+            theirs = load_checkpoint(other, stage, task)
+            if theirs.get('key') == key and theirs.get('done'):
+                print(f'[{stage}] {other}: inherited (same settings): skipped')
+                return theirs
     if os.path.isfile(path) and not force:
         ckpt = load_checkpoint(path, stage, task)
         if ckpt.get('key') == key:
@@ -236,8 +245,11 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
         print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
     log = MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
 
+    wall0 = float(ckpt.get('wall_s', 0.0)) if status == 'resume' else 0.0    # wall-clock of earlier runs
+
     def save(step: int, metrics: dict, done: bool) -> dict:
         out = {'stage': stage, 'task': task, 'step': step, 'done': done, 'key': key, 'config': config,
+               'wall_s': wall0 + time.time() - t0,
                'upstream': list(upstream), 'metrics': metrics, 'extra': extra or {},
                'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng is not None else {})}}
         out.update({name: obj.state_dict() for name, obj in objects.items()})
@@ -270,8 +282,24 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
 # Stages. Each one: build its config, load what it consumes (checking it), run the shared loop.
 # ----------------------------------------------------------------------------------------------------
 
+def find(args, *parts) -> str:
+    """Path of a file of this run. A variant run (--inherit PARENT ...) reads what it lacks from its parents:
+    `--run runs/cpu/alpha0 --inherit runs/cpu --ft.alpha_bc 0` fine-tunes the parent's policy with another
+    alpha_BC and writes only the new checkpoint (and results.csv) into runs/cpu/alpha0."""
+    for root in [args.run] + list(getattr(args, 'inherit', None) or []):
+        if os.path.exists(os.path.join(root, *parts)):
+            return os.path.join(root, *parts)
+    return os.path.join(args.run, *parts)
+
+
+def out_path(args, *parts) -> dict:
+    """train_loop's path= and inherited= for a checkpoint this stage writes."""
+    return {'path': os.path.join(args.run, *parts),
+            'inherited': [os.path.join(root, *parts) for root in getattr(args, 'inherit', None) or []]}
+
+
 def data_root(args) -> str:
-    return args.data or os.path.join(args.run, 'data')
+    return args.data or find(args, 'data')
 
 
 def data_key(root: str) -> str:
@@ -299,9 +327,9 @@ def stage_collect(args) -> None:
 def load_world_model(args, device):
     """The frozen world model of this run: (wm, ckpt). Fails clearly if missing or of another stage."""
     from world_model import WMConfig, WorldModel
-    ckpt = load_checkpoint(os.path.join(args.run, 'wm.pt'), 'wm')
+    ckpt = load_checkpoint(find(args, 'wm.pt'), 'wm')
     if not ckpt.get('done'):
-        raise StageError(f"{os.path.join(args.run, 'wm.pt')}: world model training is unfinished "
+        raise StageError(f"{find(args, 'wm.pt')}: world model training is unfinished "
                          f"(step {ckpt['step']}); run --stage wm to complete it")
     wm = WorldModel(WMConfig(**ckpt['config'])).to(device)
     wm.load_state_dict(ckpt['model'])
@@ -324,7 +352,7 @@ def stage_wm(args, device) -> dict:
         batch = data.to_torch(data.sample_sequences(train, cfg.batch, cfg.seq_len, rng), device)
         return W.update_wm(wm, opt, batch)
 
-    return train_loop(stage='wm', task=None, path=os.path.join(args.run, 'wm.pt'), config=dataclasses.asdict(cfg),
+    return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
                       upstream=[data_key(data_root(args))], objects={'model': wm, 'optim': opt}, step_fn=step_fn,
                       n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500))
@@ -375,11 +403,12 @@ def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'traini
     import env
     path = os.path.join(args.run, task, f'latents_{split_name}.pt')
     key = config_key({'task': task, 'demos': args.demos, 'seed': args.seed, 'post': args.post_success_frames,
-                      'split': split_name}, [wm_ckpt['key']])
-    if os.path.isfile(path):
-        cached = torch.load(path, weights_only=True)
-        if cached.get('key') == key:
-            return cached
+                      'split': split_name}, [wm_ckpt['key'], data_key(data_root(args))])
+    for cache in dict.fromkeys([path, find(args, task, f'latents_{split_name}.pt')]):   # ours, else a parent's
+        if os.path.isfile(cache):
+            cached = torch.load(cache, weights_only=True)
+            if cached.get('key') == key:
+                return cached
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
     n = args.demos if split_name == 'training' else 10 ** 9
     win = data.expert_windows(split, task, n=n, seed=args.seed)                  # (W, 2) row windows
@@ -425,7 +454,7 @@ def stage_bc(args, device, task: str) -> dict:
         return D.update_bc(policy, opt, ema, {'actions': b_x0[idx], 'cond': b_cond[idx]},
                            epoch=step // steps_per_epoch, sched=sched)
 
-    return train_loop(stage='bc', task=task, path=os.path.join(args.run, task, 'bc.pt'),
+    return train_loop(stage='bc', task=task, **out_path(args, task, 'bc.pt'),
                       config=dataclasses.asdict(cfg), upstream=[demos['key']],
                       objects={'model': policy, 'optim': opt, 'sched': sched, 'ema': ema}, step_fn=step_fn,
                       n_steps=n_steps, ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
@@ -500,7 +529,7 @@ def stage_reward(args, device, task: str) -> dict:
                          neg[torch.randint(0, len(neg), (cfg.batch - half,), generator=gen)]])
         return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
 
-    ckpt = train_loop(stage='reward', task=task, path=os.path.join(args.run, task, 'reward.pt'),
+    ckpt = train_loop(stage='reward', task=task, **out_path(args, task, 'reward.pt'),
                       config=dataclasses.asdict(cfg), upstream=[wm_ckpt['key'], args.demos, args.post_success_frames],
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
                       ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
@@ -511,7 +540,7 @@ def stage_reward(args, device, task: str) -> dict:
 def load_reward(args, task: str, feat_dim: int, device):
     """The task's latent success classifier C_psi, checked against the world model's latent size."""
     import reward as R
-    path = os.path.join(args.run, task, 'reward.pt')
+    path = find(args, task, 'reward.pt')
     ckpt = load_checkpoint(path, 'reward', task)
     if ckpt['extra'].get('feat_dim') != feat_dim:
         raise StageError(f"{path}: classifier of {ckpt['extra'].get('feat_dim')}-d latents, world model gives {feat_dim}-d")
@@ -581,7 +610,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     print_config(stage, cfg)
     seed_everything(seed)
     wm, wm_ckpt = load_world_model(args, device)
-    policy_pre, bc_ckpt = load_policy(os.path.join(args.run, task, 'bc.pt'), task, wm.feat_dim, device)
+    policy_pre, bc_ckpt = load_policy(find(args, task, 'bc.pt'), task, wm.feat_dim, device)
     actor = P.make_actor(policy_pre)
     critic = P.make_critic(wm.feat_dim, cfg).to(device)
     opts = P.make_optimizers(actor, critic, cfg)
@@ -597,9 +626,16 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
         step = lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg, counters,
                                            rng, gen, device)
     else:
-        clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
+        if cfg.reward == 'decoder':      # Fig. 2: the task's test on scene states decoded by a hybrid WM
+            import reward as R
+            try:
+                clf = R.DecodedStateReward(wm, task)
+            except ValueError as e:
+                raise StageError(f"{find(args, 'wm.pt')}: {e}") from None
+        else:                            # §III.C: the latent success classifier
+            clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
+            upstream.append(rw_ckpt['key'])
         pool = start_pool(args, wm, task, device)
-        upstream.append(rw_ckpt['key'])
         step = lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters, gen)
     extra = {'cond_dim': wm.feat_dim, 'bc_config': bc_ckpt['config'], 'alpha_bc': P.alpha_bc_for(task, cfg)}
     try:
@@ -639,11 +675,81 @@ def stage_all(args, device, tasks: list) -> None:
             E.evaluate_stage(run_args, device, task)
 
 
+def variant_args(args, name: str) -> argparse.Namespace:
+    """The arguments of a report variant (eval.VARIANTS): its own run folder under <run>/variants/, its setting
+    overrides, and the parent runs it inherits every unchanged checkpoint from."""
+    import eval as E
+    v = E.VARIANTS[name]
+    out = argparse.Namespace(**vars(args))
+    out.run = E.variant_run(args.run, name)
+    out.inherit = [E.variant_run(args.run, p) for p in v['inherit']] + [args.run]
+    out.data = data_root(args)
+    for flag, value in v['overrides'].items():
+        setattr(out, flag, value)
+    os.makedirs(out.run, exist_ok=True)
+    return out
+
+
+def stage_report(args, device) -> str:
+    """The paper's experiments on the built-in desk (README, results.md): everything missing is run, in an order
+    that gives a useful partial report early; what is done is skipped (checkpoint keys, results.csv rows), so
+    the command continues where a stopped run left off. results.md / results.csv / figures are rewritten after
+    every piece of work.
+      1. play data, world model, its open-loop report (Fig. S.7)
+      2. every task with the first seed: BC, reward (+ its report), DiWA, evaluation incl. snapshots (Fig. 3)
+      3. the variants on --report-task, first seed: alpha_BC 0 / 0.5 (Fig. S.6), Gaussian policy
+         (Table S.6), hybrid world model with classifier / decoded-state reward (Fig. 2)
+      4. DPPO on --report-task (steps to match DiWA, Table I)
+      5. the other seeds of every task (Table I's mean ± std)"""
+    import eval as E
+    ecfg = build_config(E.EvalConfig, E.PRESETS, args.preset, args, 'eval')
+    t0 = time.time()
+
+    def report():
+        path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task)
+        print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
+
+    def task_unit(a, task: str, seed: int, snapshots: bool = False, reward: bool = True):
+        stage_bc(a, device, task)
+        if reward:
+            stage_reward(a, device, task)
+            rr = os.path.join(a.run, task, 'reward_report.json')
+            rw = find(a, task, 'reward.pt')
+            if rw.startswith(a.run) and (not os.path.isfile(rr) or os.path.getmtime(rr) < os.path.getmtime(rw)):
+                E.reward_report(a, device, task)
+        sa = argparse.Namespace(**{**vars(a), 'seed': seed})
+        stage_finetune(sa, device, task, seed)
+        E.evaluate_checkpoints(sa, device, task, ecfg, snapshots=snapshots)
+        report()
+
+    if not args.data:
+        stage_collect(args)
+    stage_wm(args, device)
+    wm_csv = os.path.join(args.run, 'wm_open_loop.csv')
+    if not os.path.isfile(wm_csv) or os.path.getmtime(wm_csv) < os.path.getmtime(os.path.join(args.run, 'wm.pt')):
+        E.wm_report(args, device)
+    first, rest = args.seeds[0], args.seeds[1:]
+    for task in args.tasks:
+        task_unit(args, task, first, snapshots=True)
+    for name in E.VARIANTS:
+        va = variant_args(args, name)
+        stage_wm(va, device)
+        task_unit(va, args.report_task, first, reward=va.__dict__.get('ft.reward') != 'decoder')
+    sa = argparse.Namespace(**{**vars(args), 'seed': first})
+    stage_dppo(sa, device, args.report_task, first)
+    E.evaluate_checkpoints(sa, device, args.report_task, ecfg)
+    report()
+    for seed in rest:
+        for task in args.tasks:
+            task_unit(args, task, seed)
+    return os.path.join(args.report_dir, 'results.md')
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all']
+STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all', 'report']
 
 
 def config_classes() -> dict:
@@ -662,12 +768,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu',
                    help='paper = appendix tables (GPU); cpu = scaled for a laptop; test = seconds')
     p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
+    p.add_argument('--inherit', nargs='+', default=[], metavar='RUN',
+                   help='parent run folder(s): checkpoints this run lacks are read from them, and stages whose '
+                        'settings match a finished parent checkpoint are skipped (variants and ablations)')
+    p.add_argument('--report-dir', default='results',
+                   help='--stage report writes results.md, results.csv and figures/ here')
+    p.add_argument('--report-task', choices=TASKS, default='open_drawer',
+                   help='--stage report: the task of the ablations / variants and of the DPPO baseline')
     p.add_argument('--data', default=None, help='dataset root in CALVIN layout (default <run>/data; a real CALVIN '
                                                 'download works too)')
-    p.add_argument('--task', choices=TASKS, default=None, help='task for bc/reward/finetune/dppo/eval')
-    p.add_argument('--tasks', nargs='+', default=['open_drawer'], help="tasks for --stage all ('all' = the 8)")
+    p.add_argument('--tasks', '--task', dest='tasks', nargs='+', default=None,
+                   help="task(s) for bc/reward/finetune/dppo/eval/all ('all' = the 8; --stage all: open_drawer)")
     p.add_argument('--seed', type=int, default=0, help='seeds Python, NumPy, torch and the simulator')
-    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='fine-tuning seeds for --stage all')
+    p.add_argument('--seeds', type=int, nargs='+', default=None,
+                   help='fine-tuning / evaluation seeds for finetune, dppo, eval and all (default: --seed)')
     p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     p.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads (0 = torch default); 1 is faster when other jobs share the cores')
@@ -689,8 +803,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     from env import TASKS
     p = make_parser()
     args = p.parse_args(argv)
-    if args.stage in ('bc', 'reward', 'finetune', 'dppo', 'eval') and args.task is None:
-        p.error(f'--stage {args.stage} needs --task (one of {", ".join(TASKS)})')
+    if args.stage in ('bc', 'reward', 'finetune', 'dppo', 'eval') and args.tasks is None:
+        p.error(f'--stage {args.stage} needs --task (one or more of {", ".join(TASKS)}, or all)')
+    if args.stage == 'report':      # the report's defaults: every task, three seeds (Table I)
+        args.tasks, args.seeds = args.tasks or ['all'], args.seeds if args.seeds is not None else [0, 1, 2]
+    args.tasks = args.tasks or ['open_drawer']
+    args.seeds = args.seeds if args.seeds is not None else [args.seed]
     if args.tasks == ['all']:
         args.tasks = list(TASKS)
     bad = [t for t in args.tasks if t not in TASKS]
@@ -728,25 +846,30 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = pick_device(args.device)
-    tasks = [args.task] if args.task else args.tasks
+    tasks = args.tasks
     try:
         if args.stage == 'collect':
             stage_collect(args)
         elif args.stage == 'wm':
             stage_wm(args, device)
-        elif args.stage == 'bc':
-            stage_bc(args, device, args.task)
-        elif args.stage == 'reward':
-            stage_reward(args, device, args.task)
-        elif args.stage == 'finetune':
-            stage_finetune(args, device, args.task, args.seed)
-        elif args.stage == 'dppo':
-            stage_dppo(args, device, args.task, args.seed)
-        elif args.stage == 'eval':
-            import eval as E
-            E.evaluate_stage(args, device, args.task)
         elif args.stage == 'all':
             stage_all(args, device, tasks)
+        elif args.stage == 'report':
+            stage_report(args, device)
+        for task in tasks if args.stage in ('bc', 'reward', 'finetune', 'dppo', 'eval') else []:
+            if args.stage == 'bc':
+                stage_bc(args, device, task)
+            elif args.stage == 'reward':
+                stage_reward(args, device, task)
+            for seed in args.seeds if args.stage in ('finetune', 'dppo', 'eval') else []:
+                seed_args = argparse.Namespace(**{**vars(args), 'seed': seed})
+                if args.stage == 'finetune':
+                    stage_finetune(seed_args, device, task, seed)
+                elif args.stage == 'dppo':
+                    stage_dppo(seed_args, device, task, seed)
+                else:
+                    import eval as E
+                    E.evaluate_stage(seed_args, device, task)
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to continue from the last checkpoint', file=sys.stderr)
         return 130

@@ -73,7 +73,7 @@ def test_changed_setting_reruns_and_says_which(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--stage', 'bc', '--task', 'fly_to_moon'], 'invalid choice'),
+    (['--stage', 'bc', '--task', 'fly_to_moon'], 'unknown task'),
     (['--stage', 'all', '--tasks', 'fly_to_moon'], 'unknown task'),
     (['--stage', 'finetune', '--task', TASK, '--ft.K_ft', '30'], 'K_ft'),
     (['--stage', 'wm', '--wm.batch', '-4'], 'must be >= 0'),
@@ -169,3 +169,79 @@ def test_eval_reports_and_scripted_loop(run_dir):
     assert os.path.getsize(os.path.join(run_dir, 'figures', 'wm_rollout.png')) > 10_000
     assert f'[reward/{TASK}] held-out recorded: precision' in proc.stdout
     assert f'{TASK}   scripted seed 0: 3/3 = 100.0%' in proc.stdout
+
+
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'bench.py', 'env.py'])
+def test_help_prints(script):
+    """--help lists every flag (a '%' in a help string once crashed argparse)."""
+    out = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and 'usage:' in out.stdout, out.stderr[-500:]
+
+
+def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
+    """--stage report on top of a finished run: the variants inherit what they do not change (no world model,
+    BC or classifier is retrained for the alpha_BC variants), the hybrid one trains its own world model, DPPO
+    counts its simulator steps; results.md / results.csv / figures appear, and a second run only rewrites them."""
+    d, out = str(tmp_path / 'rep'), str(tmp_path / 'results')
+    shutil.copytree(run_dir, d)
+    args = ['--stage', 'report', '--preset', 'test', '--run', d, '--tasks', TASK, '--report-task', TASK,
+            '--seeds', '0', '--report-dir', out]
+    first = run(*args).stdout
+    alpha = os.path.join(d, 'variants', 'alpha_bc_0')
+    assert sorted(os.listdir(os.path.join(alpha, TASK))) == ['diwa_s0.pt', 'diwa_s0_metrics.csv', 'diwa_s0_snapshots']
+    assert 'wm.pt: inherited' in first and os.path.isfile(os.path.join(d, 'variants', 'hybrid', 'wm.pt'))
+    assert torch.load(os.path.join(alpha, TASK, 'diwa_s0.pt'), weights_only=True)['config']['alpha_bc'] == 0.0
+    dppo = torch.load(os.path.join(d, TASK, 'dppo_s0.pt'), weights_only=True)['state']['counters']
+    assert dppo['sim_steps'] > 0 and dppo['imagined_steps'] == 0
+    md = open(os.path.join(out, 'results.md')).read()
+    for needle in ['## Table I', '## Fig. 3', 'alpha_BC = 0.5', 'decoded-state reward', 'DPPO on', '## Fig. S.7']:
+        assert needle in md, needle
+    for fig in ['fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
+        assert os.path.getsize(os.path.join(out, 'figures', fig)) > 5_000, fig
+    rows = read_csv(os.path.join(out, 'results.csv'))
+    assert {r['variant'] for r in rows} >= {'main', 'alpha_bc_0', 'hybrid_decoder'}
+    assert any(r['policy'].startswith('diwa@') for r in rows)          # Fig. 3: the snapshots were evaluated
+    ckpts = {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+             for dp, _, fs in os.walk(d) for f in fs if f.endswith(('.pt', '.csv'))}
+    t0 = time.time()
+    run(*args)
+    assert time.time() - t0 < 120
+    assert {f: os.path.getmtime(f) for f in ckpts} == ckpts                # nothing re-ran
+    assert open(os.path.join(out, 'results.md')).read() == md                # the same report
+
+
+@pytest.mark.parametrize('stage, flags, n_steps', [
+    ('bc', ['--bc.epochs', '300'], None),
+    ('reward', ['--reward.epochs', '200'], None),
+    ('finetune', ['--ft.iterations', '30'], 30),
+    ('dppo', ['--ft.iterations', '12'], 12),
+])
+def test_sigkill_any_learned_stage_resumes(run_dir, tmp_path, stage, flags, n_steps):
+    """SIGKILL in the middle of bc / reward / finetune / dppo (after a few checkpoints), then the same command:
+    it resumes from the last checkpoint, finishes, and leaves no temp file or duplicated metrics row."""
+    d = str(tmp_path / stage)
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns('diwa_s*', 'dppo_s*', 'results.csv'))
+    name = {'bc': 'bc', 'reward': 'reward', 'finetune': 'diwa_s0', 'dppo': 'dppo_s0'}[stage]
+    ckpt = os.path.join(d, TASK, f'{name}.pt')
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+        os.remove(os.path.join(d, TASK, f'{name}_metrics.csv'))
+    args = ['--stage', stage, '--task', TASK, '--preset', 'test', '--run', d, *flags, '--ckpt-every', '2']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=True)['step'] >= 4:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = torch.load(ckpt, weights_only=True)
+    assert not killed['done'], f'{stage} finished before it could be killed: lengthen it'
+    out = run(*args)
+    assert f"resuming from step {killed['step']}" in out.stdout
+    final = torch.load(ckpt, weights_only=True)
+    assert final['done'] and (n_steps is None or final['step'] == n_steps)
+    steps = [int(r['step']) for r in read_csv(os.path.join(d, TASK, f'{name}_metrics.csv'))]
+    assert steps == sorted(set(steps)) and steps[-1] == final['step']
+    assert not [f for _, _, fs in os.walk(d) for f in fs if '.tmp' in f]

@@ -227,3 +227,62 @@ def test_calvin_adapter_explains_missing_install():
         pass
     with pytest.raises(ImportError, match='mees/calvin_env'):
         E.CalvinEnvAdapter()
+
+
+def test_operator_style_drift_detour_hesitation(desk):
+    """The play data's operator (data.CollectConfig): AR(1) action noise keeps its stationary std, a detour
+    prepends one via point off the straight line, a hesitation holds still, and the skill still succeeds."""
+    rng = np.random.default_rng(3)
+    skill = E.ScriptedSkill('reach', rng, noise=0.2, noise_corr=0.8)
+    draws = []
+    for _ in range(4000):                 # the noise recursion alone, as act() runs it
+        skill.drift = 0.8 * skill.drift + np.sqrt(1 - 0.8 ** 2) * rng.normal(0.0, 0.2, 6)
+        draws.append(skill.drift.copy())
+    draws = np.stack(draws)
+    assert abs(draws.std() - 0.2) < 0.02
+    assert abs(np.corrcoef(draws[1:, 0], draws[:-1, 0])[0, 1] - 0.8) < 0.05
+
+    robot_obs, scene_obs = E.sample_task_start('open_drawer', rng)
+    obs = desk.reset(robot_obs, scene_obs)
+    clean = E.ScriptedSkill('open_drawer', np.random.default_rng(0))
+    styled = E.ScriptedSkill('open_drawer', np.random.default_rng(0), p_via=1.0, p_hesitate=1.0)
+    clean.act(obs), styled.act(obs)
+    assert len(styled.phases) == len(clean.phases) + 1           # the via point comes first
+    via, first = styled.phases[0]['goal'], clean.phases[0]['goal']
+    assert not np.allclose(via, first) and via[2] >= min(obs['robot_obs'][2], first[2]) - 1e-9
+    start, zero_runs, run = desk.get_info(), [], 0
+    for _ in range(200):
+        a = styled.act(obs)
+        run = run + 1 if np.all(a[:6] == 0) else 0
+        zero_runs.append(run)
+        obs, _, _, info = desk.step(a)
+        if styled.done:
+            break
+    assert styled.done and E.task_success('open_drawer', start, info)
+    assert max(zero_runs) >= 3                                      # it hesitated between phases
+
+
+def test_clean_skills_draw_no_style_randomness():
+    """Default (clean) skills must not consume random numbers for the style: eval.py's scripted rows and
+    check_skills stay what they were."""
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    skill = E.ScriptedSkill('open_drawer', a)
+    robot_obs, scene_obs = E.sample_task_start('open_drawer', np.random.default_rng(1))
+    skill.act({'robot_obs': robot_obs, 'scene_obs': scene_obs})
+    assert a.random() == b.random()
+
+
+def test_task_success_batch_matches_task_success():
+    """The vectorised success test (decoded-state reward, Fig. 2) agrees with the per-frame one."""
+    rng = np.random.default_rng(0)
+    s0 = np.stack([E.random_scene(rng) for _ in range(300)])
+    s1 = s0.copy()
+    s1[:, :2] += rng.uniform(-0.25, 0.25, (300, 2))
+    s1[:, 4:6] = rng.random((300, 2)) < 0.5
+    for task in E.TASKS:
+        batch = E.task_success_batch(task, s0, s1)
+        loop = [E.task_success(task, {'scene_obs': a}, {'scene_obs': b}) for a, b in zip(s0, s1)]
+        np.testing.assert_array_equal(batch, loop)
+        assert 0 < np.sum(loop) < 300, task              # both outcomes occur
+        import torch
+        np.testing.assert_array_equal(E.task_success_batch(task, torch.tensor(s0), torch.tensor(s1)).numpy(), loop)

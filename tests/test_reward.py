@@ -106,3 +106,20 @@ def test_presets_are_config_fields():
         assert set(over) <= fields, f'preset {name} has unknown fields {set(over) - fields}'
     paper = R.RewardConfig()
     assert (paper.lr, paper.batch, paper.epochs, paper.tau) == (1e-6, 32, 100, 0.5)
+
+
+def test_decoded_state_reward_needs_hybrid_and_tests_against_the_start():
+    """Fig. 2's decoded-state reward: the task's success test between the scene decoded from the episode's first
+    latent and from the current one; a vision world model (no scene decoder) is refused."""
+    import world_model as W
+    with pytest.raises(ValueError, match='hybrid'):
+        R.DecodedStateReward(W.WorldModel(W.WMConfig(**W.PRESETS['test'])), 'open_drawer')
+    wm = W.WorldModel(W.WMConfig(**{**W.PRESETS['test'], 'hybrid': True})).eval()
+    r = R.DecodedStateReward(wm, 'open_drawer')
+    feat = torch.randn(5, wm.feat_dim)
+    assert r.relative and torch.equal(r.success_prob(feat, feat), torch.zeros(5))     # no change, no success
+    wm.decode_scene = lambda f: f[:, :24]            # a known decoder: the first 24 features are the scene
+    start, now = torch.zeros(4, wm.feat_dim), torch.zeros(4, wm.feat_dim)
+    now[:, 1] = torch.tensor([0.05, 0.13, 0.2, -0.2])                # drawer moved by ...
+    assert torch.equal(r.success_prob(now, start), torch.tensor([0., 1., 1., 0.]))
+    assert torch.equal(r.success_prob(start, now), torch.tensor([0., 0., 0., 1.]))    # relative to the start
