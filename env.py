@@ -736,6 +736,14 @@ class CalvinEnvAdapter:
         self.tasks = hydra.utils.instantiate(cfg.tasks)
         self.rng = np.random.default_rng(seed)
 
+    @classmethod
+    def wrap(cls, calvin_env, task_oracle, seed=None):
+        """The adapter around an already built env and task oracle (e.g. a custom Hydra set-up, or a stand-in
+        with the interface of REFERENCE §5 in the tests)."""
+        self = cls.__new__(cls)
+        self.env, self.tasks, self.rng = calvin_env, task_oracle, np.random.default_rng(seed)
+        return self
+
     @staticmethod
     def _obs(obs):
         return {'rgb_obs': {k: obs['rgb_obs'][k] for k in ('rgb_static', 'rgb_gripper')},

@@ -696,11 +696,12 @@ def stage_report(args, device) -> str:
     the command continues where a stopped run left off. results.md / results.csv / figures are rewritten after
     every piece of work.
       1. play data, world model, its open-loop report (Fig. S.7)
-      2. every task with the first seed: BC, reward (+ its report), DiWA, evaluation incl. snapshots (Fig. 3)
-      3. the variants on --report-task, first seed: alpha_BC 0 / 0.5 (Fig. S.6), Gaussian policy
+      2. every task: BC, reward (+ its report), the base policy's evaluation (first seed)
+      3. every task with the first seed: DiWA, its evaluation incl. the snapshots (Fig. 3)
+      4. the variants on --report-task, first seed: alpha_BC 0 / 0.5 (Fig. S.6), Gaussian policy
          (Table S.6), hybrid world model with classifier / decoded-state reward (Fig. 2)
-      4. DPPO on --report-task (steps to match DiWA, Table I)
-      5. the other seeds of every task (Table I's mean ± std)"""
+      5. DPPO on --report-task (steps to match DiWA, Table I)
+      6. the other seeds of every task (Table I's mean ± std)"""
     import eval as E
     ecfg = build_config(E.EvalConfig, E.PRESETS, args.preset, args, 'eval')
     t0 = time.time()
@@ -709,7 +710,7 @@ def stage_report(args, device) -> str:
         path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task)
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
-    def task_unit(a, task: str, seed: int, snapshots: bool = False, reward: bool = True):
+    def pretrain(a, task: str, seed: int, reward: bool = True):
         stage_bc(a, device, task)
         if reward:
             stage_reward(a, device, task)
@@ -717,6 +718,10 @@ def stage_report(args, device) -> str:
             rw = find(a, task, 'reward.pt')
             if rw.startswith(a.run) and (not os.path.isfile(rr) or os.path.getmtime(rr) < os.path.getmtime(rw)):
                 E.reward_report(a, device, task)
+        E.evaluate_checkpoints(argparse.Namespace(**{**vars(a), 'seed': seed}), device, task, ecfg, policies=['base'])
+
+    def task_unit(a, task: str, seed: int, snapshots: bool = False, reward: bool = True):
+        pretrain(a, task, seed, reward)
         sa = argparse.Namespace(**{**vars(a), 'seed': seed})
         stage_finetune(sa, device, task, seed)
         E.evaluate_checkpoints(sa, device, task, ecfg, snapshots=snapshots)
@@ -729,6 +734,9 @@ def stage_report(args, device) -> str:
     if not os.path.isfile(wm_csv) or os.path.getmtime(wm_csv) < os.path.getmtime(os.path.join(args.run, 'wm.pt')):
         E.wm_report(args, device)
     first, rest = args.seeds[0], args.seeds[1:]
+    for task in args.tasks:
+        pretrain(args, task, first)
+        report()
     for task in args.tasks:
         task_unit(args, task, first, snapshots=True)
     for name in E.VARIANTS:

@@ -245,3 +245,26 @@ def test_sigkill_any_learned_stage_resumes(run_dir, tmp_path, stage, flags, n_st
     steps = [int(r['step']) for r in read_csv(os.path.join(d, TASK, f'{name}_metrics.csv'))]
     assert steps == sorted(set(steps)) and steps[-1] == final['step']
     assert not [f for _, _, fs in os.walk(d) for f in fs if '.tmp' in f]
+
+
+def test_sigkill_mid_eval_keeps_finished_rows(run_dir, tmp_path):
+    """Evaluation writes one results.csv row per policy (atomically): killed while the second policy runs, the
+    re-run keeps the first row, evaluates only what is missing, and leaves one row per policy."""
+    d = str(tmp_path / 'eval')
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns('results.csv*'))
+    results = os.path.join(d, 'results.csv')
+    args = ['--stage', 'eval', '--task', TASK, '--preset', 'test', '--run', d, '--eval.episodes', '6']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(results):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = read_csv(results)
+    assert [r['policy'] for r in first] == ['base'], 'the kill came too late: both policies were done'
+    out = run(*args)
+    assert 'base seed 0: up to date' in out.stdout
+    rows = read_csv(results)
+    assert sorted(r['policy'] for r in rows) == ['base', 'diwa'] and rows[0] == first[0]
+    assert not [f for f in os.listdir(d) if '.tmp' in f]

@@ -286,3 +286,60 @@ def test_task_success_batch_matches_task_success():
         assert 0 < np.sum(loop) < 300, task              # both outcomes occur
         import torch
         np.testing.assert_array_equal(E.task_success_batch(task, torch.tensor(s0), torch.tensor(s1)).numpy(), loop)
+
+
+class _StandInCalvin:
+    """The interface of the real calvin_env (REFERENCE §5): CALVIN-resolution images, depth keys, a step that
+    insists on a gripper action of exactly +-1, and info dicts for the task oracle."""
+
+    def __init__(self):
+        self.actions, self.t = [], 0
+
+    def _obs(self):
+        rng = np.random.default_rng(self.t)
+        return {'rgb_obs': {'rgb_static': rng.integers(0, 255, (200, 200, 3), dtype=np.uint8),
+                            'rgb_gripper': rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)},
+                'depth_obs': {'depth_static': np.zeros((200, 200)), 'depth_gripper': np.zeros((84, 84))},
+                'robot_obs': np.arange(15, dtype=np.float64) + self.t, 'scene_obs': np.zeros(24) + self.t}
+
+    def reset(self, robot_obs=None, scene_obs=None):
+        self.t = 0
+        return self._obs()
+
+    def step(self, action):
+        assert action[6] in (-1.0, 1.0), f'calvin_env needs a gripper action of exactly +-1, got {action[6]}'
+        self.actions.append(np.array(action))
+        self.t += 1
+        return self._obs(), 0, False, {'scene_obs': self._obs()['scene_obs']}
+
+    def get_info(self):
+        return {'scene_obs': self._obs()['scene_obs']}
+
+
+class _StandInTasks:
+    def get_task_info(self, start_info, info):
+        return {'open_drawer'} if info['scene_obs'][1] - start_info['scene_obs'][1] > 0.12 else set()
+
+    def get_task_info_for_set(self, start_info, info, tasks):
+        return self.get_task_info(start_info, info) & set(tasks)
+
+
+def test_calvin_adapter_maps_observations_and_gripper_sign():
+    import data
+    fake = _StandInCalvin()
+    adapter = E.CalvinEnvAdapter.wrap(fake, _StandInTasks())
+    obs = adapter.reset()
+    assert set(obs) == {'rgb_obs', 'robot_obs', 'scene_obs'} and set(obs['rgb_obs']) == {'rgb_static', 'rgb_gripper'}
+    assert obs['robot_obs'].dtype == np.float32 and obs['robot_obs'].shape == (15,) and obs['scene_obs'].shape == (24,)
+    for a6, expected in [(0.3, 1.0), (-0.2, -1.0), (0.0, 1.0), (-1.7, -1.0), (5.0, 1.0)]:
+        adapter.step(np.r_[np.full(6, 2.0), a6])
+        assert fake.actions[-1][6] == expected                           # CALVIN: +1 open, -1 close, nothing else
+        assert np.all(fake.actions[-1][:6] == 1.0)                        # relative actions clipped to [-1, 1]
+    start = adapter.get_info()
+    fake.t += 1                                                           # every scene value grows by 1
+    assert adapter.task_success('open_drawer', start, adapter.get_info())
+    assert not adapter.task_success('close_drawer', start, adapter.get_info())
+    assert adapter.completed_tasks(start, adapter.get_info()) == {'open_drawer'}
+    batch = data.preprocess_obs([adapter.reset(), obs])                   # 200 / 84 px -> the world model's 64
+    assert batch['rgb_static'].shape == (2, 3, 64, 64) and batch['rgb_gripper'].shape == (2, 3, 64, 64)
+    assert batch['proprio'].shape == (2, 18) and float(batch['rgb_static'].abs().max()) <= 1.0
