@@ -75,6 +75,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # gradient-norm clip of actor and critic (DPPO default)
     target_kl: float = 0.0  # stop the epochs early when approx-KL exceeds this; 0 = never (not in the paper)
     critic_warmup: int = 0  # first iterations update only the critic (DPPO option; paper: 0)
+    start_states: str = 'rest'  # imagined episodes start from play frames where the task is possible and the robot is near its rest pose, as in the evaluation ('rest'), or anywhere ('any')
     reward: str = 'classifier'  # 'classifier' C(z_{t+1}) (§III.C) or 'decoder': the task's test on scene states decoded by a hybrid WM (Fig. 2)
     reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
     success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
@@ -105,6 +106,7 @@ def alpha_bc_for(task: str, cfg: FinetuneConfig | None = None) -> float:
 
 def _check_cfg(cfg: FinetuneConfig):
     assert cfg.K_ft >= 1, f'K_ft must be >= 1, got {cfg.K_ft}'
+    assert cfg.start_states in ('rest', 'any'), f"start_states must be 'rest' or 'any', got {cfg.start_states!r}"
     assert cfg.reward in ('classifier', 'decoder'), f"reward must be 'classifier' or 'decoder', got {cfg.reward!r}"
     assert cfg.reward_over_chunk in ('max', 'last'), f"reward_over_chunk must be 'max' or 'last', got {cfg.reward_over_chunk!r}"
     assert 0 < cfg.clip_min <= cfg.clip_max, f'need 0 < clip_min <= clip_max, got {cfg.clip_min}, {cfg.clip_max}'

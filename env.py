@@ -522,7 +522,7 @@ def _kinematics():
     return _KIN['cid'], _KIN['robot']
 
 
-def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05):
+def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05):   # = REST_BOX
     """robot_obs (15,) of a random pose near the neutral one: TCP offset uniform in +-pos_noise, Euler
     noise, IK with the neutral joints as rest pose, gripper open or closed at random."""
     cid, robot = _kinematics()
@@ -543,6 +543,26 @@ def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_nois
     r[14] = 1.0 if rng.random() < 0.5 else -1.0
     r[6] = 2 * FINGER_OPEN if r[14] > 0 else 0.0
     return r
+
+
+REST_BOX = np.array([0.08, 0.06, 0.05])      # random_robot_obs: TCP within +-REST_BOX of the neutral pose
+
+
+def neutral_tcp() -> np.ndarray:
+    """TCP position (3,) of the neutral joint configuration Q_INIT (forward kinematics)."""
+    if 'neutral_tcp' not in _KIN:
+        cid, robot = _kinematics()
+        for j, q in zip(ARM, Q_INIT):
+            p.resetJointState(robot, j, q, physicsClientId=cid)
+        _KIN['neutral_tcp'] = np.array(p.getLinkState(robot, TCP_LINK, computeForwardKinematics=1,
+                                                      physicsClientId=cid)[4])
+    return _KIN['neutral_tcp']
+
+
+def near_rest(robot_obs, margin: float = 0.02) -> np.ndarray:
+    """robot_obs (..., 15) -> bool (...): the TCP is where evaluation episodes start (random_robot_obs's box
+    around the neutral pose, plus `margin` metres). DiWA's imagined episodes start from such recorded frames."""
+    return np.all(np.abs(np.asarray(robot_obs)[..., :3] - neutral_tcp()) <= REST_BOX + margin, axis=-1)
 
 
 def sample_task_start(task, rng):

@@ -550,15 +550,25 @@ def load_reward(args, task: str, feat_dim: int, device):
 
 
 @torch.no_grad()
-def start_pool(args, wm, task: str, device, n: int = 1024) -> dict:
+def start_pool(args, wm, task: str, device, n: int = 1024, where: str = 'rest') -> dict:
     """Imagined episodes start from recorded play frames where the task's precondition holds (e.g. drawer
-    closed for open_drawer), each encoded alone from a fresh state as the evaluation encodes its first frame.
-    No simulator is created: the pool is read from the dataset."""
+    closed for open_drawer) and, with where='rest', the robot is near its rest pose, where the evaluation's
+    episodes start (Alg. 1 l. 10 'sample initial observation x_0'; frames in the middle of a task would make
+    imagined episodes easier than real ones). Each frame is encoded alone from a fresh state, as the evaluation
+    encodes its first frame. No simulator is created: the pool is read from the dataset."""
     import data
     import dream_ppo as P
     import env
     split = data.load_split(os.path.join(data_root(args), 'training'), wm.cfg.image_size)
-    possible = np.flatnonzero([env.task_possible(task, s) for s in split['scene_obs']])
+    ok = np.array([env.task_possible(task, s) for s in split['scene_obs']], bool)
+    if where == 'rest':
+        rest = ok & env.near_rest(split['robot_obs'])
+        if rest.sum() >= 64:
+            ok = rest
+        else:
+            print(f'[finetune/{task}] only {rest.sum()} recorded frames near the rest pose where the task is '
+                  'possible: starting imagined episodes from any such frame')
+    possible = np.flatnonzero(ok)
     if len(possible) == 0:
         raise StageError(f'finetune/{task}: no recorded frame where the task is possible')
     rows = np.random.default_rng(args.seed).choice(possible, min(n, len(possible)), replace=False)[:, None]  # (n, 1)
@@ -635,7 +645,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
         else:                            # §III.C: the latent success classifier
             clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
             upstream.append(rw_ckpt['key'])
-        pool = start_pool(args, wm, task, device)
+        pool = start_pool(args, wm, task, device, where=cfg.start_states)
         step = lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters, gen)
     extra = {'cond_dim': wm.feat_dim, 'bc_config': bc_ckpt['config'], 'alpha_bc': P.alpha_bc_for(task, cfg)}
     try:

@@ -343,3 +343,14 @@ def test_calvin_adapter_maps_observations_and_gripper_sign():
     batch = data.preprocess_obs([adapter.reset(), obs])                   # 200 / 84 px -> the world model's 64
     assert batch['rgb_static'].shape == (2, 3, 64, 64) and batch['rgb_gripper'].shape == (2, 3, 64, 64)
     assert batch['proprio'].shape == (2, 18) and float(batch['rgb_static'].abs().max()) <= 1.0
+
+
+def test_near_rest_matches_the_evaluation_start_poses():
+    """DiWA's imagined episodes start from recorded frames near the rest pose: every start pose the evaluation
+    samples counts as near, a pose 20 cm away does not."""
+    rng = np.random.default_rng(0)
+    poses = np.stack([E.random_robot_obs(rng) for _ in range(50)])
+    assert E.near_rest(poses).all()
+    far = poses.copy()
+    far[:, 0] += 0.2
+    assert not E.near_rest(far).any()
