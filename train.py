@@ -303,13 +303,20 @@ def data_root(args) -> str:
 
 
 def data_key(root: str) -> str:
-    """Fingerprint of a dataset in CALVIN's layout: its segment list and annotations (cheap, no frame reads)."""
+    """Fingerprint of a dataset in CALVIN's layout: its segment list and annotation windows / tasks (cheap, no
+    frame reads). It hashes the *contents*, not the file bytes: the annotations are a pickled dict, and pickle's
+    bytes depend on which equal strings happen to be the same object, so rewriting identical annotations
+    could change a byte hash (and make --stage all retrain the world model for nothing)."""
+    import data
     h = hashlib.sha1()
     for split in ('training', 'validation'):
-        for name in ('ep_start_end_ids.npy', os.path.join('lang_annotations', 'auto_lang_ann.npy')):
-            p = os.path.join(root, split, name)
-            if os.path.isfile(p):
-                h.update(open(p, 'rb').read())
+        folder = os.path.join(root, split)
+        if not os.path.isfile(os.path.join(folder, 'ep_start_end_ids.npy')):
+            continue
+        episodes, (windows, tasks) = data.read_episodes(folder), data.read_annotations(folder)
+        h.update(np.ascontiguousarray(episodes, np.int64).tobytes())
+        h.update(np.ascontiguousarray(windows, np.int64).tobytes())
+        h.update('\n'.join(map(str, tasks)).encode())
     return h.hexdigest()[:16]
 
 

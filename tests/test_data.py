@@ -348,3 +348,19 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
     # other settings in the same folder are refused, naming the settings file
     with pytest.raises(DataError, match=r'collect_config.json: .*action_noise'):
         data.collect(data.CollectConfig(**{**data.PRESETS['test'], 'action_noise': 0.5}), out)
+
+
+def test_data_key_depends_on_contents_not_pickle_bytes(tmp_path):
+    """Rewriting identical annotations must not change the dataset's key (pickle's bytes depend on object
+    identity: equal task strings shared or not); a different window must."""
+    import train
+    d = tmp_path / 'training'
+    d.mkdir()
+    windows = [(0, 10), (20, 30), (40, 50)]
+    shared = 'open_drawer'
+    data.write_split_index(d, [(0, 99)], windows, [shared, shared, 'close_drawer'])
+    k1 = train.data_key(str(tmp_path))
+    data.write_split_index(d, [(0, 99)], windows, [''.join(['open_', 'drawer']), 'open_drawer'[:], 'close_drawer'])
+    assert train.data_key(str(tmp_path)) == k1
+    data.write_split_index(d, [(0, 99)], [(0, 10), (20, 31), (40, 50)], [shared, shared, 'close_drawer'])
+    assert train.data_key(str(tmp_path)) != k1
