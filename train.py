@@ -112,6 +112,26 @@ def atomic_torch_save(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temps(path: str) -> None:
+    """Delete <path>.tmp<pid> files left by a process killed in the middle of atomic_torch_save (the
+    checkpoint itself is intact: the rename never happened)."""
+    import glob
+    for tmp in glob.glob(glob.escape(path) + '.tmp*'):
+        pid = tmp.rsplit('.tmp', 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_checkpoint(path: str, stage: str | None = None, task: str | None = None) -> dict:
     """Load a checkpoint as data (weights_only=True) and check it holds what the caller expects."""
     if not os.path.isfile(path):
@@ -219,6 +239,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
 
     key = config_key(config, upstream)
     status, ckpt = 'fresh', None
+    remove_stale_temps(path)
     for other in ([] if force or os.path.isfile(path) else inherited or []):
         if os.path.isfile(other):
             theirs = load_checkpoint(other, stage, task)
