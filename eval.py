@@ -556,10 +556,14 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
                   f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {PAPER_TABLE_I[task][0]} | {PAPER_TABLE_I[task][1]} |')
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
-    md += ['', f'Average over the tasks done: base {100 * np.mean(all_b) if all_b else float("nan"):.1f}, '
-               f'DiWA {100 * np.mean(all_d) if all_d else float("nan"):.1f}. '
-               'Tasks where DiWA does not gain 15 points on average: '
-               + (', '.join(t for t, v in deltas.items() if v[2] and np.mean(v[2]) < 0.15) or 'none') + '.', '']
+    done = [t for t, v in deltas.items() if v[2]]
+    summary = f'Average over the tasks done so far: base {100 * np.mean(all_b):.1f}; ' if all_b else ''
+    if done:
+        summary += (f'DiWA {100 * np.mean(all_d):.1f} ({len(done)} tasks). Tasks where DiWA does not gain 15 points '
+                    'on average: ' + (', '.join(t for t in done if np.mean(deltas[t][2]) < 0.15) or 'none') + '.')
+    else:
+        summary += 'no DiWA result yet.'
+    md += ['', summary, '']
     # DPPO
     dppo = _ckpt_facts(os.path.join(run, report_task, 'dppo_s0.pt'))
     diwa_real = np.mean(deltas[report_task][1]) if deltas[report_task][1] else None
@@ -601,7 +605,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     for name, v in VARIANTS.items():
         vr = [r for r in rows if r['variant'] == name]
         # the base policy's row lives in the first run of the variant's chain that evaluated it
-        chain = [[r for r in rows if r['variant'] == p] for p in v['inherit']] + [main]
+        own_base = any(k.startswith(('bc.', 'wm.')) for k in v['overrides'])   # a policy of its own
+        chain = [[r for r in rows if r['variant'] == p] for p in v['inherit']] + ([] if own_base else [main])
         b = next((x for x in [_latest(r, task=report_task, policy='base').get('0') for r in [vr] + chain] if x), None)
         table[v['what']] = (b, _latest(vr, task=report_task, policy='diwa').get('0'),
                             _ckpt_facts(os.path.join(runs[name], report_task, 'diwa_s0.pt')))
