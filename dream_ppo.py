@@ -325,10 +325,10 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     _check_cfg(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
-    start_feat = wm.feature(state)  # z_0 of each episode: the decoded-state reward tests success against it
+    relative = getattr(reward_clf, 'relative', False)  # reward tested against z_0 (decoded-state reward, Fig. 2)
+    start_feat = wm.feature(state) if relative else None
     ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
     feats, chains, rewards, dones, succs, values = [], [], [], [], [], []
-    relative = getattr(reward_clf, 'relative', False)
     for t in range(T):
         feat = wm.feature(state)  # z_t: (N, F)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
@@ -348,7 +348,8 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
         succs.append(success), values.append(critic(feat))
         fresh = _sample_starts(start_pool, N, generator)
         state = _where_state(done, fresh, state)  # restart ended episodes
-        start_feat = torch.where(done[:, None], wm.feature(fresh), start_feat)
+        if relative:
+            start_feat = torch.where(done[:, None], wm.feature(fresh), start_feat)
         ep_len = ep_len * (~done)
     values.append(critic(wm.feature(state)))  # bootstrap V(z_T)
     return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': torch.stack(rewards),

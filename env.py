@@ -461,25 +461,12 @@ def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
 
 def task_success(task, start_info, info):
     """Pure success test of one task between the info at the task's start and the current info."""
-    s0, s1 = np.asarray(start_info['scene_obs']), np.asarray(info['scene_obs'])
-    tests = {
-        'open_drawer': lambda: s1[1] - s0[1] > 0.12,
-        'close_drawer': lambda: s1[1] - s0[1] < -0.12,
-        'move_slider_left': lambda: s1[0] - s0[0] > 0.15,
-        'move_slider_right': lambda: s1[0] - s0[0] < -0.15,
-        'turn_on_lightbulb': lambda: s0[4] < 0.5 and s1[4] > 0.5,
-        'turn_off_lightbulb': lambda: s0[4] > 0.5 and s1[4] < 0.5,
-        'turn_on_led': lambda: s0[5] < 0.5 and s1[5] > 0.5,
-        'turn_off_led': lambda: s0[5] > 0.5 and s1[5] < 0.5,
-    }
-    if task not in tests:
-        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
-    return bool(tests[task]())
+    return bool(task_success_batch(task, np.asarray(start_info['scene_obs']), np.asarray(info['scene_obs'])))
 
 
 def task_success_batch(task, s0, s1):
-    """task_success on batches of scene states s0, s1 (..., 24), numpy or torch -> bool (...). Used by the
-    decoded-state reward of Fig. 2, where s0 / s1 are scene states decoded from world-model latents."""
+    """The 8 success tests (REFERENCE §2) on scene states s0 (task start), s1 (now) of shape (..., 24), numpy
+    or torch -> bool (...). Batched for the decoded-state reward of Fig. 2 (scene states decoded from latents)."""
     d = lambda i: s1[..., i] - s0[..., i]
     off_on = lambda i: (s0[..., i] < 0.5) & (s1[..., i] > 0.5)
     on_off = lambda i: (s0[..., i] > 0.5) & (s1[..., i] < 0.5)

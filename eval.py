@@ -438,10 +438,8 @@ def reward_report(args, device, task: str) -> dict:
     print(f"[reward/{task}] held-out recorded: precision {out['precision']:.3f} recall {out['recall']:.3f} "
           f"({len(label)} frames); imagined: demo final frame success {out['imagined_final_success']:.2f} "
           f"({len(final)} demos), play frames false alarm {out['imagined_false_alarm']:.3f} ({false.size} frames)")
-    path = os.path.join(args.run, task, 'reward_report.json')
-    with open(path + '.tmp', 'w') as fh:
-        json.dump(out, fh, indent=1)
-    os.replace(path + '.tmp', path)
+    data.atomic_write(os.path.join(args.run, task, 'reward_report.json'),
+                      lambda fh: fh.write(json.dumps(out, indent=1).encode()))
     return out
 
 
@@ -525,14 +523,17 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import data
     from env import TASKS
     os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
     runs = {'main': run, **{n: variant_run(run, n) for n in VARIANTS}}
     rows = [{'variant': n, **r} for n, d in runs.items() for r in read_results(os.path.join(d, 'results.csv'))]
     seeds = [str(s) for s in seeds]
+    s0 = seeds[0]                     # the seed of the variants, DPPO and Fig. 3's base point
+    episodes = '/'.join(sorted({r['episodes'] for r in rows}, key=int)) or '–'
     md = [f'# DiWA on the built-in desk: results of `python train.py --stage report --preset {preset}`', '',
           f'Written by `eval.py` from `{run}` (commits: {", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
-          'Success rates in % over 100 simulator episodes per task and seed (mean ± std over seeds, '
+          f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
           f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Paper numbers: CALVIN D.', '']
     main = [r for r in rows if r['variant'] == 'main']
 
@@ -565,12 +566,12 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         summary += 'no DiWA result yet.'
     md += ['', summary, '']
     # DPPO
-    dppo = _ckpt_facts(os.path.join(run, report_task, 'dppo_s0.pt'))
+    dppo = _ckpt_facts(os.path.join(run, report_task, f'dppo_s{s0}.pt'))
     diwa_real = np.mean(deltas[report_task][1]) if deltas[report_task][1] else None
     if dppo and diwa_real is not None:
         steps, ran = dppo_steps_to_match(dppo['metrics_csv'], diwa_real)
-        dppo_eval = _latest(main, task=report_task, policy='dppo').get('0')
-        md += [f'DPPO on {report_task} (seed 0, the same PPO in the simulator, reward = the simulator\'s success test): '
+        dppo_eval = _latest(main, task=report_task, policy='dppo').get(s0)
+        md += [f'DPPO on {report_task} (seed {s0}, the same PPO in the simulator, reward = the simulator\'s success test): '
                + (f'its rollouts reach DiWA\'s {100 * diwa_real:.1f}% after **{steps:,} simulator steps**'
                   if steps is not None else f'its rollouts did not reach DiWA\'s {100 * diwa_real:.1f}% within the cap '
                                             f'of {ran:,} simulator steps')
@@ -585,7 +586,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     if fig3:
         plt.figure(figsize=(6, 4))
         for task, pts in sorted(fig3.items()):
-            base = _latest(main, task=task, policy='base').get('0')
+            base = _latest(main, task=task, policy='base').get(s0)
             xs = ([0] if base else []) + sorted(pts)
             ys = ([float(base['success'])] if base else []) + [np.mean(pts[x]) for x in sorted(pts)]
             plt.plot(xs, 100 * np.array(ys), marker='o', label=task)
@@ -596,20 +597,20 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         md += ['## Fig. 3: success in the simulator during fine-tuning', '',
                '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
     # ---- Fig. 2, Fig. S.6, Table S.6 (variants, seed 0, on report_task)
-    md += [f'## Variants on {report_task} (Fig. 2, Fig. S.6, Table S.6), seed 0', '',
+    md += [f'## Variants on {report_task} (Fig. 2, Fig. S.6, Table S.6), seed {s0}', '',
            '| variant | base | DiWA | imagined success at the end of fine-tuning |', '|---|---|---|---|']
-    main_d = _latest(main, task=report_task, policy='diwa').get('0')
-    main_b = _latest(main, task=report_task, policy='base').get('0')
-    main_f = _ckpt_facts(os.path.join(run, report_task, 'diwa_s0.pt'))
+    main_d = _latest(main, task=report_task, policy='diwa').get(s0)
+    main_b = _latest(main, task=report_task, policy='base').get(s0)
+    main_f = _ckpt_facts(os.path.join(run, report_task, f'diwa_s{s0}.pt'))
     table = {'default (vision WM + classifier, alpha_BC of S.2.4)': (main_b, main_d, main_f)}
     for name, v in VARIANTS.items():
         vr = [r for r in rows if r['variant'] == name]
         # the base policy's row lives in the first run of the variant's chain that evaluated it
         own_base = any(k.startswith(('bc.', 'wm.')) for k in v['overrides'])   # a policy of its own
         chain = [[r for r in rows if r['variant'] == p] for p in v['inherit']] + ([] if own_base else [main])
-        b = next((x for x in [_latest(r, task=report_task, policy='base').get('0') for r in [vr] + chain] if x), None)
-        table[v['what']] = (b, _latest(vr, task=report_task, policy='diwa').get('0'),
-                            _ckpt_facts(os.path.join(runs[name], report_task, 'diwa_s0.pt')))
+        b = next((x for x in [_latest(r, task=report_task, policy='base').get(s0) for r in [vr] + chain] if x), None)
+        table[v['what']] = (b, _latest(vr, task=report_task, policy='diwa').get(s0),
+                            _ckpt_facts(os.path.join(runs[name], report_task, f'diwa_s{s0}.pt')))
     bars = []
     for what, (b, d, f) in table.items():
         imag = _final_metric(f['metrics_csv'], 'charts/success_rate') if f else float('nan')
@@ -623,7 +624,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         for i, (lab, col) in enumerate([('base (real)', '0.6'), ('DiWA (real)', 'C0'), ('DiWA (imagined)', 'C1')]):
             ax.bar(x + (i - 1) * 0.27, [100 * b[i + 1] for b in bars], 0.27, label=lab, color=col)
         ax.set_xticks(x, [b[0].replace(' + ', '\n+ ').replace(' (', '\n(') for b in bars], fontsize=6)
-        ax.set_ylabel('success (%)'), ax.set_title(f'Fig. 2 / Fig. S.6 / Table S.6 analogues ({report_task}, seed 0)')
+        ax.set_ylabel('success (%)'), ax.set_title(f'Fig. 2 / Fig. S.6 / Table S.6 analogues ({report_task}, seed {s0})')
         ax.legend(fontsize=7), plt.tight_layout()
         plt.savefig(os.path.join(out_dir, 'figures', 'fig2_s6_variants.png'), dpi=120), plt.close()
         md += ['![variants](figures/fig2_s6_variants.png)', '']
@@ -672,9 +673,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     md += [f'| **all** | | **{sum(s for _, s in totals.values()) / 3600:.2f} h** |', '']
     write_rows(os.path.join(out_dir, 'results.csv'), rows or [{'variant': ''}])
     path = os.path.join(out_dir, 'results.md')
-    with open(path + '.tmp', 'w') as fh:
-        fh.write('\n'.join(md))
-    os.replace(path + '.tmp', path)
+    data.atomic_write(path, lambda fh: fh.write('\n'.join(md).encode()))
     return path
 
 
