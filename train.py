@@ -412,16 +412,21 @@ def window_rows(episodes: np.ndarray, windows: np.ndarray, extra: int) -> tuple[
 
 
 @torch.no_grad()
-def featurize_rows(wm, split: dict, rows: np.ndarray, device, chunk: int = 16) -> torch.Tensor:
-    """Posterior features (W, T, F) of frame sequences rows[w] (each filtered from a fresh state)."""
+def featurize_rows(wm, split: dict, rows: np.ndarray, device, chunk: int = 16, imagined: bool = False) -> torch.Tensor:
+    """Features (W, T, F) of frame sequences rows[w], each from a fresh state: posterior (filtered on every
+    frame), or with imagined=True prior (frame rows[w, 0] filtered, the rest imagined open loop along the
+    recorded actions with sampled latents, as in the Dream Diffusion MDP)."""
     import data
+    import world_model as W
     feats = []
     for i in range(0, len(rows), chunk):
         r = rows[i:i + chunk]
         batch = {k: split[k][r] for k in ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions')}
         batch['is_first'] = np.zeros(r.shape, bool)
         batch['is_first'][:, 0] = True
-        feats.append(wm.featurize(data.to_torch(batch, device)).float().cpu())
+        batch = data.to_torch(batch, device)
+        f = W.open_loop_features(wm, batch, 1, r.shape[1] - 1, sample=True) if imagined else wm.featurize(batch)
+        feats.append(f.float().cpu())
     return torch.cat(feats)
 
 
@@ -504,34 +509,43 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
     return policy.eval().requires_grad_(False), ckpt
 
 
-def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int) -> torch.Tensor:
+def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int,
+                   imagined: bool = False) -> torch.Tensor:
     """Latents of play frames where the task is still possible, i.e. certainly not its success state
     (Table S.4: 'distant/unsuccessful frames'). Filtered over 32-frame play snippets; the first 8 frames of a
-    snippet are context only."""
+    snippet are context only. imagined=True adds the same frames imagined open loop from the snippet's first."""
     import data
     import env
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
     rng = np.random.default_rng(seed)
-    batch = data.sample_sequences(split, n_seq, 32, rng)
-    feats = []
-    for i in range(0, n_seq, 16):
-        part = {k: v[i:i + 16] for k, v in batch.items()}
-        feats.append(wm.featurize(data.to_torch(part, device)).float().cpu())
-    feat = torch.cat(feats)[:, 8:]                                        # (n_seq, 24, F)
-    possible = np.vectorize(lambda i, t: env.task_possible(task, batch['scene_obs'][i, t]))(
-        *np.meshgrid(np.arange(n_seq), np.arange(8, 32), indexing='ij'))
-    return feat[torch.as_tensor(possible)]
+    starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
+    rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
+    possible = torch.as_tensor(np.vectorize(lambda r: env.task_possible(task, split['scene_obs'][r]))(rows[:, 8:]))
+    feats = [featurize_rows(wm, split, rows, device)[:, 8:][possible]]    # (N, F)
+    if imagined:
+        feats.append(featurize_rows(wm, split, rows, device, imagined=True)[:, 8:][possible])
+    return torch.cat(feats)
 
 
-def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str,
+                   imagined: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
-    plus play frames where the task is possible as extra negatives."""
+    plus play frames where the task is possible as extra negatives. imagined=True (RewardConfig.imagined) adds
+    every one of these frames a second time as the world model imagines it from the sequence's first frame
+    along the recorded actions, with the recorded frame's label."""
     demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
     valid = demos['valid']
-    feat, label = demos['feat'][valid], demos['success'][valid].long()
-    n_seq = max(8, int(label.sum()) // 8)
-    neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'))
-    return torch.cat([feat, neg]), torch.cat([label, torch.zeros(len(neg), dtype=torch.long)])
+    feat, label = [demos['feat'][valid]], [demos['success'][valid].long()]
+    if imagined:
+        import data
+        split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
+        rows, _ = window_rows(split['episodes'], demos['windows'].numpy(), args.post_success_frames)
+        feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
+        label.append(label[0])
+    n_seq = max(8, int(label[0].sum()) // 8)
+    neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'),
+                         imagined=imagined)
+    return torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
 
 
 def stage_reward(args, device, task: str) -> dict:
@@ -540,7 +554,7 @@ def stage_reward(args, device, task: str) -> dict:
     cfg = build_config(R.RewardConfig, R.PRESETS, args.preset, args, 'reward')
     print_config('reward', cfg)
     wm, wm_ckpt = load_world_model(args, device)
-    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training')
+    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')

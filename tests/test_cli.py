@@ -108,6 +108,29 @@ def test_bad_checkpoints_give_one_line_errors(run_dir, tmp_path):
     assert out.returncode == 2 and 'latents' in out.stderr and 'bc.pt' in out.stderr
 
 
+def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
+    """RewardConfig.imagined: every demo / play frame a second time, imagined open loop from its sequence's first
+    frame; same first deterministic state, other latents later on, labels copied from the recorded frames."""
+    sys.path.insert(0, ROOT)
+    import data
+    import train
+    args = train.parse_args(['--stage', 'reward', '--preset', 'test', '--run', run_dir, '--task', TASK])
+    device = torch.device('cpu')
+    wm, wm_ckpt = train.load_world_model(args, device)
+    split = data.load_split(os.path.join(run_dir, 'data', 'training'), wm.cfg.image_size)
+    rows = np.arange(40)[None] + np.array([[0], [100]])
+    post, imag = train.featurize_rows(wm, split, rows, device), train.featurize_rows(wm, split, rows, device, imagined=True)
+    H = wm.cfg.deter
+    assert post.shape == imag.shape == (2, 40, wm.feat_dim)
+    assert torch.allclose(post[:, 0, :H], imag[:, 0, :H])          # h_0 comes from the same fresh state
+    assert (post[:, 10:] - imag[:, 10:]).abs().mean() > 1e-3         # then the prior drifts off the posterior
+    f0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
+    f1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=True)
+    assert len(f1) == 2 * len(f0) and int(y1.sum()) == 2 * int(y0.sum())
+    n_demo = int(train.demo_latents(args, wm, wm_ckpt, TASK, device)['valid'].sum())
+    assert torch.equal(f1[:n_demo], f0[:n_demo]) and torch.equal(y1[n_demo:2 * n_demo], y0[:n_demo])
+
+
 def test_nan_loss_stops_with_stage_step_and_term(tmp_path):
     sys.path.insert(0, ROOT)
     import train
