@@ -242,6 +242,8 @@ def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str
     if snapshots and os.path.isdir(folder):
         for f in sorted(os.listdir(folder), key=lambda f: int(''.join(filter(str.isdigit, f)) or 0)):
             ck = TR.load_checkpoint(os.path.join(folder, f), 'finetune', task)
+            if 'diwa' not in candidates or ck['key'] != candidates['diwa'][0]['key']:
+                continue                                      # left by an earlier run with other settings
             ck['key'] = f"{ck['key']}@{ck['step']}"          # one row per snapshot in results.csv
             candidates[f"diwa@{ck['step']}"] = (ck, TR.load_finetuned_actor(ck, policy_pre, device),
                                                 ck['config']['K_ft'])

@@ -173,9 +173,9 @@ class MetricsLog:
         if resume_step > 0 and os.path.isfile(path):
             with open(path, newline='') as fh:
                 self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
-        elif os.path.isfile(path):
-            os.remove(path)
-        self.flush()
+            self.flush()
+        # a fresh run leaves an older file alone until its first checkpoint replaces both: a re-run stopped before
+        # that keeps the old checkpoint *and* its metrics
 
     def log(self, step: int, metrics: dict) -> None:
         self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})

@@ -144,6 +144,24 @@ def test_nan_loss_stops_with_stage_step_and_term(tmp_path):
     assert kept['step'] == 2 and not kept['done']           # the last good checkpoint is untouched
 
 
+def test_rerun_with_new_settings_keeps_old_metrics_until_its_first_checkpoint(tmp_path):
+    sys.path.insert(0, ROOT)
+    import train
+    lin, path = torch.nn.Linear(2, 2), str(tmp_path / 'x.pt')
+    kw = dict(stage='demo', task=None, path=path, upstream=[], objects={'model': lin}, n_steps=4, ckpt_every=2, quiet=True)
+    train.train_loop(config={'lr': 1}, step_fn=lambda s: {'loss': 1.0}, **kw)
+    metrics = open(str(tmp_path / 'x_metrics.csv')).read()
+
+    def crash(step):
+        raise KeyboardInterrupt    # stopped before the new run's first checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train.train_loop(config={'lr': 2}, step_fn=crash, **kw)
+    assert open(str(tmp_path / 'x_metrics.csv')).read() == metrics
+    assert torch.load(path, weights_only=True)['config'] == {'lr': 1}
+    train.train_loop(config={'lr': 2}, step_fn=lambda s: {'loss': 2.0}, **kw)    # the new run replaces both
+    assert [r['loss'] for r in read_csv(str(tmp_path / 'x_metrics.csv'))] == ['2'] * 4
+
+
 def test_sigkill_mid_stage_resumes(run_dir, tmp_path):
     d = str(tmp_path / 'kill')
     os.makedirs(d)
