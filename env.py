@@ -68,7 +68,7 @@ DOOR_MAX, DRAWER_MAX, BUTTON_MAX, SWITCH_MAX = 0.28, 0.22, 0.02, 0.088
 DOOR_ORIGIN, DRAWER_ORIGIN = np.array([-0.10, 0.075, 0.535]), np.array([0.18, 0.0, 0.32])
 BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.12, -0.12, 0.46]), np.array([0.30, 0.061, 0.495])
 SWITCH_DIR = np.array([0.0, 0.5, 0.866])
-LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.01, 0.044
+LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.016, 0.044
 TABLE_TOP_Z = 0.44
 # Lights sit on the cabinet top. CALVIN has them ~5 cm further back (y 0.16) and the cabinet ~2 cm
 # higher; we bring them forward/down so that both stay inside the static camera's 64x64 frame.
@@ -165,7 +165,7 @@ def desk_urdf():
               _box((-0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
               _box((0.155, 0, -0.02), (0.005, 0.17, 0.04), (0.6, 0.35, 0.1, 1)),
               _box(DRAWER_KNOB, (0.012, 0.0375, 0.015), dark)]
-    button = [_box((0, 0, 0), (0.02, 0.02, 0.027), (0.8, 0.1, 0.1, 1))]    # 4 cm: pressing it takes aim
+    button = [_box((0, 0, 0), (0.009, 0.009, 0.027), (0.8, 0.1, 0.1, 1))]  # 1.8 cm: pressing it takes aim
     switch = [_box((0, 0.015, 0), (0.03, 0.015, 0.03), dark),
               _box(SWITCH_KNOB, (0.015, 0.035, 0.012), (0.1, 0.1, 0.1, 1))]
     led = [_box((0, 0, 0), (0.09, 0.035, 0.02), OFF_RGBA, collide=False)]   # ~9x4 px at 64x64
@@ -389,7 +389,8 @@ class DeskEnv:
         for _ in range(SUBSTEPS):
             p.stepSimulation(physicsClientId=c)
         # Light logic once per control step: the LED toggles on the rising edge of the button passing
-        # 0.01; the bulb is on exactly while the switch is above 0.044.
+        # LED_PRESS_THRESHOLD (1.6 of its 2 cm travel: a firm press); the bulb is on exactly while the switch
+        # is above 0.044.
         button, switch = [s[0] for s in p.getJointStates(self.desk, [BUTTON, SWITCH], physicsClientId=c)]
         led = (not self._led_on) if (self._button_prev <= LED_PRESS_THRESHOLD < button) else self._led_on
         self._button_prev = button
@@ -655,12 +656,12 @@ class ScriptedSkill:
             g = np.array([k[0], k[1] - 0.015, k[2]])
             sign = 1 if task == 'turn_on_lightbulb' else -1
             stop = (lambda x: x[3] > 0.075) if sign > 0 else (lambda x: x[3] < 0.015)
-            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=6),
-                    P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=4), P('back', 1, 0.02)]
+            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=2),
+                    P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=2), P('back', 1, 0.02)]
         if task in ('turn_on_led', 'turn_off_led'):
             b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
             led0 = s[5]
-            return [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.012), -1, 0.004, until=lambda x: x[5] != led0),
+            return [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
                     P(b + (0, 0, 0.08), -1, 0.02)]
         if task == 'reach':
             goal = self.reach_target if self.reach_target is not None else \
