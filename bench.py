@@ -137,16 +137,10 @@ def bench_wm_one(preset: str, device, quick: bool) -> dict:
 
 def bench_wm(device, quick: bool, limit: float) -> None:
     """Each preset in its own process, so that its peak memory is its own."""
-    import json
-    import subprocess
-    import sys
     for preset in ('cpu', 'paper'):
-        cmd = [sys.executable, __file__, '_wm', preset, '--device', str(device)] + (['--quick'] if quick else [])
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f'wm: {preset}: failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}')
+        r = _subprocess_json('_wm', preset, device, quick)
+        if r is None:
             continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
         gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
         print(f"wm: {preset:>5s} preset ({r['params_m']:.1f}M params): {r['frames_s']:7.0f} training frames/s, "
               f"{r['gflops']:.1f} GFLOP/s ({100 * r['gflops'] / limit:.0f}% of limit), peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
@@ -230,18 +224,48 @@ def bench_ppo(device, quick: bool, limit: float) -> None:
               f'{flops / t / 1e9:.1f} GFLOP/s ({100 * flops / t / 1e9 / limit:.0f}% of limit)')
 
 
-def bench_finetune(device, quick: bool) -> None:
-    """Wall-clock of `--stage finetune` at the cpu preset: seconds per DiWA iteration (rollout + update,
-    measured on 2 iterations) x the preset's iterations."""
+def bench_finetune_one(preset: str, device) -> dict:
+    """Seconds per DiWA iteration (rollout + update) at one preset, measured on 2 iterations after a warm-up."""
     import dream_ppo as P
-    wm, policy, actor, critic, clf, cfg = make_agent_models('cpu', device)
+    wm, policy, actor, critic, clf, cfg = make_agent_models(preset, device)
     pool = random_pool(wm, 256, device)
     opts, scaler, counters = P.make_optimizers(actor, critic, cfg), P.RunningRewardScaler(cfg.gamma), P.new_counters()
     gen = torch.Generator(device=device).manual_seed(0)
-    it = lambda: P.iteration(wm, policy, actor, critic, clf, opts, scaler, pool, 'open_drawer', cfg, counters, gen)
+    it = lambda: (P.iteration(wm, policy, actor, critic, clf, opts, scaler, pool, 'open_drawer', cfg, counters, gen),
+                  sync(device))
     t = timeit(it, min_time=0.1, warmup=1)
-    print(f'finetune: cpu preset: {t:.1f} s/iteration x {cfg.iterations} iterations = {t * cfg.iterations / 60:.0f} min '
-          f'per task and seed ({cfg.n_envs * cfg.n_steps * 4 / t:.0f} imagined steps/s end to end)')
+    out = {'preset': preset, 'iter_s': t, 'iterations': cfg.iterations, 'steps_s': cfg.n_envs * cfg.n_steps * 4 / t,
+           'peak_rss_gib': peak_rss_gib()}
+    if device.type == 'cuda':
+        out['peak_gpu_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def bench_finetune(device, quick: bool) -> None:
+    """Wall-clock of `--stage finetune` (s/iteration x the preset's iterations) and its peak memory, each preset
+    in its own process (the paper preset: a few iterations only, to check that it fits in memory)."""
+    for preset in ('cpu',) if quick else ('cpu', 'paper'):
+        r = _subprocess_json('_finetune', preset, device)
+        if r is None:
+            continue
+        gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
+        print(f"finetune: {preset:>5s} preset: {r['iter_s']:.1f} s/iteration x {r['iterations']} iterations = "
+              f"{r['iter_s'] * r['iterations'] / 60:.0f} min per task and seed ({r['steps_s']:.0f} imagined steps/s "
+              f"end to end), peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
+
+
+def _subprocess_json(section: str, preset: str, device, quick: bool = False) -> dict | None:
+    """Run one internal bench section in a fresh process (so that its peak memory is its own) -> its JSON."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, __file__, section, preset, '--device', str(device)] + (['--quick'] if quick else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        err = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode
+        print(f'{section[1:]}: {preset}: failed: {err}')
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -251,16 +275,19 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='shorter timings (noisier)')
     args = p.parse_args(argv)
     sections = ['env', 'wm', 'bc', 'dream', 'ppo', 'finetune']
-    bad = [w for w in args.what if w not in sections + ['all']] if args.what[:1] != ['_wm'] else []
+    internal = args.what[:1] in (['_wm'], ['_finetune'])
+    bad = [w for w in args.what if w not in sections + ['all']] if not internal else []
     if bad:
         p.error(f'unknown section(s) {bad}; choose from {sections} or all')
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           ('cpu' if args.device == 'auto' else args.device))
     what = sections if not args.what or 'all' in args.what else args.what
     print(f'device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}')
-    if args.what and args.what[0] == '_wm':          # internal: one world-model preset in its own process
+    if internal:                  # one preset of one section in its own process (_subprocess_json)
         import json
-        print(json.dumps(bench_wm_one(args.what[1], device, args.quick)))
+        one = bench_wm_one(args.what[1], device, args.quick) if args.what[0] == '_wm' else \
+            bench_finetune_one(args.what[1], device)
+        print(json.dumps(one))
         return
     limit = matmul_limit(device)
     print(f'limit: fp32 matmul 2048^3: {limit:.1f} GFLOP/s')

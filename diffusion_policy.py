@@ -195,8 +195,9 @@ class DiffusionPolicy(nn.Module):
         x_k (B,Tp,Da), k (B,) long in 1..K, cond (B,F) -> mean, std (B,Tp,Da). At k = 1 the posterior std
         is 0 (the last step is deterministic): pass min_std > 0 wherever a log-prob is needed."""
         _check_inputs(self, cond, x_k)
-        assert k.shape == (x_k.shape[0],) and 1 <= int(k.min()) and int(k.max()) <= self.K, \
-            f'k must be (B,) long in 1..{self.K}'
+        assert k.shape == (x_k.shape[0],), f'k must be (B,) long in 1..{self.K}, got shape {tuple(k.shape)}'
+        if k.device.type == 'cpu':       # the range check reads k: on a GPU that would sync every denoising step
+            assert 1 <= int(k.min()) and int(k.max()) <= self.K, f'k must be (B,) long in 1..{self.K}'
         eps_hat = self.eps_net(x_k, k, cond)
         ab = self._at('alpha_bar', k)
         x0_hat = ((x_k - (1 - ab).sqrt() * eps_hat) / ab.sqrt()).clamp(-1, 1)   # denoised estimate, in [-1,1]

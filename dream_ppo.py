@@ -86,8 +86,9 @@ class FinetuneConfig:
 PRESETS = {
     'paper': {},
     # 2-core CPU (cpu presets of world_model/diffusion_policy: 512-d feature, K=20): 50 x 18 decisions and
-    # 4 epochs of 9000 samples = 20 gradient steps per iteration (paper: ~24); ~11 s per iteration on one
-    # busy core, so 150 iterations take ~30 min.  Larger actor lr: ~5x fewer iterations than the paper.
+    # 4 epochs of 9000 samples = 20 gradient steps per iteration (paper: ~24); ~4.5 s per iteration on
+    # 2 quiet cores (python bench.py finetune), so 150 iterations take ~11 min.  Larger actor lr: ~5x fewer
+    # iterations than the paper.
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
                 critic_hidden=128, sim_workers=2),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
