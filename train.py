@@ -467,6 +467,7 @@ def stage_bc(args, device, task: str) -> dict:
     import diffusion_policy as D
     cfg = build_config(D.BCConfig, D.PRESETS, args.preset, args, 'bc')
     print_config('bc', cfg)
+    seed_everything(args.seed)       # initial weights and noise: the same in any process, after any other stage
     wm, wm_ckpt = load_world_model(args, device)
     demos = demo_latents(args, wm, wm_ckpt, task, device)
     sel = demos['in_window']                                             # frames s..e of each window
@@ -553,6 +554,7 @@ def stage_reward(args, device, task: str) -> dict:
     import reward as R
     cfg = build_config(R.RewardConfig, R.PRESETS, args.preset, args, 'reward')
     print_config('reward', cfg)
+    seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
     b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
