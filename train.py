@@ -155,6 +155,15 @@ def config_key(config: dict, upstream: list) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_steps: int) -> bool:
+    """True when `ckpt` differs from (config, upstream) only by raised `extendable` fields (train_loop)."""
+    old = ckpt.get('config', {})
+    changed = {k for k in set(old) | set(config) if old.get(k) != config.get(k)}
+    return (bool(changed) and changed <= set(extendable) and list(ckpt.get('upstream', [])) == list(upstream)
+            and all(isinstance(old.get(k), int) and config[k] > old[k] for k in changed)
+            and ckpt.get('step', n_steps + 1) <= n_steps)
+
+
 def describe_change(old: dict, new: dict) -> str:
     """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
     diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -225,7 +234,7 @@ def pick_device(name: str) -> torch.device:
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
                extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0,
-               inherited: list | None = None) -> dict:
+               inherited: list | None = None, extendable: tuple = ()) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
     objects: {'model': nn.Module, 'optim': Optimizer, ...} — everything with state_dict()/load_state_dict()
@@ -234,6 +243,10 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     (small: model only), for curves of real success during training (Fig. 3).
     inherited: the same checkpoint in the runs this one inherits from (--inherit); when `path` does not exist
     yet and one of them is finished with the same key, it is used as it is and nothing runs.
+    extendable: config fields (e.g. 'steps') that may be raised on an existing checkpoint without starting
+    over: when they are the only change and the checkpoint is at or below the new n_steps, training goes on
+    from it under the new key. Only for stages whose schedule does not depend on n_steps (constant lr), so
+    that 5000 + 5000 steps equal 10000 steps.
     """
     from tqdm import tqdm
 
@@ -250,6 +263,9 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
         ckpt = load_checkpoint(path, stage, task)
         if ckpt.get('key') == key:
             status = 'done' if ckpt.get('done') else 'resume'
+        elif can_extend(ckpt, config, upstream, extendable, n_steps):
+            status = 'resume'
+            print(f'[{stage}] {path}: extending, {describe_change(ckpt.get("config", {}), config)}')
         else:
             print(f'[{stage}] {path}: re-running, settings changed: {describe_change(ckpt.get("config", {}), config)}')
     if status == 'done':
@@ -383,7 +399,8 @@ def stage_wm(args, device) -> dict:
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
                       upstream=[data_key(data_root(args))], objects={'model': wm, 'optim': opt}, step_fn=step_fn,
                       n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
-                      rng=rng, log_every=max(1, cfg.steps // 500))
+                      rng=rng, log_every=max(1, cfg.steps // 500),
+                      extendable=('steps',))          # constant lr (Tab. S.2): --wm.steps N continues a run
 
 
 def print_config(stage: str, cfg) -> None:

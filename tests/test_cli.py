@@ -162,6 +162,41 @@ def test_rerun_with_new_settings_keeps_old_metrics_until_its_first_checkpoint(tm
     assert [r['loss'] for r in read_csv(str(tmp_path / 'x_metrics.csv'))] == ['2'] * 4
 
 
+def test_raising_an_extendable_field_continues_and_equals_one_long_run(tmp_path):
+    """--wm.steps 5000 then --wm.steps 10000 trains 5000 more steps, not 10000 from scratch, and ends
+    bit-identical to one 10000-step run (constant lr, rng states restored)."""
+    sys.path.insert(0, ROOT)
+    import train
+
+    def run(path, steps, lr=0.1, calls=None):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(lin.parameters(), lr=lr)
+
+        def step_fn(step):
+            if calls is not None:
+                calls.append(step)
+            x = torch.randn(8, 3)                  # drawn from torch's rng: the checkpoint must restore it
+            loss = (lin(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+            return {'loss': loss.item()}
+        return train.train_loop(stage='demo', task=None, path=path, config={'steps': steps, 'lr': lr}, upstream=['u'],
+                                objects={'model': lin, 'optim': opt}, step_fn=step_fn, n_steps=steps, ckpt_every=2,
+                                quiet=True, extendable=('steps',))
+    long = run(str(tmp_path / 'long.pt'), 6)
+    calls = []
+    run(str(tmp_path / 'ext.pt'), 3)
+    ext = run(str(tmp_path / 'ext.pt'), 6, calls=calls)
+    assert calls == [3, 4, 5] and ext['step'] == 6 and ext['done']
+    assert all(torch.equal(long['model'][k], ext['model'][k]) for k in long['model'])
+    assert ext['key'] == long['key']                       # downstream stages see a 6-step model either way
+    assert [int(r['step']) for r in read_csv(str(tmp_path / 'ext_metrics.csv'))] == list(range(1, 7))
+    for steps, lr in [(8, 0.2), (4, 0.2)]:                 # another change too, or fewer steps: from scratch
+        calls = []
+        run(str(tmp_path / 'ext.pt'), steps, lr=lr, calls=calls)
+        assert calls[0] == 0
+
+
 def test_sigkill_mid_stage_resumes(run_dir, tmp_path):
     d = str(tmp_path / 'kill')
     os.makedirs(d)
