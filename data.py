@@ -524,9 +524,9 @@ class CollectConfig:
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
-    # test: 200-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
+    # test: 250-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
     # says so): a brisk operator
-    'test': {'episodes': 2, 'episode_len': 200, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
+    'test': {'episodes': 2, 'episode_len': 250, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'p_task': 1.0, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'speed_min': 0.6, 'gain_min': 0.3},
 }
 

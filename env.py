@@ -11,7 +11,7 @@ Desk (world frame, metres, z up; +q of each prismatic joint as in CALVIN):
     +-----------------------+-----------------+
     | sliding door  <- +q   |  switch (up=+q) |          <- cabinet front, y ~0.075, z 0.44..0.64
     +-----------------------+-----------------+
-    |  button (-0.12,-0.12)        blocks      |          <- table top, z 0.44
+    | button (-0.40,-0.10)         blocks      |          <- table top, z 0.44
     +------------------[ drawer, +q = -y ]-----+          <- under the table top, z ~0.32
                   Panda base (-0.34,-0.46,0.24), in front of the table (y < -0.19)
 
@@ -66,7 +66,9 @@ ARM, FINGERS, TCP_LINK = list(range(7)), [9, 10], 11        # joint / link indic
 # Articulated parts: (joint upper limit, unit direction of +q, link origin at q = 0)
 DOOR_MAX, DRAWER_MAX, BUTTON_MAX, SWITCH_MAX = 0.28, 0.22, 0.02, 0.088
 DOOR_ORIGIN, DRAWER_ORIGIN = np.array([-0.10, 0.075, 0.535]), np.array([0.18, 0.0, 0.32])
-BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.12, -0.12, 0.46]), np.array([0.30, 0.061, 0.495])
+# The button sits on the table's left, ~0.4 m from the rest pose like the drawer knob and the switch (at
+# (-0.12, -0.12) the operator pressed it in ~22 of the 72 evaluation steps and cloning it was too easy: base 87-99%)
+BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.40, -0.10, 0.46]), np.array([0.30, 0.061, 0.495])
 SWITCH_DIR = np.array([0.0, 0.5, 0.866])
 LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.016, 0.044
 TABLE_TOP_Z = 0.44
@@ -156,7 +158,7 @@ def desk_urdf():
         _box((0.45, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # right side
         _box((0.09, 0.205, 0.5225), (0.01, 0.115, 0.0825), cab),                            # divider
         _box((0.27, 0.095, 0.5225), (0.17, 0.005, 0.0825), cab),                            # right front panel
-        _box((-0.12, -0.12, top + 0.004), (0.032, 0.032, 0.004), dark),                     # button housing
+        _box((BUTTON_ORIGIN[0], BUTTON_ORIGIN[1], top + 0.004), (0.032, 0.032, 0.004), dark),  # button housing
     ]
     door = [_box((0, 0, 0), (0.13, 0.008, 0.07), (0.2, 0.45, 0.8, 1)),
             _box(DOOR_KNOB, (0.01, 0.0335, 0.025), dark)]
