@@ -480,6 +480,10 @@ def variant_run(run: str, name: str) -> str:
     return os.path.join(run, 'variants', name)
 
 
+def _num(value, fmt: str = '.2f') -> str:
+    return '–' if value is None else format(value, fmt)
+
+
 def _mean_std(values) -> str:
     v = 100 * np.asarray(values, float)
     return '–' if v.size == 0 else f'{v.mean():.1f} ± {v.std():.1f}' + (f' (n={v.size})' if v.size < 3 else '')
@@ -657,7 +661,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         md += ['## Reward classifier (§III.C)', '', '| task | precision | recall | imagined demo end scored success '
                '| imagined play false alarm, frames | ... windows |', '|---|---|---|---|---|---|']
         md += [f"| {r['task']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['imagined_final_success']:.2f} "
-               f"| {r['imagined_false_alarm']:.3f} | {r.get('imagined_false_window', float('nan')):.2f} |"
+               f"| {r['imagined_false_alarm']:.3f} | {_num(r.get('imagined_false_window'))} |"
                for r in rw] + ['']
     # ---- wall-clock
     md += ['## Wall-clock (this machine, as run)', '', '| stage | runs | total |', '|---|---|---|']
