@@ -417,9 +417,12 @@ def reward_report(args, device, task: str) -> dict:
     of a held-out demo (window + the post-success frames) is scored a success, and how many frames of
     held-out play windows that do not complete the task are (false alarms)."""
     import data
+    import dream_ppo as P
     import env
     import reward as R
     import train as TR
+    # scored at the probability above which fine-tuning ends an imagined episode as a success (FinetuneConfig)
+    thr = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft').success_threshold
     wm, wm_ckpt = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
     feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation')
@@ -429,20 +432,20 @@ def reward_report(args, device, task: str) -> dict:
     win = val['windows'][val['window_tasks'] == task]
     rows, _ = TR.window_rows(val['episodes'], win, args.post_success_frames)
     demos = np.stack([win[:, 0], rows[:, -1]], 1)
-    final = [p[-1] > 0.5 for p in imagined_window_scores(wm, clf, val, demos, device)]
+    final = [p[-1] > thr for p in imagined_window_scores(wm, clf, val, demos, device)]
     others = [w for w, t in zip(val['windows'], val['window_tasks']) if t != task and not env.task_success(
         task, {'scene_obs': val['scene_obs'][w[0]]}, {'scene_obs': val['scene_obs'][w[1]]})]
     scores = imagined_window_scores(wm, clf, val, np.array(others[:200]), device)
-    false = np.concatenate(scores) > 0.5
+    false = np.concatenate(scores) > thr
     # an imagined episode ends at its first success (dream_ppo): one false frame ends it, so count windows too
-    false_windows = np.array([(p > 0.5).any() for p in scores])
-    out = {'task': task, 'precision': round(float(pr['precision']), 4), 'recall': round(float(pr['recall']), 4),
+    false_windows = np.array([(p > thr).any() for p in scores])
+    out = {'task': task, 'threshold': thr, 'precision': round(float(pr['precision']), 4), 'recall': round(float(pr['recall']), 4),
            'heldout_frames': len(label), 'imagined_final_success': round(float(np.mean(final)), 4),
            'imagined_demos': len(final), 'imagined_false_alarm': round(float(false.mean()), 4),
            'imagined_play_frames': int(false.size),
            'imagined_false_window': round(float(false_windows.mean()), 4), 'imagined_play_windows': len(scores)}
     print(f"[reward/{task}] held-out recorded: precision {out['precision']:.3f} recall {out['recall']:.3f} "
-          f"({len(label)} frames); imagined: demo final frame success {out['imagined_final_success']:.2f} "
+          f"({len(label)} frames); imagined, success above {thr}: demo final frame success {out['imagined_final_success']:.2f} "
           f"({len(final)} demos), play frames false alarm {out['imagined_false_alarm']:.3f} ({false.size} frames), "
           f"play windows with a false alarm {out['imagined_false_window']:.2f} ({len(scores)} windows)")
     data.atomic_write(os.path.join(args.run, task, 'reward_report.json'),
@@ -658,9 +661,11 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
             md += ['![Fig. S.7](figures/figS7_wm_rollout.png)', '']
     rw = [json.load(open(p)) for p in (os.path.join(run, t, 'reward_report.json') for t in TASKS) if os.path.isfile(p)]
     if rw:
-        md += ['## Reward classifier (§III.C)', '', '| task | precision | recall | imagined demo end scored success '
-               '| imagined play false alarm, frames | ... windows |', '|---|---|---|---|---|---|']
-        md += [f"| {r['task']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['imagined_final_success']:.2f} "
+        md += ['## Reward classifier (§III.C)', '', '| task | precision | recall | success threshold (imagined) '
+               '| imagined demo end scored success | imagined play false alarm, frames | ... windows |',
+               '|---|---|---|---|---|---|---|']
+        md += [f"| {r['task']} | {r['precision']:.2f} | {r['recall']:.2f} | {_num(r.get('threshold', 0.5), '.1f')} "
+               f"| {r['imagined_final_success']:.2f} "
                f"| {r['imagined_false_alarm']:.3f} | {_num(r.get('imagined_false_window'))} |"
                for r in rw] + ['']
     # ---- wall-clock
