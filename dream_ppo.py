@@ -80,6 +80,7 @@ class FinetuneConfig:
     reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
     success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
     reward_binary: bool = False  # reward = 1[p > threshold] (reference code) instead of the probability (paper)
+    latent_sample: bool = True  # imagined z_{t+1} sampled from the prior (DreamerV2) or its mode (README: the deadlock)
     sim_workers: int = 2  # DPPO baseline only: simulator processes
 
 
@@ -338,7 +339,7 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
         actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])  # (N, Ta, Da)
         probs = []
         for j in range(actions.shape[1]):  # Ta world-model steps (Eq. 3): h_{t+1} = f(h_t, a), z ~ p(z|h)
-            state = wm.img_step(state, actions[:, j], sample=True)
+            state = wm.img_step(state, actions[:, j], sample=cfg.latent_sample)
             f_next = wm.feature(state)
             probs.append(reward_clf.success_prob(f_next, start_feat) if relative else reward_clf.success_prob(f_next))
         probs = torch.stack(probs, 1)  # (N, Ta)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -453,6 +454,93 @@ def reward_report(args, device, task: str) -> dict:
     return out
 
 
+@torch.no_grad()
+def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'base', repeats: int = 4) -> dict:
+    """Does imagination predict the simulator? The same start states are run (1) in the simulator, as the
+    evaluation does, (2) in imagination as fine-tuning runs them (dream_ppo.imagine_rollout: stochastic policy,
+    the preset's latent sampling, success threshold and episode length), from each start's first frame encoded
+    as the evaluation encodes it, `repeats` times, and (3) open loop: each simulator episode's own actions
+    replayed in imagination. (3) tests the world model + classifier; (2) vs (1) tests the whole Dream MDP.
+    -> dict with real / imagined success and their agreement, written to <run>/<task>/gap_<policy>_s<seed>.json."""
+    import data
+    import dream_ppo as P
+    import train as TR
+    fcfg = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft')
+    wm, _ = TR.load_world_model(args, device)
+    clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
+    policy_pre, _ = TR.load_policy(TR.find(args, task, 'bc.pt'), task, wm.feat_dim, device)
+    actor = policy_pre                                  # the base policy: its own copy in both roles
+    if policy != 'base':
+        path = TR.finetuned_checkpoints(args, task, args.seed).get(policy)
+        if path is None:
+            raise TR.StageError(f'gap report: no {policy} checkpoint of {task}, seed {args.seed}, in {args.run}')
+        ck = TR.load_checkpoint(path, ckpt_path_stage(policy), task)
+        actor = TR.load_finetuned_actor(ck, policy_pre, device)
+        fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
+    factory = policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)
+    starts, acts = {'h': [], 'z': []}, []
+
+    def make_agent(B):                                  # the evaluation's agent, recording start states and actions
+        agent, steps = factory(B), []
+        acts.append(steps)
+
+        def act(t, obs, feat):
+            if t == 0:                                  # s_0 = q(h_0, x_0), as run_episodes filters its first frame
+                x = data.preprocess_obs(obs[:B], image_size=wm.cfg.image_size, device=device)
+                s0, _ = wm.obs_step(wm.initial(B), torch.zeros(B, 7, device=device), x, sample=False)
+                starts['h'].append(s0['h']), starts['z'].append(s0['z'])
+            a = agent(t, obs, feat)
+            steps.append(np.asarray(a, dtype=np.float32))
+            return a
+        return act
+    t0 = time.time()
+    real = run_episodes(make_agent, task, task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
+                        seed=args.seed)['success']
+    h0, z0 = torch.cat(starts['h']), torch.cat(starts['z'])
+    n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
+
+    def imagine(closed_loop: bool) -> np.ndarray:      # (repeats, n) success within max_episode_steps decisions
+        out = np.zeros((repeats, n), bool)
+        replay = None if closed_loop else [torch.as_tensor(np.clip(np.stack(a), -1, 1), device=device) for a in acts]
+        for r in range(repeats):
+            state, alive = {'h': h0.clone(), 'z': z0.clone()}, torch.ones(n, dtype=torch.bool, device=h0.device)
+            for t in range(fcfg.max_episode_steps):
+                if closed_loop:
+                    chain = P._sample_chain(policy_pre, actor, wm.feature(state), fcfg, gen)
+                    chunk = P.execute_chunk(chain[:, -1, :P.action_horizon(policy_pre)])
+                else:                                   # the recorded actions (episodes in batches of cfg.envs)
+                    chunk = torch.zeros(n, 4, 7, device=device)
+                    for b, A in enumerate(replay):
+                        A = A[4 * t:4 * t + 4].transpose(0, 1)            # (B, <=4, 7)
+                        chunk[b * cfg.envs:b * cfg.envs + A.shape[0], :A.shape[1]] = A
+                    chunk = P.execute_chunk(chunk)
+                p = []
+                for j in range(chunk.shape[1]):
+                    state = wm.img_step(state, chunk[:, j], sample=fcfg.latent_sample)
+                    p.append(clf.success_prob(wm.feature(state)))
+                hit = (torch.stack(p, 1).max(1).values > fcfg.success_threshold) & alive
+                out[r] |= hit.cpu().numpy()
+                alive &= ~hit
+        return out
+    closed, replayed = imagine(True).mean(0), imagine(False).mean(0)
+    f = lambda v: round(float(v), 4) if np.isfinite(v) else None
+    res = {'task': task, 'policy': policy, 'seed': args.seed, 'episodes': n, 'repeats': repeats,
+           'threshold': fcfg.success_threshold, 'latent_sample': fcfg.latent_sample,
+           'real_success': f(real.mean()), 'imagined_success': f(closed.mean()),
+           'imagined_on_real_success': f(closed[real].mean() if real.any() else np.nan),
+           'imagined_on_real_failure': f(closed[~real].mean() if (~real).any() else np.nan),
+           'replay_on_real_success': f(replayed[real].mean() if real.any() else np.nan),
+           'replay_on_real_failure': f(replayed[~real].mean() if (~real).any() else np.nan),
+           'wall_s': round(time.time() - t0, 1)}
+    print(f"[gap/{task}] {policy} seed {args.seed}: simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
+          f"{repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
+          f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
+          f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them")
+    data.atomic_write(os.path.join(args.run, task, f'gap_{policy}_s{args.seed}.json'),
+                      lambda fh: fh.write(json.dumps(res, indent=1).encode()))
+    return res
+
+
 # ----------------------------------------------------------------------------------------------------
 # The report: the paper's evidence re-made on the built-in desk, from the files of a run folder alone.
 #   Table I    base vs DiWA, 8 tasks x seeds; simulator steps during fine-tuning; DPPO's steps to match
@@ -724,6 +812,8 @@ def main(argv=None) -> int:
     p.add_argument('--scripted', action='store_true', help='run the scripted skills through the evaluation loop')
     p.add_argument('--wm-report', action='store_true', help='world-model open-loop errors and Fig. S.7')
     p.add_argument('--reward-report', action='store_true', help='reward classifier on held-out and imagined latents')
+    p.add_argument('--gap-report', action='store_true',
+                   help='imagination vs simulator on identical start states (--policy base/diwa/...; default base)')
     p.add_argument('--report', action='store_true',
                    help='only rewrite results.md / results.csv / figures from the run folder (train.py --stage '
                         'report runs the missing experiments first)')
@@ -761,7 +851,10 @@ def main(argv=None) -> int:
                 out = run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
                                    task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
                 summarize(task, 'scripted', args.seed, out, t0)
-            if not (args.scripted or args.wm_report or args.reward_report):
+            if args.gap_report:
+                for name in args.policy or ['base']:
+                    imagination_gap(args, device, task, cfg, name)
+            if not (args.scripted or args.wm_report or args.reward_report or args.gap_report):
                 evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy)
     except TR.user_errors() as e:
         print(f'error: {e}', file=sys.stderr)

@@ -149,15 +149,24 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
     return ckpt
 
 
+# Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
+# left out of the key, so that adding an option does not make every finished checkpoint stale.
+LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True}
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
 def config_key(config: dict, upstream: list) -> str:
     """Hash of a stage's settings and of the keys of the checkpoints it consumes (a Merkle chain)."""
-    blob = json.dumps({'config': config, 'upstream': list(upstream)}, sort_keys=True, default=str)
+    blob = json.dumps({'config': _comparable(config), 'upstream': list(upstream)}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_steps: int) -> bool:
     """True when `ckpt` differs from (config, upstream) only by raised `extendable` fields (train_loop)."""
-    old = ckpt.get('config', {})
+    old, config = _comparable(ckpt.get('config', {})), _comparable(config)
     changed = {k for k in set(old) | set(config) if old.get(k) != config.get(k)}
     return (bool(changed) and changed <= set(extendable) and list(ckpt.get('upstream', [])) == list(upstream)
             and all(isinstance(old.get(k), int) and config[k] > old[k] for k in changed)
@@ -166,6 +175,7 @@ def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_st
 
 def describe_change(old: dict, new: dict) -> str:
     """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
+    old, new = _comparable(old), _comparable(new)
     diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
 

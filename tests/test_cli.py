@@ -2,6 +2,7 @@
 work, invalid flags fail at parse time, bad checkpoints and NaN losses give one-line errors, a SIGKILLed
 stage resumes, and the same seed gives the same metrics."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -245,6 +246,38 @@ def test_eval_reports_and_scripted_loop(run_dir):
     assert os.path.getsize(os.path.join(run_dir, 'figures', 'wm_rollout.png')) > 10_000
     assert f'[reward/{TASK}] held-out recorded: precision' in proc.stdout
     assert f'{TASK}   scripted seed 0: 3/3 = 100.0%' in proc.stdout
+
+
+def test_gap_report_runs_the_evaluation_unchanged(run_dir):
+    """eval.py --gap-report: its simulator episodes are the evaluation's (same starts, same success as the
+    results.csv row), and imagined / replayed success rates are rates."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--preset', 'test', '--run', run_dir,
+                           '--task', TASK, '--gap-report', '--policy', 'base', 'diwa'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_csv(os.path.join(run_dir, 'results.csv'))
+    for policy in ('base', 'diwa'):
+        with open(os.path.join(run_dir, TASK, f'gap_{policy}_s0.json')) as fh:
+            gap = json.load(fh)
+        row = [r for r in rows if r['policy'] == policy and r['seed'] == '0'][-1]
+        assert gap['episodes'] == int(row['episodes']) and gap['real_success'] == float(row['success'])
+        for k in ('imagined_success', 'imagined_on_real_success', 'imagined_on_real_failure',
+                  'replay_on_real_success', 'replay_on_real_failure'):
+            assert gap[k] is None or 0.0 <= gap[k] <= 1.0, (k, gap[k])
+        assert f'[gap/{TASK}] {policy} seed 0: simulator' in proc.stdout
+
+
+def test_options_added_later_keep_old_keys_at_their_old_behaviour():
+    """A setting in train.LATER_FIELDS at its default (the earlier behaviour) leaves a checkpoint's key as it
+    was without it; any other value changes the key and is named as the change."""
+    sys.path.insert(0, ROOT)
+    import train as TR
+    old = {'lr': 3e-4, 'steps': 10}
+    for field, default in TR.LATER_FIELDS.items():
+        assert TR.config_key({**old, field: default}, ['u']) == TR.config_key(old, ['u'])
+        assert TR.config_key({**old, field: not default}, ['u']) != TR.config_key(old, ['u'])
+        assert field in TR.describe_change(old, {**old, field: not default})
+        assert TR.describe_change(old, {**old, field: default}) == 'an upstream checkpoint changed'
 
 
 @pytest.mark.parametrize('script', ['train.py', 'eval.py', 'bench.py', 'env.py'])

@@ -224,6 +224,17 @@ def test_rollout_episode_ends_and_restarts():
     assert b['values'].shape == (8, cfg.n_envs) and b['imagined_steps'] == 7 * cfg.n_envs * 4
 
 
+@pytest.mark.parametrize('latent_sample', [True, False])
+def test_rollout_samples_latents_or_takes_the_prior_mode(latent_sample, monkeypatch):
+    """latent_sample=False imagines with the prior's mode: every world-model step is called with sample=False."""
+    wm, pre, actor, critic, _ = make_setup()
+    seen, img_step = [], wm.img_step
+    monkeypatch.setattr(wm, 'img_step', lambda s, a, sample=True: seen.append(sample) or img_step(s, a, sample))
+    dp.imagine_rollout(wm, pre, actor, critic, ToyReward(wm.feat_dim, 0.2), toy_pool(wm),
+                       replace(TEST, n_steps=2, latent_sample=latent_sample))
+    assert len(seen) == 2 * 4 and set(seen) == {latent_sample}
+
+
 def test_execute_chunk_thresholds_gripper():
     a = dp.execute_chunk(torch.tensor([[[0.3, 0, 0, 0, 0, 0, -0.01], [0, 0, 0, 0, 0, 0.2, 0.0]]]))
     assert a[0, :, -1].tolist() == [-1.0, 1.0] and a[0, 0, 0].item() == pytest.approx(0.3)

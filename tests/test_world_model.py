@@ -194,6 +194,28 @@ def test_hybrid_scene_decoding_and_errors():
         make_wm().featurize({**batch, 'rgb_static': batch['rgb_static'][..., :32, :32]})
 
 
+def test_proprio_scaling_is_a_gaussian_of_the_stated_std():
+    """proprio_scaled: the decoder returns raw units, the loss is the Gaussian NLL with std _PROPRIO_STD
+    (hand-computed from decode), and the encoder's input is (p - offset) / range; unscaled is unchanged."""
+    import world_model as W
+    batch = random_batch()
+    for scaled in (False, True):
+        wm = make_wm(proprio_scaled=scaled)
+        std = torch.tensor(W._PROPRIO_STD) if scaled else torch.ones(18)
+        off = torch.tensor(W._PROPRIO_OFFSET) if scaled else torch.zeros(18)
+        rng = torch.tensor(W._PROPRIO_RANGE) if scaled else torch.ones(18)
+        torch.manual_seed(1)
+        _, m = loss_wm(wm, batch, sample=False)
+        post, _ = wm.observe(batch, sample=False)
+        dec = wm.decode(wm.feature(post))['proprio']
+        expect = 0.5 * (((dec - batch['proprio']) / std) ** 2).sum(-1).mean()
+        assert torch.allclose(m['proprio'], expect, rtol=1e-5)
+        assert torch.allclose(dec, wm.dec_proprio(wm.feature(post)) * rng + off, atol=1e-6)
+        emb = wm.embed(batch)[..., -18:]
+        assert torch.allclose(emb, (batch['proprio'] - off) / rng, atol=1e-6)
+    assert len(W._PROPRIO_STD) == len(W._PROPRIO_OFFSET) == len(W._PROPRIO_RANGE) == WMConfig().proprio_dim
+
+
 def test_training_lowers_loss_on_moving_square():
     wm = make_wm(lr=1e-3)
     opt = make_optimizer(wm, wm.cfg)
