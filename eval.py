@@ -660,9 +660,11 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
     done = [t for t, v in deltas.items() if v[2]]
-    summary = f'Average over the tasks done so far: base {100 * np.mean(all_b):.1f}; ' if all_b else ''
+    summary = f'Average base over {len(all_b)} tasks: {100 * np.mean(all_b):.1f}; ' if all_b else ''
     if done:
-        summary += (f'DiWA {100 * np.mean(all_d):.1f} ({len(done)} tasks). Tasks where DiWA does not gain 15 points '
+        base_done = [np.mean(deltas[t][0]) for t in done if deltas[t][0]]
+        summary += (f'over the {len(done)} tasks with DiWA: base {100 * np.mean(base_done):.1f}, '
+                    f'DiWA {100 * np.mean(all_d):.1f}. Tasks where DiWA does not gain 15 points '
                     'on average: ' + (', '.join(t for t in done if np.mean(deltas[t][2]) < 0.15) or 'none') + '.')
     else:
         summary += 'no DiWA result yet.'
