@@ -320,6 +320,20 @@ def _sample_chain(policy_pre, actor, feat, cfg, generator):
     return chain[:, K - K_ft:]  # fine-tuned part: x^{K_ft} .. x^0
 
 
+def imagine_chunk(wm, state: dict, actions: torch.Tensor, reward_clf, cfg: FinetuneConfig, start_feat=None):
+    """One decision's chunk (N, Ta, Da) executed in the world model's prior, Ta steps of Eq. 3
+    (h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}), or its mode when not cfg.latent_sample), each new latent
+    scored by the classifier (§III.C; against start_feat for the decoded-state reward of Fig. 2).
+    -> (state after the chunk, p (N,): success probability, max over the chunk's latents or its last)."""
+    probs = []
+    for j in range(actions.shape[1]):
+        state = wm.img_step(state, actions[:, j], sample=cfg.latent_sample)
+        f_next = wm.feature(state)
+        probs.append(reward_clf.success_prob(f_next) if start_feat is None else reward_clf.success_prob(f_next, start_feat))
+    probs = torch.stack(probs, 1)  # (N, Ta)
+    return state, (probs.max(1).values if cfg.reward_over_chunk == 'max' else probs[:, -1])
+
+
 @torch.no_grad()
 def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict, cfg: FinetuneConfig,
                     generator: torch.Generator | None = None) -> dict:
@@ -337,13 +351,7 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
         feat = wm.feature(state)  # z_t: (N, F)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
         actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])  # (N, Ta, Da)
-        probs = []
-        for j in range(actions.shape[1]):  # Ta world-model steps (Eq. 3): h_{t+1} = f(h_t, a), z ~ p(z|h)
-            state = wm.img_step(state, actions[:, j], sample=cfg.latent_sample)
-            f_next = wm.feature(state)
-            probs.append(reward_clf.success_prob(f_next, start_feat) if relative else reward_clf.success_prob(f_next))
-        probs = torch.stack(probs, 1)  # (N, Ta)
-        p = probs.max(1).values if cfg.reward_over_chunk == 'max' else probs[:, -1]
+        state, p = imagine_chunk(wm, state, actions, reward_clf, cfg, start_feat)
         success = p > cfg.success_threshold
         reward = success.float() if cfg.reward_binary else p  # R = C(z_{t+1}) (paper: probability)
         ep_len += 1

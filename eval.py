@@ -497,28 +497,27 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     real = run_episodes(make_agent, task, task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
                         seed=args.seed)['success']
     h0, z0 = torch.cat(starts['h']), torch.cat(starts['z'])
+    torch.manual_seed(args.seed)                       # the world model's latent samples: the same figures on a re-run
     n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
+    Ta, T = P.action_horizon(policy_pre), fcfg.max_episode_steps * P.action_horizon(policy_pre)
+    recorded = torch.zeros(T, n, 7, device=device)     # the simulator's actions, (T, episode, 7); zero after its end
+    for b, steps in enumerate(acts):
+        A = torch.as_tensor(np.clip(np.stack(steps)[:T], -1, 1), device=device)   # (T_b, B, 7)
+        recorded[:len(A), b * cfg.envs:b * cfg.envs + A.shape[1]] = A
+    relative = getattr(clf, 'relative', False)
 
     def imagine(closed_loop: bool) -> np.ndarray:      # (repeats, n) success within max_episode_steps decisions
         out = np.zeros((repeats, n), bool)
-        replay = None if closed_loop else [torch.as_tensor(np.clip(np.stack(a), -1, 1), device=device) for a in acts]
         for r in range(repeats):
             state, alive = {'h': h0.clone(), 'z': z0.clone()}, torch.ones(n, dtype=torch.bool, device=h0.device)
+            start_feat = wm.feature(state) if relative else None
             for t in range(fcfg.max_episode_steps):
-                if closed_loop:
-                    chain = P._sample_chain(policy_pre, actor, wm.feature(state), fcfg, gen)
-                    chunk = P.execute_chunk(chain[:, -1, :P.action_horizon(policy_pre)])
-                else:                                   # the recorded actions (episodes in batches of cfg.envs)
-                    chunk = torch.zeros(n, 4, 7, device=device)
-                    for b, A in enumerate(replay):
-                        A = A[4 * t:4 * t + 4].transpose(0, 1)            # (B, <=4, 7)
-                        chunk[b * cfg.envs:b * cfg.envs + A.shape[0], :A.shape[1]] = A
-                    chunk = P.execute_chunk(chunk)
-                p = []
-                for j in range(chunk.shape[1]):
-                    state = wm.img_step(state, chunk[:, j], sample=fcfg.latent_sample)
-                    p.append(clf.success_prob(wm.feature(state)))
-                hit = (torch.stack(p, 1).max(1).values > fcfg.success_threshold) & alive
+                if closed_loop:                         # as fine-tuning: dream_ppo.imagine_rollout
+                    chunk = P._sample_chain(policy_pre, actor, wm.feature(state), fcfg, gen)[:, -1, :Ta]
+                else:
+                    chunk = recorded[Ta * t:Ta * (t + 1)].transpose(0, 1)
+                state, p = P.imagine_chunk(wm, state, P.execute_chunk(chunk), clf, fcfg, start_feat)
+                hit = (p > fcfg.success_threshold) & alive
                 out[r] |= hit.cpu().numpy()
                 alive &= ~hit
         return out

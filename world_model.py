@@ -221,9 +221,9 @@ class WorldModel(nn.Module):
         self.register_buffer('scene_offset', torch.tensor(_SCENE_OFFSET), persistent=False)
         self.register_buffer('scene_scale', torch.tensor(_SCENE_SCALE), persistent=False)
         assert len(_SCENE_SCALE) == cfg.scene_dim, 'scene scaling is written for CALVIN scene_obs (24)'
-        on = cfg.proprio_scaled and cfg.proprio_dim == len(_PROPRIO_OFFSET)
-        assert on or not cfg.proprio_scaled, 'proprio scaling is written for data.robot_obs_to_proprio (18)'
-        P = cfg.proprio_dim
+        assert not cfg.proprio_scaled or cfg.proprio_dim == len(_PROPRIO_OFFSET), \
+            'proprio scaling is written for data.robot_obs_to_proprio (18)'
+        on, P = cfg.proprio_scaled, cfg.proprio_dim
         self.register_buffer('proprio_offset', torch.tensor(_PROPRIO_OFFSET) if on else torch.zeros(P), persistent=False)
         self.register_buffer('proprio_range', torch.tensor(_PROPRIO_RANGE) if on else torch.ones(P), persistent=False)
         self.register_buffer('proprio_std', torch.tensor(_PROPRIO_STD) if on else torch.ones(P), persistent=False)
