@@ -505,17 +505,18 @@ class CollectConfig:
     p_task: float = 0.85        # probability that a play segment is a scripted task (else a reach or a pause)
     p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
     p_home: float = 0.5         # probability of a reach back near the rest pose after a task segment
-    action_noise: float = 0.2   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
+    action_noise: float = 0.25  # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
     speed_min: float = 0.7      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
     speed_max: float = 1.0      # (slow and fast operators)
     gain_min: float = 0.35      # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
     gain_max: float = 0.6       # (gentle and brisk operators)
     # The operator's style (env.ScriptedSkill): a drifting hand, detours and hesitations, so that 50 demos
     # are as varied as teleoperated ones and cloning them is good but imperfect (Table I: base 36-63%).
-    noise_corr: float = 0.6     # AR(1) coefficient of the action noise (0 = iid jitter)
+    noise_corr: float = 0.7     # AR(1) coefficient of the action noise (0 = iid jitter)
     p_via: float = 0.4          # probability that a task first swings through a random via point
     via_scale: float = 0.08     # how far (m) that via point lies off the straight line
-    p_hesitate: float = 0.1     # probability of a 3-10 step hesitation after each phase of a task
+    p_hesitate: float = 0.2     # probability of a hesitation after each phase of a task ...
+    hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -558,7 +559,8 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
         kind = 'pause' if rng.random() < cfg.p_pause else 'reach'
     return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain,
                                    noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
-                                   p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0)
+                                   p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0,
+                                   hesitate_max=cfg.hesitate_max)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:

@@ -596,12 +596,12 @@ class ScriptedSkill:
       noise_corr  AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
       p_via, via_scale  with probability p_via a task first swings through a random via point (a detour
                   of ~via_scale metres off the straight line towards its first waypoint)
-      p_hesitate  probability of a hesitation (3-10 steps holding still) after each phase
+      p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
     All three default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
-                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0):
+                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -609,6 +609,7 @@ class ScriptedSkill:
         self.noise_corr, self.p_via, self.via_scale, self.p_hesitate = (float(noise_corr), float(p_via),
                                                                        float(via_scale), float(p_hesitate))
         self.phases, self.i, self.t, self.done = None, 0, 0, False
+        self.hesitate_max = max(3, int(hesitate_max))
         self.drift, self.hesitating = np.zeros(6), 0
 
     def _detour(self, tcp, phases, P):
@@ -658,7 +659,7 @@ class ScriptedSkill:
             g = np.array([k[0], k[1] - 0.015, k[2]])
             sign = 1 if task == 'turn_on_lightbulb' else -1
             stop = (lambda x: x[3] > 0.075) if sign > 0 else (lambda x: x[3] < 0.015)
-            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=2),
+            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=5),      # a firm grasp before the push
                     P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=2), P('back', 1, 0.02)]
         if task in ('turn_on_led', 'turn_off_led'):
             b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
@@ -717,7 +718,7 @@ class ScriptedSkill:
             self.i, self.t = self.i + 1, 0
             self.done = self.i >= len(self.phases)
             if not self.done and self.p_hesitate > 0 and self.rng.random() < self.p_hesitate:
-                self.hesitating = int(self.rng.integers(3, 11))
+                self.hesitating = int(self.rng.integers(3, self.hesitate_max + 1))
         return np.clip(a, -1.0, 1.0)
 
 
@@ -963,7 +964,7 @@ if __name__ == '__main__':
             from data import CollectConfig
             c = CollectConfig()
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
-                         p_hesitate=c.p_hesitate, speed=(c.speed_min + c.speed_max) / 2,
+                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, speed=(c.speed_min + c.speed_max) / 2,
                          gain=(c.gain_min + c.gain_max) / 2)
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
