@@ -525,10 +525,10 @@ class CollectConfig:
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
-    # test: 250-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
+    # test: 350-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
     # says so): a brisk operator
-    'test': {'episodes': 2, 'episode_len': 250, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
-             'p_task': 1.0, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'speed_min': 0.6, 'gain_min': 0.3},
+    'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
+             'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'speed_min': 0.6, 'gain_min': 0.3},
 }
 
 

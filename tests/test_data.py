@@ -330,13 +330,13 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
     desk.close()
     assert wins >= len(d['windows']) - 1 and len(d['windows']) >= 2, (wins, len(d['windows']))
     before = data.load_split(out / 'validation', cfg.image_size)
-    last = data.frame_path(out / 'validation', 299)
+    last = data.frame_path(out / 'validation', 2 * cfg.episode_len - 1)             # episode 1's last frame
     last_before = data.read_frame(last)
     # a run killed during episode 1: it is not in the progress file, a temp file is left behind
     progress = json.loads((out / 'collect_progress.json').read_text())
     del progress['1']
     (out / 'collect_progress.json').write_text(json.dumps(progress))
-    (out / 'validation' / ('episode_0000150.npz' + data.TMP_TAG + '1')).write_bytes(b'PK\x03\x04')
+    (out / 'validation' / (data.frame_path('', cfg.episode_len + 1).name + data.TMP_TAG + '1')).write_bytes(b'PK\x03\x04')
     rep2 = data.collect(cfg, out)                                      # redoes episode 1 only
     assert rep2['frames'] == rep['frames'] and rep2['frames_per_s'] > 0
     assert not [p for p in os.listdir(out / 'validation') if data.TMP_TAG in p]
