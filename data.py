@@ -517,6 +517,7 @@ class CollectConfig:
     via_scale: float = 0.08     # how far (m) that via point lies off the straight line
     p_hesitate: float = 0.2     # probability of a hesitation after each phase of a task ...
     hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
+    p_miss: float = 0.0         # probability that a task starts with a miss (LED: a press beside the button)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -560,7 +561,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
     return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain,
                                    noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
                                    p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0,
-                                   hesitate_max=cfg.hesitate_max)
+                                   hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:

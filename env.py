@@ -597,11 +597,14 @@ class ScriptedSkill:
       p_via, via_scale  with probability p_via a task first swings through a random via point (a detour
                   of ~via_scale metres off the straight line towards its first waypoint)
       p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
+      p_miss      probability that the operator first misses (LED tasks: presses down 2.5-4 cm beside the
+                  button, where nothing happens) and then does the task: play data that shows the world model
+                  and the classifier what a miss looks like (README: the turn_on_led failure)
     All three default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
-                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10):
+                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -609,7 +612,7 @@ class ScriptedSkill:
         self.noise_corr, self.p_via, self.via_scale, self.p_hesitate = (float(noise_corr), float(p_via),
                                                                        float(via_scale), float(p_hesitate))
         self.phases, self.i, self.t, self.done = None, 0, 0, False
-        self.hesitate_max = max(3, int(hesitate_max))
+        self.hesitate_max, self.p_miss = max(3, int(hesitate_max)), float(p_miss)
         self.drift, self.hesitating = np.zeros(6), 0
 
     def _detour(self, tcp, phases, P):
@@ -664,8 +667,14 @@ class ScriptedSkill:
         if task in ('turn_on_led', 'turn_off_led'):
             b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
             led0 = s[5]
-            return [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
-                    P(b + (0, 0, 0.08), -1, 0.02)]
+            press = [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
+                     P(b + (0, 0, 0.08), -1, 0.02)]
+            if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button
+                angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(0.025, 0.04)
+                m = b + dist * np.array([np.cos(angle), np.sin(angle), 0.0])
+                press = [P(m + (0, 0, 0.08), -1, 0.015), P(m + (0, 0, -0.022), -1, 0.004, max_steps=15),
+                         P(m + (0, 0, 0.06), -1, 0.02)] + press
+            return press
         if task == 'reach':
             goal = self.reach_target if self.reach_target is not None else \
                 self.rng.uniform([-0.3, -0.35, 0.5], [0.35, -0.05, 0.72])
@@ -964,7 +973,7 @@ if __name__ == '__main__':
             from data import CollectConfig
             c = CollectConfig()
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
-                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, speed=(c.speed_min + c.speed_max) / 2,
+                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss, speed=(c.speed_min + c.speed_max) / 2,
                          gain=(c.gain_min + c.gain_max) / 2)
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:

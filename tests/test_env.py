@@ -263,6 +263,27 @@ def test_operator_style_drift_detour_hesitation(desk):
     assert 3 <= max(zero_runs) <= 4                     # it hesitated between phases, at most hesitate_max steps
 
 
+def test_led_miss_presses_beside_the_button_then_succeeds(desk):
+    """p_miss (play data that shows what a miss looks like): the operator first comes down beside the button
+    to the height of a press, the LED does not change there, and the skill then presses it."""
+    for seed, task in enumerate(['turn_on_led', 'turn_off_led']):
+        rng = np.random.default_rng(seed)
+        obs = desk.reset(*E.sample_task_start(task, rng))
+        skill = E.ScriptedSkill(task, np.random.default_rng(seed), p_miss=1.0)
+        start, infos = desk.get_info(), []
+        skill.act(obs)
+        miss = skill.phases[1]['goal']
+        assert len(skill.phases) == 6 and 0.025 <= np.linalg.norm((miss - E.BUTTON_ORIGIN)[:2]) <= 0.04
+        for _ in range(200):
+            obs, _, _, info = desk.step(skill.act(obs))
+            infos.append((skill.i, info))
+            if skill.done:
+                break
+        low = [i for phase, i in infos if phase <= 2 and i['robot_obs'][2] < miss[2] + 0.01]
+        assert low and all(i['scene_obs'][5] == start['scene_obs'][5] for i in low)   # down there: no toggle
+        assert skill.done and E.task_success(task, start, info)
+
+
 def test_clean_skills_draw_no_style_randomness():
     """Default (clean) skills must not consume random numbers for the style: eval.py's scripted rows and
     check_skills stay what they were."""
