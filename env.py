@@ -600,7 +600,7 @@ class ScriptedSkill:
       p_miss      probability that the operator first misses (LED tasks: presses down 2.5-4 cm beside the
                   button, where nothing happens) and then does the task: play data that shows the world model
                   and the classifier what a miss looks like (README: the turn_on_led failure)
-    All three default to 0: the scripted skills of eval.py / check_skills are the clean ones.
+    All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
@@ -973,8 +973,8 @@ if __name__ == '__main__':
             from data import CollectConfig
             c = CollectConfig()
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
-                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss, speed=(c.speed_min + c.speed_max) / 2,
-                         gain=(c.gain_min + c.gain_max) / 2)
+                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss,
+                         speed=(c.speed_min + c.speed_max) / 2, gain=(c.gain_min + c.gain_max) / 2)
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
         render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)

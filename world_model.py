@@ -70,8 +70,9 @@ PRESETS = {
     # on real play data: batch 8 reached a lower held-out loss than batch 16 (1444 vs 1766 after 41k frames).
     # Paper preset on the same CPU: ~50 frames/s (50 s/step), peak RSS 7.9 GiB.
     # proprio_scaled: at this small size the unit-variance proprio decoder left the gripper position in the
-    # latent to a few cm, and the cloned policies waited next to the knobs; scaled, DiWA's gain on open_drawer
-    # went from ~+11 to ~+35 (README: what limits DiWA here). The paper preset keeps DreamerV2's unit variance.
+    # latent to a few cm, and the cloned policies waited next to the knobs; scaled (one exploratory run on the
+    # earlier desk, seed 1), DiWA's gain on open_drawer went from +11 to +35 (README: what limits DiWA here).
+    # The paper preset keeps DreamerV2's unit variance.
     'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
                 batch=8, seq_len=32, steps=10000, proprio_scaled=True),
     'test': dict(cnn_depth=4, deter=32, stoch=4, classes=4, hidden=32, mlp_hidden=32,
