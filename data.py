@@ -517,7 +517,8 @@ class CollectConfig:
     via_scale: float = 0.08     # how far (m) that via point lies off the straight line
     p_hesitate: float = 0.2     # probability of a hesitation after each phase of a task ...
     hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
-    p_miss: float = 0.0         # probability that an LED task starts with a press beside the button (a miss)
+    p_miss: float = 0.5         # probability that an LED task starts with a press beside the button (a miss
+                                # and a retry: README, the turn_on_led failure)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -529,7 +530,7 @@ PRESETS = {
     # test: 350-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
     # says so): a brisk operator
     'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
-             'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0,
+             'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0,
              'speed_min': 0.6, 'gain_min': 0.3},
 }
 

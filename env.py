@@ -573,6 +573,8 @@ def sample_task_start(task, rng):
 
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
+SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (README)
+MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 # The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
 # towards +y makes the whole switch travel reachable (CALVIN's Panda has longer fingers).
 SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
@@ -597,9 +599,9 @@ class ScriptedSkill:
       p_via, via_scale  with probability p_via a task first swings through a random via point (a detour
                   of ~via_scale metres off the straight line towards its first waypoint)
       p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
-      p_miss      probability that the operator first misses (LED tasks: presses down 2.5-4 cm beside the
-                  button, where nothing happens) and then does the task: play data that shows the world model
-                  and the classifier what a miss looks like (README: the turn_on_led failure)
+      p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
+                  beside the button, where nothing happens) and then does the task: play data that shows the
+                  world model and the classifier what a miss looks like (README: the turn_on_led failure)
     All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
@@ -662,7 +664,7 @@ class ScriptedSkill:
             g = np.array([k[0], k[1] - 0.015, k[2]])
             sign = 1 if task == 'turn_on_lightbulb' else -1
             stop = (lambda x: x[3] > 0.075) if sign > 0 else (lambda x: x[3] < 0.015)
-            return [P(up(g), 1, 0.02), P(g, 1, 0.006), P(g, -1, wait=5),      # a firm grasp before the push
+            return [P(up(g), 1, 0.02), P(g, 1, SWITCH_GRASP_TOL), P(g, -1, wait=5),   # a firm grasp, then push
                     P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=2), P('back', 1, 0.02)]
         if task in ('turn_on_led', 'turn_off_led'):
             b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
@@ -670,9 +672,10 @@ class ScriptedSkill:
             press = [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
                      P(b + (0, 0, 0.08), -1, 0.02)]
             if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button
-                angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(0.025, 0.04)
+                # anywhere MISS_DIST off the button's axis, down onto the table (the table stops the hand)
+                angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(*MISS_DIST)
                 m = b + dist * np.array([np.cos(angle), np.sin(angle), 0.0])
-                press = [P(m + (0, 0, 0.08), -1, 0.015), P(m + (0, 0, -0.022), -1, 0.004, max_steps=15),
+                press = [P(m + (0, 0, 0.08), -1, 0.015), P(m + (0, 0, -0.06), -1, 0.004, max_steps=15),
                          P(m + (0, 0, 0.06), -1, 0.02)] + press
             return press
         if task == 'reach':
