@@ -426,7 +426,7 @@ def reward_report(args, device, task: str) -> dict:
     thr = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft').success_threshold
     wm, wm_ckpt = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
-    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation')
+    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation', margin=clf.cfg.neg_margin)
     pr = R.precision_recall(clf, feat.to(device), label.to(device))
     val = data.load_split(os.path.join(TR.data_root(args), 'validation'), wm.cfg.image_size)
     # held-out demos, each followed for the same post-success frames as the classifier's positives

@@ -45,6 +45,12 @@ class RewardConfig:
     # rewarded on imagined latents only; a small world model's prior latents drift away from the posterior
     # latents the paper's classifier sees, and the classifier then misreads them (train.py reward_dataset).
     imagined: bool = False
+    # Tab. S.4's negatives are 'distant/unsuccessful frames': the neg_margin demo frames (one action chunk) just
+    # before a window's first success are neither positives nor negatives, in training and in the held-out
+    # precision/recall. They look like success to a latent classifier: on the session-6 world model (open_drawer),
+    # 43-64% of the 3 frames before the drawer counted as open scored above 0.8, 7% of the frames 6-9 before,
+    # none earlier.
+    neg_margin: int = 4
 
 
 PRESETS = {

@@ -555,14 +555,18 @@ def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, see
     return torch.cat(feats)
 
 
-def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str,
-                   imagined: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagined: bool = False,
+                   margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
     plus play frames where the task is possible as extra negatives. imagined=True (RewardConfig.imagined) adds
     every one of these frames a second time as the world model imagines it from the sequence's first frame
-    along the recorded actions, with the recorded frame's label."""
+    along the recorded actions, with the recorded frame's label. The `margin` demo frames just before a
+    window's first success are left out (RewardConfig.neg_margin: Table S.4's negatives are *distant* frames)."""
     demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
-    valid = demos['valid']
+    success = demos['success']
+    first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
+    offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it
+    valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & success.any(1, keepdim=True))
     feat, label = [demos['feat'][valid]], [demos['success'][valid].long()]
     if imagined:
         import data
@@ -583,7 +587,8 @@ def stage_reward(args, device, task: str) -> dict:
     print_config('reward', cfg)
     seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
-    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined)
+    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined,
+                                     margin=cfg.neg_margin)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')

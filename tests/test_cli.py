@@ -130,6 +130,14 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
     assert len(f1) == 2 * len(f0) and int(y1.sum()) == 2 * int(y0.sum())
     n_demo = int(train.demo_latents(args, wm, wm_ckpt, TASK, device)['valid'].sum())
     assert torch.equal(f1[:n_demo], f0[:n_demo]) and torch.equal(y1[n_demo:2 * n_demo], y0[:n_demo])
+    # neg_margin: the `margin` frames before each window's first success are dropped, nothing else (naive loop)
+    demos = train.demo_latents(args, wm, wm_ckpt, TASK, device)
+    dropped = 0
+    for succ, valid in zip(demos['success'].tolist(), demos['valid'].tolist()):
+        first = succ.index(True)
+        dropped += sum(valid[t] for t in range(max(0, first - 3), first))
+    f2, y2 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=3)
+    assert dropped > 0 and len(f0) - len(f2) == dropped and int(y2.sum()) == int(y0.sum())
 
 
 def test_nan_loss_stops_with_stage_step_and_term(tmp_path):
