@@ -519,6 +519,8 @@ class CollectConfig:
     hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
     p_miss: float = 0.5         # probability that an LED task starts with a press beside the button (a miss
                                 # and a retry: README, the turn_on_led failure)
+    p_retry: float = 0.3        # probability that a task's first attempt is abandoned part-way and started over
+                                # (env.ScriptedSkill p_retry: README, the shallow LED press)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -531,7 +533,7 @@ PRESETS = {
     # says so): a brisk operator, and a seed whose two episodes do (seed 11: two in training, one in validation)
     'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'seed': 11,
-             'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0,
+             'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0, 'p_retry': 0.0,
              'speed_min': 0.6, 'gain_min': 0.3},
 }
 
@@ -564,7 +566,8 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
     return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain,
                                    noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
                                    p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0,
-                                   hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss)
+                                   hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss,
+                                   p_retry=cfg.p_retry)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:

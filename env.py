@@ -482,6 +482,25 @@ def task_success_batch(task, s0, s1):
     return tests[task]()
 
 
+def task_progress(task, s0, s1) -> float:
+    """How far `task` has got from scene s0 (its start) to s1, as a fraction of what its success test needs
+    (1 = the test's threshold): the drawer / door displacement over 0.12 / 0.15 m, the switch's travel
+    towards BULB_SWITCH_THRESHOLD, the button's depth over LED_PRESS_THRESHOLD. Used by the operator's
+    aborted attempts (ScriptedSkill p_retry)."""
+    s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
+    sign = {'open_drawer': 1, 'close_drawer': -1, 'move_slider_left': 1, 'move_slider_right': -1,
+            'turn_on_lightbulb': 1, 'turn_off_lightbulb': -1}
+    if task in ('open_drawer', 'close_drawer'):
+        return float(sign[task] * (s1[1] - s0[1]) / 0.12)
+    if task in ('move_slider_left', 'move_slider_right'):
+        return float(sign[task] * (s1[0] - s0[0]) / 0.15)
+    if task in ('turn_on_lightbulb', 'turn_off_lightbulb'):
+        return float(sign[task] * (s1[3] - s0[3]) / max(sign[task] * (BULB_SWITCH_THRESHOLD - s0[3]), 1e-3))
+    if task in ('turn_on_led', 'turn_off_led'):
+        return float(s1[2] / LED_PRESS_THRESHOLD)
+    raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+
+
 def completed_tasks(start_info, info):
     """The set of tasks completed between two infos (CALVIN's tasks.get_task_info)."""
     return {t for t in TASKS if task_success(t, start_info, info)}
@@ -575,6 +594,7 @@ DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (README)
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
+RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
 # The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
 # towards +y makes the whole switch travel reachable (CALVIN's Panda has longer fingers).
 SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
@@ -602,11 +622,16 @@ class ScriptedSkill:
       p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
                   beside the button, where nothing happens) and then does the task: play data that shows the
                   world model and the classifier what a miss looks like (README: the turn_on_led failure)
+      p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
+                  reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
+                  pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
+                  the new state: play data that shows what an unfinished attempt looks like (README)
     All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
-                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0):
+                 noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
+                 p_retry=0.0):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -616,6 +641,7 @@ class ScriptedSkill:
         self.phases, self.i, self.t, self.done = None, 0, 0, False
         self.hesitate_max, self.p_miss = max(3, int(hesitate_max)), float(p_miss)
         self.drift, self.hesitating = np.zeros(6), 0
+        self.p_retry, self.retry_at, self.s0 = float(p_retry), None, None
 
     def _detour(self, tcp, phases, P):
         """Prepend a via point between the TCP and the first waypoint, pushed sideways at random. Its height
@@ -671,6 +697,14 @@ class ScriptedSkill:
             led0 = s[5]
             press = [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
                      P(b + (0, 0, 0.08), -1, 0.02)]
+            if self.retry_at is not None:   # p_retry: first a press too light to switch the LED, then the press
+                # The hand comes down 1.5 cm a step, too fast to stop a full press part-way: the light press aims
+                # at the button's top and lets go once the button is retry_at of the way to switching (the
+                # operator's drifting hand sometimes presses through: then the LED is switched and done).
+                f, self.retry_at = self.retry_at, None
+                press = [P(b + (0, 0, 0.08), -1, 0.015),
+                         P(b + (0, 0, 0.003), -1, 0.003, until=lambda x: x[2] > f * LED_PRESS_THRESHOLD, max_steps=10),
+                         P(None, -1, wait=2), P(b + (0, 0, 0.06), -1, 0.02)] + press[1:]
             if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button
                 # anywhere MISS_DIST off the button's axis, down onto the table (the table stops the hand)
                 angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(*MISS_DIST)
@@ -689,6 +723,8 @@ class ScriptedSkill:
         r, s = np.asarray(obs['robot_obs'], float), np.asarray(obs['scene_obs'], float)
         if self.phases is None:
             P = lambda goal, grip, tol: dict(goal=goal, grip=grip, tol=tol, until=None, wait=0, max=40)
+            if self.p_retry > 0 and self.task in TASKS and self.rng.random() < self.p_retry:
+                self.retry_at, self.s0 = self.rng.uniform(*RETRY_AT), s.copy()
             self.phases = self._detour(r[:3], self._plan(r, s), P)
             self.hold = r[:3].copy()
             self.target = r[:3].copy()     # estimate of the env's stored TCP target (reset to the measured TCP)
@@ -698,6 +734,11 @@ class ScriptedSkill:
             a[6] = r[14]
             return a
         ph = self.phases[self.i]
+        if isinstance(ph['goal'], str) and ph['goal'] == 'replan':   # after an abandoned attempt: start over
+            self.p_miss = 0.0                                        # (no second miss in a row)
+            self.phases, self.i, self.t = self._plan(r, s), 0, 0
+            self.hold = r[:3].copy()
+            ph = self.phases[0]
         if self.hesitating:                  # the operator pauses between two phases: hold still
             self.hesitating -= 1
             a[6] = ph['grip'] if self.i == 0 else self.phases[self.i - 1]['grip']
@@ -720,6 +761,20 @@ class ScriptedSkill:
             self.target = np.clip(self.target + POS_SCALE * a[:3], WORKSPACE[0], WORKSPACE[1])
         a[6] = ph['grip']
         self.t += 1
+        if (self.retry_at is not None and ph['until'] is not None
+                and self.retry_at <= task_progress(self.task, self.s0, s) < 1 and not ph['until'](s)):
+            # abandon the attempt part-way: stop, let go (grasping tasks), lift, then 'replan' from the new state
+            grip = 1 if self.task in ('open_drawer', 'turn_on_lightbulb', 'turn_off_lightbulb') else ph['grip']
+            P = lambda goal, wait=0, tol=0.02: dict(goal=goal, grip=grip, tol=tol, until=None, wait=wait, max=40)
+            self.phases = self.phases[:self.i + 1] + [P(None, wait=3), P('up'), P('replan')]
+            self.retry_at, self.hold, self.t = None, r[:3].copy(), 0
+            self.i += 1
+            # this step already stops pushing: the controller's target (up to LEASH ahead) comes back to the hand
+            a[:3] = np.clip((r[:3] - self.target) / POS_SCALE, -1.0, 1.0)
+            a[3:6] = 0.0
+            self.target = self.target + POS_SCALE * a[:3]
+            a[6] = grip
+            return a
         if ph['wait']:
             finished = self.t >= ph['wait']
         else:
@@ -977,7 +1032,7 @@ if __name__ == '__main__':
             c = CollectConfig()
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
                          p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss,
-                         speed=(c.speed_min + c.speed_max) / 2, gain=(c.gain_min + c.gain_max) / 2)
+                         p_retry=c.p_retry, speed=(c.speed_min + c.speed_max) / 2, gain=(c.gain_min + c.gain_max) / 2)
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
         render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)

@@ -619,6 +619,19 @@ def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
     return (int(steps[hit[0] + window - 1]) if hit.size else None), int(steps[-1])
 
 
+REPORT_FIGURES = ('fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png')
+
+
+def _dppo_cell(run: str, task: str, seed: str, diwa: list) -> str:
+    """Table I's DPPO column: simulator steps DPPO (seed `seed`) needs to match DiWA's mean real success,
+    '> cap' when its rollouts never got there, '–' when DPPO was not run on the task."""
+    dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{seed}.pt'))
+    if not dppo or not diwa:
+        return '–'
+    steps, ran = dppo_steps_to_match(dppo['metrics_csv'], float(np.mean(diwa)))
+    return f'{steps / 1e3:.0f}k' if steps is not None else f'> {ran / 1e3:.0f}k (cap)'
+
+
 def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer') -> str:
     """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants)."""
     import matplotlib
@@ -627,6 +640,9 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     import data
     from env import TASKS
     os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
+    for f in REPORT_FIGURES:          # each is drawn again below if its data exist; none outlives its data
+        if os.path.isfile(os.path.join(out_dir, 'figures', f)):
+            os.remove(os.path.join(out_dir, 'figures', f))
     runs = {'main': run, **{n: variant_run(run, n) for n in VARIANTS}}
     rows = [{'variant': n, **r} for n, d in runs.items() for r in read_results(os.path.join(d, 'results.csv'))]
     seeds = [str(s) for s in seeds]
@@ -640,8 +656,9 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
 
     # ---- Table I
     md += ['## Table I: base vs. DiWA', '',
-           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | paper base | paper DiWA |',
-           '|---|---|---|---|---|---|---|---|']
+           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | DPPO sim. steps to match DiWA '
+           '| paper base | paper DiWA | paper DPPO steps |',
+           '|---|---|---|---|---|---|---|---|---|---|']
     deltas = {}
     for task in TASKS:
         base = _latest(main, task=task, policy='base')
@@ -655,7 +672,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         sim = sum(int(f['counters'].get('sim_steps', 0)) for f in facts if f)
         md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
                   f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
-                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {PAPER_TABLE_I[task][0]} | {PAPER_TABLE_I[task][1]} |')
+                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(run, task, s0, d)} | '
+                  f'{" | ".join(PAPER_TABLE_I[task])} |')
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
     done = [t for t, v in deltas.items() if v[2]]

@@ -313,6 +313,8 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     md = open(os.path.join(out, 'results.md')).read()
     for needle in ['## Table I', '## Fig. 3', 'alpha_BC = 0.5', 'decoded-state reward', 'DPPO on', '## Fig. S.7']:
         assert needle in md, needle
+    row = next(line for line in md.splitlines() if line.startswith(f'| {TASK} |')).split('|')
+    assert row[7].strip().endswith(('k', 'k (cap)')), row      # Table I's DPPO column: steps to match DiWA
     for fig in ['fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
         assert os.path.getsize(os.path.join(out, 'figures', fig)) > 5_000, fig
     rows = read_csv(os.path.join(out, 'results.csv'))
@@ -325,6 +327,18 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     assert time.time() - t0 < 120
     assert {f: os.path.getmtime(f) for f in ckpts} == ckpts                # nothing re-ran
     assert open(os.path.join(out, 'results.md')).read() == md                # the same report
+
+
+def test_report_drops_figures_whose_data_are_gone(tmp_path):
+    """A figure left in results/figures by an earlier report is removed when the run no longer has its data,
+    so the committed figures are always the ones results.md links."""
+    import eval as E
+    out, run_ = tmp_path / 'results', tmp_path / 'run'
+    (out / 'figures').mkdir(parents=True), run_.mkdir()
+    stale = out / 'figures' / 'fig2_s6_variants.png'
+    stale.write_bytes(b'old figure')
+    md = open(E.write_report(str(run_), str(out), 'test', seeds=[0])).read()
+    assert not stale.exists() and 'fig2_s6_variants.png' not in md and '## Table I' in md
 
 
 @pytest.mark.parametrize('stage, flags, n_steps', [

@@ -284,6 +284,52 @@ def test_led_miss_presses_beside_the_button_then_succeeds(desk):
         assert skill.done and E.task_success(task, start, info)
 
 
+@pytest.mark.parametrize('task', ['open_drawer', 'move_slider_right', 'turn_on_lightbulb', 'turn_on_led'])
+def test_retry_abandons_the_first_attempt_part_way_then_succeeds(desk, task):
+    """p_retry (play data that shows unfinished attempts): the operator stops part-way (between RETRY_AT[0] of
+    the success threshold and the threshold itself, the task not done), lets go and lifts, then starts over
+    and succeeds. LED: a press too light to switch it, then the press."""
+    obs = desk.reset(*E.sample_task_start(task, np.random.default_rng(0)))
+    skill = E.ScriptedSkill(task, np.random.default_rng(0), p_retry=1.0)
+    start, abort, light = desk.get_info(), None, []
+    for _ in range(200):
+        had = skill.retry_at
+        a = skill.act(obs)
+        if 'led' not in task and had is not None and skill.retry_at is None:      # the attempt is abandoned now
+            abort = (E.task_progress(task, start['scene_obs'], obs['scene_obs']), E.task_success(task, start, desk.get_info()))
+        obs, _, _, info = desk.step(a)
+        if 'led' in task and len(skill.phases) == 6 and skill.i <= 2:               # the light press
+            light.append((obs['scene_obs'][2], obs['scene_obs'][5]))
+        if skill.done:
+            break
+    if 'led' in task:
+        assert max(d for d, _ in light) > 0.2 * E.LED_PRESS_THRESHOLD                # the button went down ...
+        assert all(led == start['scene_obs'][5] for _, led in light)                  # ... and the LED stayed
+    else:
+        assert abort is not None and E.RETRY_AT[0] <= abort[0] < 1 and not abort[1], abort
+    assert skill.done and E.task_success(task, start, info)
+
+
+def test_task_progress_reaches_one_at_each_success_threshold():
+    """task_progress is 1 exactly where task_success switches (the drawer / door displacement tests; the
+    switch and button thresholds that toggle the lights)."""
+    rng = np.random.default_rng(0)
+    for task in E.TASKS:
+        s0 = E.random_scene(rng)
+        s1 = s0.copy()
+        i, d = {'open_drawer': (1, 0.12), 'close_drawer': (1, -0.12), 'move_slider_left': (0, 0.15),
+                'move_slider_right': (0, -0.15)}.get(task, (None, None))
+        if i is not None:
+            s1[i] += d
+        elif 'lightbulb' in task:
+            s0[3] = 0.0 if task == 'turn_on_lightbulb' else E.SWITCH_MAX
+            s1[3] = E.BULB_SWITCH_THRESHOLD
+        else:
+            s1[2] = E.LED_PRESS_THRESHOLD
+        assert E.task_progress(task, s0, s1) == pytest.approx(1.0), task
+        assert E.task_progress(task, s0, s0) == pytest.approx(0.0 if 'led' not in task else s0[2] / E.LED_PRESS_THRESHOLD)
+
+
 def test_clean_skills_draw_no_style_randomness():
     """Default (clean) skills must not consume random numbers for the style: eval.py's scripted rows and
     check_skills stay what they were."""
