@@ -769,7 +769,11 @@ class ScriptedSkill:
             self.phases = self.phases[:self.i + 1] + [P(None, wait=3), P('up'), P('replan')]
             self.retry_at, self.hold, self.t = None, r[:3].copy(), 0
             self.i += 1
-            # this step already stops pushing: the controller's target (up to LEASH ahead) comes back to the hand
+            # This step already stops pushing. The action is measured from the target estimate that this step's
+            # push has already advanced, so the controller's real target ends one push behind the hand (the hand
+            # eases off the part), and the estimate stays one push (<= 2 cm) ahead of it for the rest of the
+            # task: the anti-windup leash is that much off. Kept so that the play data of runs/cpu (collected
+            # with this code) can be collected again; to be corrected with the next change of the play data.
             a[:3] = np.clip((r[:3] - self.target) / POS_SCALE, -1.0, 1.0)
             a[3:6] = 0.0
             self.target = self.target + POS_SCALE * a[:3]
