@@ -459,8 +459,10 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     """Does imagination predict the simulator? The same start states are run (1) in the simulator, as the
     evaluation does, (2) in imagination as fine-tuning runs them (dream_ppo.imagine_rollout: stochastic policy,
     the preset's latent sampling, success threshold and episode length), from each start's first frame encoded
-    as the evaluation encodes it, `repeats` times, and (3) open loop: each simulator episode's own actions
-    replayed in imagination. (3) tests the world model + classifier; (2) vs (1) tests the whole Dream MDP.
+    as the evaluation encodes it, `repeats` times, (3) open loop: each simulator episode's own actions
+    replayed in imagination, and (4) the classifier on the latents filtered from the episode's real frames
+    (success if any step exceeds the threshold). (4) tests the classifier alone, (3) adds the world model's
+    open-loop dynamics, (2) vs (1) tests the whole Dream MDP.
     -> dict with real / imagined success and their agreement, written to <run>/<task>/gap_<policy>_s<seed>.json."""
     import data
     import dream_ppo as P
@@ -478,17 +480,22 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
         actor = TR.load_finetuned_actor(ck, policy_pre, device)
         fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
     factory = policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)
-    starts, acts = {'h': [], 'z': []}, []
+    relative = getattr(clf, 'relative', False)         # the decoded-state reward compares with the start
+    starts, acts, post_p = {'h': [], 'z': []}, [], []
 
     def make_agent(B):                                  # the evaluation's agent, recording start states and actions
         agent, steps = factory(B), []
         acts.append(steps)
+        post_p.append(torch.zeros(B))
 
         def act(t, obs, feat):
             if t == 0:                                  # s_0 = q(h_0, x_0), as run_episodes filters its first frame
                 x = data.preprocess_obs(obs[:B], image_size=wm.cfg.image_size, device=device)
                 s0, _ = wm.obs_step(wm.initial(B), torch.zeros(B, 7, device=device), x, sample=False)
                 starts['h'].append(s0['h']), starts['z'].append(s0['z'])
+            if not relative:                            # (4) the classifier on the posterior of the real frames
+                with torch.no_grad():
+                    post_p[-1].copy_(torch.maximum(post_p[-1], clf.success_prob(feat[:B]).cpu()))
             a = agent(t, obs, feat)
             steps.append(np.asarray(a, dtype=np.float32))
             return a
@@ -497,6 +504,7 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     real = run_episodes(make_agent, task, task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
                         seed=args.seed)['success']
     h0, z0 = torch.cat(starts['h']), torch.cat(starts['z'])
+    posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy() if not relative else None
     torch.manual_seed(args.seed)                       # the world model's latent samples: the same figures on a re-run
     n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
     Ta, T = P.action_horizon(policy_pre), fcfg.max_episode_steps * P.action_horizon(policy_pre)
@@ -504,7 +512,6 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     for b, steps in enumerate(acts):
         A = torch.as_tensor(np.clip(np.stack(steps)[:T], -1, 1), device=device)   # (T_b, B, 7)
         recorded[:len(A), b * cfg.envs:b * cfg.envs + A.shape[1]] = A
-    relative = getattr(clf, 'relative', False)
 
     def imagine(closed_loop: bool) -> np.ndarray:      # (repeats, n) success within max_episode_steps decisions
         out = np.zeros((repeats, n), bool)
@@ -530,11 +537,15 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
            'imagined_on_real_failure': f(closed[~real].mean() if (~real).any() else np.nan),
            'replay_on_real_success': f(replayed[real].mean() if real.any() else np.nan),
            'replay_on_real_failure': f(replayed[~real].mean() if (~real).any() else np.nan),
+           'posterior_on_real_success': f(posterior[real].mean() if real.any() and posterior is not None else np.nan),
+           'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() and posterior is not None else np.nan),
            'wall_s': round(time.time() - t0, 1)}
     print(f"[gap/{task}] {policy} seed {args.seed}: simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
           f"{repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
           f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
-          f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them")
+          f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the "
+          f"classifier on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
+          f"{res['posterior_on_real_failure']}")
     data.atomic_write(os.path.join(args.run, task, f'gap_{policy}_s{args.seed}.json'),
                       lambda fh: fh.write(json.dumps(res, indent=1).encode()))
     return res

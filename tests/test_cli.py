@@ -270,7 +270,8 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
         row = [r for r in rows if r['policy'] == policy and r['seed'] == '0'][-1]
         assert gap['episodes'] == int(row['episodes']) and gap['real_success'] == float(row['success'])
         for k in ('imagined_success', 'imagined_on_real_success', 'imagined_on_real_failure',
-                  'replay_on_real_success', 'replay_on_real_failure'):
+                  'replay_on_real_success', 'replay_on_real_failure', 'posterior_on_real_success',
+                  'posterior_on_real_failure'):
             assert gap[k] is None or 0.0 <= gap[k] <= 1.0, (k, gap[k])
         assert f'[gap/{TASK}] {policy} seed 0: simulator' in proc.stdout
 
