@@ -151,7 +151,7 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 
 # Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
-LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True}
+LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01}
 
 
 def _comparable(config: dict) -> dict:

@@ -44,6 +44,7 @@ class WMConfig:
     proprio_dim: int = 18       # proprioception size (data.robot_obs_to_proprio)
     proprio_scaled: bool = False  # proprio enters the encoder scaled to ~[-1,1] and is decoded as a Gaussian of
                                   # std _PROPRIO_STD (1 cm for the gripper) instead of unit variance (README)
+    proprio_pos_std: float = 0.01  # with proprio_scaled: that std on the gripper xyz (m), replacing _PROPRIO_STD's
     scene_dim: int = 24         # CALVIN scene_obs size
     action_dim: int = 7         # relative action size
     kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
@@ -230,7 +231,9 @@ class WorldModel(nn.Module):
         on, P = cfg.proprio_scaled, cfg.proprio_dim
         self.register_buffer('proprio_offset', torch.tensor(_PROPRIO_OFFSET) if on else torch.zeros(P), persistent=False)
         self.register_buffer('proprio_range', torch.tensor(_PROPRIO_RANGE) if on else torch.ones(P), persistent=False)
-        self.register_buffer('proprio_std', torch.tensor(_PROPRIO_STD) if on else torch.ones(P), persistent=False)
+        std = torch.tensor(_PROPRIO_STD)
+        std[:3] = cfg.proprio_pos_std                       # the gripper position's std (m)
+        self.register_buffer('proprio_std', std if on else torch.ones(P), persistent=False)
 
     # ---- small helpers ---------------------------------------------------------------------------
     def initial(self, B, device=None):

@@ -196,12 +196,15 @@ def test_hybrid_scene_decoding_and_errors():
 
 def test_proprio_scaling_is_a_gaussian_of_the_stated_std():
     """proprio_scaled: the decoder returns raw units, the loss is the Gaussian NLL with std _PROPRIO_STD
-    (hand-computed from decode), and the encoder's input is (p - offset) / range; unscaled is unchanged."""
+    (proprio_pos_std on the gripper xyz; hand-computed from decode), and the encoder's input is
+    (p - offset) / range; unscaled is unchanged."""
     import world_model as W
     batch = random_batch()
-    for scaled in (False, True):
-        wm = make_wm(proprio_scaled=scaled)
+    for scaled, pos_std in ((False, 0.01), (True, 0.01), (True, 0.003)):
+        wm = make_wm(proprio_scaled=scaled, proprio_pos_std=pos_std)
         std = torch.tensor(W._PROPRIO_STD) if scaled else torch.ones(18)
+        if scaled:
+            std[:3] = pos_std                   # proprio_pos_std replaces the gripper position's std
         off = torch.tensor(W._PROPRIO_OFFSET) if scaled else torch.zeros(18)
         rng = torch.tensor(W._PROPRIO_RANGE) if scaled else torch.ones(18)
         torch.manual_seed(1)
