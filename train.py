@@ -173,6 +173,11 @@ def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_st
             and ckpt.get('step', n_steps + 1) <= n_steps)
 
 
+def _seed_of(upstream: list) -> int:
+    """The seed named by a 'seed=N' entry of a checkpoint's upstream list (seed_tag); 0 when there is none."""
+    return next((int(u[5:]) for u in upstream if isinstance(u, str) and u.startswith('seed=')), 0)
+
+
 def describe_change(old: dict, new: dict) -> str:
     """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
     old, new = _comparable(old), _comparable(new)
@@ -271,6 +276,10 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                 return theirs
     if os.path.isfile(path) and not force:
         ckpt = load_checkpoint(path, stage, task)
+        theirs, ours = _seed_of(ckpt.get('upstream', [])), _seed_of(upstream)
+        if theirs != ours:      # a second seed must not overwrite the first one's checkpoint (seed_tag)
+            raise StageError(f'{path} was trained with --seed {theirs}, this run has --seed {ours}: give it its own '
+                             f'--run folder (or --force to replace it)')
         if ckpt.get('key') == key:
             status = 'done' if ckpt.get('done') else 'resume'
         elif can_extend(ckpt, config, upstream, extendable, n_steps):
@@ -391,6 +400,13 @@ def load_world_model(args, device):
     return wm, ckpt
 
 
+def seed_tag(args) -> list:
+    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, reward.pt):
+    seed 0 adds nothing (keys written before the seed was keyed stay valid), another seed makes the checkpoint
+    stale instead of 'already done', so that a second seed needs --force or its own --run, never silently reuses."""
+    return [f'seed={args.seed}'] if args.seed else []
+
+
 def stage_wm(args, device) -> dict:
     """World model on play frames only: Eq. 10-11, Table S.2 (world_model.py, paper §III.A)."""
     import data
@@ -407,7 +423,8 @@ def stage_wm(args, device) -> dict:
         return W.update_wm(wm, opt, batch)
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
-                      upstream=[data_key(data_root(args))], objects={'model': wm, 'optim': opt}, step_fn=step_fn,
+                      upstream=[data_key(data_root(args))] + seed_tag(args), objects={'model': wm, 'optim': opt},
+                      step_fn=step_fn,
                       n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500),
                       extendable=('steps',))          # constant lr (Tab. S.2): --wm.steps N continues a run
@@ -606,7 +623,7 @@ def stage_reward(args, device, task: str) -> dict:
         return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
 
     ckpt = train_loop(stage='reward', task=task, **out_path(args, task, 'reward.pt'),
-                      config=dataclasses.asdict(cfg), upstream=[wm_ckpt['key'], args.demos, args.post_success_frames],
+                      config=dataclasses.asdict(cfg), upstream=[wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args),
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
                       ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
                       extra={'feat_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))

@@ -171,6 +171,29 @@ def test_rerun_with_new_settings_keeps_old_metrics_until_its_first_checkpoint(tm
     assert [r['loss'] for r in read_csv(str(tmp_path / 'x_metrics.csv'))] == ['2'] * 4
 
 
+def test_another_seed_refuses_to_overwrite_a_checkpoint_and_seed_0_keeps_old_keys(tmp_path):
+    """wm.pt / reward.pt do not name the seed in their path: --seed 1 on a run with a seed-0 checkpoint is
+    an error that names both seeds and leaves the checkpoint as it was; --force replaces it. Seed 0 adds
+    nothing to the key, so checkpoints written before the seed was keyed stay 'already done'."""
+    sys.path.insert(0, ROOT)
+    import argparse
+    import train
+    path = str(tmp_path / 'wm.pt')
+    kw = dict(stage='demo', task=None, path=path, config={'lr': 1}, objects={'model': torch.nn.Linear(2, 2)},
+              step_fn=lambda s: {'loss': 1.0}, n_steps=2, ckpt_every=1, quiet=True)
+    tag = lambda seed: train.seed_tag(argparse.Namespace(seed=seed))
+    assert tag(0) == [] and tag(3) == ['seed=3']
+    first = train.train_loop(upstream=['data'] + tag(0), **kw)
+    assert first['key'] == train.config_key({'lr': 1}, ['data'])
+    with pytest.raises(train.StageError, match=r'wm\.pt was trained with --seed 0, this run has --seed 1'):
+        train.train_loop(upstream=['data'] + tag(1), **kw)
+    assert torch.load(path, weights_only=True)['key'] == first['key']       # untouched
+    second = train.train_loop(upstream=['data'] + tag(1), force=True, **kw)
+    assert second['key'] != first['key'] and torch.load(path, weights_only=True)['upstream'] == ['data', 'seed=1']
+    with pytest.raises(train.StageError, match=r'--seed 1, this run has --seed 0'):
+        train.train_loop(upstream=['data'] + tag(0), **kw)
+
+
 def test_raising_an_extendable_field_continues_and_equals_one_long_run(tmp_path):
     """--wm.steps 5000 then --wm.steps 10000 trains 5000 more steps, not 10000 from scratch, and ends
     bit-identical to one 10000-step run (constant lr, rng states restored)."""
