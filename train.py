@@ -401,7 +401,7 @@ def load_world_model(args, device):
 
 
 def seed_tag(args) -> list:
-    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, reward.pt):
+    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, bc.pt, reward.pt):
     seed 0 adds nothing (keys written before the seed was keyed stay valid), another seed makes the checkpoint
     stale instead of 'already done', so that a second seed needs --force or its own --run, never silently reuses."""
     return [f'seed={args.seed}'] if args.seed else []
@@ -533,7 +533,7 @@ def stage_bc(args, device, task: str) -> dict:
                            epoch=step // steps_per_epoch, sched=sched)
 
     return train_loop(stage='bc', task=task, **out_path(args, task, 'bc.pt'),
-                      config=dataclasses.asdict(cfg), upstream=[demos['key']],
+                      config=dataclasses.asdict(cfg), upstream=[demos['key']] + seed_tag(args),
                       objects={'model': policy, 'optim': opt, 'sched': sched, 'ema': ema}, step_fn=step_fn,
                       n_steps=n_steps, ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
                       extra={'cond_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
