@@ -409,8 +409,7 @@ def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device, se
         if rows.shape[1] < 2:
             continue
         feat = W.open_loop_features(wm, batch, context=1, horizon=rows.shape[1] - 1, sample=True)[0]  # (T, F)
-        start = feat[:1] if getattr(clf, 'relative', False) else None     # z_0: frame s filtered alone
-        out.append((clf.success_prob(feat) if start is None else clf.success_prob(feat, start)).cpu().numpy())
+        out.append(clf.success_prob(feat).cpu().numpy())
     return out
 
 
@@ -427,8 +426,7 @@ def reward_report(args, device, task: str) -> dict:
     thr = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft').success_threshold
     wm, wm_ckpt = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
-    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation', margin=clf.cfg.neg_margin,
-                                    relative=clf.relative)
+    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation', margin=clf.cfg.neg_margin)
     pr = R.precision_recall(clf, feat.to(device), label.to(device))
     val = data.load_split(os.path.join(TR.data_root(args), 'validation'), wm.cfg.image_size)
     # held-out demos, each followed for the same post-success frames as the classifier's positives

@@ -51,10 +51,6 @@ class RewardConfig:
     # 43-64% of the 3 frames before the drawer counted as open scored above 0.8, 7% of the frames 6-9 before,
     # none earlier.
     neg_margin: int = 4
-    # Not in the paper: C_psi(z_0, z) sees the episode's first latent too. The success tests compare the start with
-    # now (drawer / door moved 12-15 cm, REFERENCE §2); a classifier of z alone must guess the start, and where
-    # starts vary (the sliding door's play data) a frame 10 cm into one push looks like the end of another.
-    relative: bool = False
 
 
 PRESETS = {
@@ -90,14 +86,10 @@ def nt_xent(emb, labels, tau=0.5):
 
 
 class RewardClassifier(nn.Module):
-    """feat_dim: the world model's latent size F. With cfg.relative the MLPs read [z_0, z] (2F): the training
-    rows and embed()/forward() take that concatenation, success_prob(feat, start_feat) builds it, and dream_ppo
-    passes the imagined episode's first latent because .relative is True."""
     def __init__(self, feat_dim, cfg):
         super().__init__()
-        self.relative = bool(getattr(cfg, 'relative', False))
-        self.feat_dim, self.cfg = feat_dim * (2 if self.relative else 1), cfg
-        self.f_psi = nn.Sequential(nn.Linear(self.feat_dim, cfg.embed_dim), nn.ReLU(),
+        self.feat_dim, self.cfg = feat_dim, cfg
+        self.f_psi = nn.Sequential(nn.Linear(feat_dim, cfg.embed_dim), nn.ReLU(),
                                    nn.Linear(cfg.embed_dim, cfg.embed_dim))
         self.g_psi = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 2))
 
@@ -112,12 +104,8 @@ class RewardClassifier(nn.Module):
         return self.g_psi(self.embed(feat))
 
     @torch.no_grad()
-    def success_prob(self, feat, start_feat=None):
-        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)
-        With .relative, start_feat (B, F) is the episode's first latent z_0 and the input is [z_0, z]."""
-        if self.relative:
-            assert start_feat is not None, 'a relative classifier needs the episode start latent (start_feat)'
-            feat = torch.cat([start_feat.expand_as(feat), feat], -1)
+    def success_prob(self, feat):
+        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)"""
         return self(feat).softmax(dim=1)[:, 1]
 
 
@@ -160,9 +148,7 @@ def update_reward(clf, opt, feat, labels):
 def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096):
     """Evaluation only: success predicted where C_psi(z) >= threshold. -> precision, recall, accuracy, f1."""
     clf.eval()
-    F = clf.feat_dim // 2                      # a relative classifier's rows are [z_0, z] (reward_dataset)
-    score = (lambda x: clf.success_prob(x[:, F:], x[:, :F])) if getattr(clf, 'relative', False) else clf.success_prob
-    prob = torch.cat([score(feat[i:i + chunk]) for i in range(0, len(feat), chunk)])
+    prob = torch.cat([clf.success_prob(feat[i:i + chunk]) for i in range(0, len(feat), chunk)])
     pred, true = prob >= threshold, labels.bool()
     tp, fp, fn = (pred & true).sum().item(), (pred & ~true).sum().item(), (~pred & true).sum().item()
     precision = tp / max(tp + fp, 1)

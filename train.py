@@ -151,7 +151,7 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 
 # Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
-LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'relative': False}
+LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01}
 
 
 def _comparable(config: dict) -> dict:
@@ -555,12 +555,10 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
 
 
 def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int,
-                   imagined: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   imagined: bool = False) -> torch.Tensor:
     """Latents of play frames where the task is still possible, i.e. certainly not its success state
     (Table S.4: 'distant/unsuccessful frames'). Filtered over 32-frame play snippets; the first 8 frames of a
-    snippet are context only. imagined=True adds the same frames imagined open loop from the snippet's first.
-    -> (feats (N, F), starts (N, F)): starts is the filtered latent of the snippet's frame 8 (RewardConfig.relative:
-    a frame where the task is possible is not its success relative to any start)."""
+    snippet are context only. imagined=True adds the same frames imagined open loop from the snippet's first."""
     import data
     import env
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
@@ -568,29 +566,24 @@ def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, see
     starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
     rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
     possible = torch.as_tensor(np.vectorize(lambda r: env.task_possible(task, split['scene_obs'][r]))(rows[:, 8:]))
-    post = featurize_rows(wm, split, rows, device)
-    feats = [post[:, 8:][possible]]                                       # (N, F)
+    feats = [featurize_rows(wm, split, rows, device)[:, 8:][possible]]    # (N, F)
     if imagined:
         feats.append(featurize_rows(wm, split, rows, device, imagined=True)[:, 8:][possible])
-    starts = post[:, 8:9].expand_as(post[:, 8:])[possible]
-    return torch.cat(feats), torch.cat([starts] * len(feats))
+    return torch.cat(feats)
 
 
 def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagined: bool = False,
-                   margin: int = 0, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
     plus play frames where the task is possible as extra negatives. imagined=True (RewardConfig.imagined) adds
     every one of these frames a second time as the world model imagines it from the sequence's first frame
     along the recorded actions, with the recorded frame's label. The `margin` demo frames just before a
-    window's first success are left out (RewardConfig.neg_margin: Table S.4's negatives are *distant* frames).
-    relative=True (RewardConfig.relative): rows are [z_0, z] (N, 2F), z_0 the window's first latent, filtered
-    from that frame alone as the imagined episodes' start latents are."""
+    window's first success are left out (RewardConfig.neg_margin: Table S.4's negatives are *distant* frames)."""
     demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
     success = demos['success']
     first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
     offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it
     valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & success.any(1, keepdim=True))
-    start = demos['feat'][:, :1].expand_as(demos['feat'])[valid]       # z_0 of each frame's window
     feat, label = [demos['feat'][valid]], [demos['success'][valid].long()]
     if imagined:
         import data
@@ -599,11 +592,9 @@ def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagin
         feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
         label.append(label[0])
     n_seq = max(8, int(label[0].sum()) // 8)
-    neg, neg_start = play_negatives(args, wm, task, device, split_name, n_seq,
-                                    seed=args.seed + (split_name != 'training'), imagined=imagined)
-    starts = torch.cat([start] * len(feat) + [neg_start])              # recorded (and imagined) frames, negatives
-    feat, label = torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
-    return (torch.cat([starts, feat], -1) if relative else feat), label
+    neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'),
+                         imagined=imagined)
+    return torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
 
 
 def stage_reward(args, device, task: str) -> dict:
@@ -614,7 +605,7 @@ def stage_reward(args, device, task: str) -> dict:
     seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
     b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined,
-                                     margin=cfg.neg_margin, relative=cfg.relative)
+                                     margin=cfg.neg_margin)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')

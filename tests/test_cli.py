@@ -66,24 +66,6 @@ def test_rerun_skips_everything_and_changes_nothing(run_dir):
     assert time.time() - t0 < 120
 
 
-def test_relative_classifier_runs_reward_finetune_and_reward_report(run_dir, tmp_path):
-    """--reward.relative true end to end on a variant run: its own classifier of [z_0, z] (twice the latent
-    size), fine-tuning that feeds it the imagined episodes' first latents, and the reward report."""
-    d = str(tmp_path / 'rel')
-    flags = ['--preset', 'test', '--run', d, '--inherit', run_dir, '--data', os.path.join(run_dir, 'data'),
-             '--tasks', TASK, '--reward.relative', 'true']
-    run('--stage', 'all', *flags)
-    clf = torch.load(os.path.join(d, TASK, 'reward.pt'), weights_only=True)
-    assert clf['config']['relative'] and clf['model']['f_psi.0.weight'].shape[1] == 2 * clf['extra']['feat_dim']
-    assert not os.path.exists(os.path.join(d, 'wm.pt'))                       # the world model is inherited
-    ft = torch.load(os.path.join(d, TASK, 'diwa_s0.pt'), weights_only=True)
-    assert ft['done'] and ft['state']['counters']['sim_steps'] == 0
-    out = subprocess.run([sys.executable, 'eval.py', '--reward-report', '--preset', 'test', '--run', d,
-                          '--inherit', run_dir, '--data', os.path.join(run_dir, 'data'), '--task', TASK],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and 'held-out recorded: precision' in out.stdout, out.stderr[-2000:]
-
-
 def test_changed_setting_reruns_and_says_which(run_dir, tmp_path):
     d = str(tmp_path / 'copy')
     shutil.copytree(run_dir, d)
@@ -156,12 +138,6 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
         dropped += sum(valid[t] for t in range(max(0, first - 3), first))
     f2, y2 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=3)
     assert dropped > 0 and len(f0) - len(f2) == dropped and int(y2.sum()) == int(y0.sum())
-    # RewardConfig.relative: rows [z_0, z], z_0 the frame's window start (a window's first frame is its own start)
-    f3, y3 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', relative=True)
-    F = wm.feat_dim
-    assert f3.shape == (len(f0), 2 * F) and torch.equal(f3[:, F:], f0) and torch.equal(y3, y0)
-    expected = demos['feat'][:, :1].expand_as(demos['feat'])[demos['valid']]          # naive: window w -> feat[w, 0]
-    assert torch.equal(f3[:n_demo, :F], expected) and torch.equal(f3[0, :F], f3[0, F:])
 
 
 def test_nan_loss_stops_with_stage_step_and_term(tmp_path):

@@ -90,43 +90,6 @@ def test_classifier_learns_separable_toy_problem():
     assert pr['accuracy'] > 0.9 and pr['precision'] > 0.75 and pr['recall'] > 0.85, pr
 
 
-def slider_toy(n, seed):
-    """The sliding door's ambiguity: start p0 ~ U(0, 0.1), now p = p0 + U(0, 0.3), success iff p - p0 > 0.15.
-    Latents carry the position (and noise dims). -> (start (n, 4), now (n, 4), label (n,))."""
-    g = torch.Generator().manual_seed(seed)
-    p0 = 0.1 * torch.rand(n, generator=g)
-    p = p0 + 0.3 * torch.rand(n, generator=g)
-    lat = lambda x: torch.cat([10 * x[:, None], torch.randn(n, 3, generator=g)], 1)
-    return lat(p0), lat(p), (p - p0 > 0.15).long()
-
-
-@pytest.mark.parametrize('relative', [False, True])
-def test_relative_classifier_resolves_what_the_start_decides(relative):
-    """RewardConfig.relative: C(z_0, z) separates a start-relative success test that C(z) can only guess near
-    the boundary; success_prob(feat, start) and precision_recall on [z_0, z] rows agree."""
-    torch.manual_seed(0)
-    cfg = R.RewardConfig(**{**R.PRESETS['test'], 'batch': 64, 'relative': relative})
-    clf = R.RewardClassifier(4, cfg)
-    assert clf.relative == relative and clf.feat_dim == (8 if relative else 4)
-    opt = R.make_optimizer(clf, cfg)
-    s, z, y = slider_toy(4000, 0)
-    rows = torch.cat([s, z], 1) if relative else z
-    g = torch.Generator().manual_seed(0)
-    for _ in range(1500):
-        idx = R.balanced_indices(y, cfg.batch, g)
-        R.update_reward(clf, opt, rows[idx], y[idx])
-    s, z, y = slider_toy(4000, 1)
-    pr = R.precision_recall(clf, torch.cat([s, z], 1) if relative else z, y)
-    prob = clf.success_prob(z, s) if relative else clf.success_prob(z)
-    assert abs(((prob >= 0.5).long() == y).float().mean().item() - pr['accuracy']) < 1e-6
-    if relative:
-        assert pr['precision'] > 0.9 and pr['recall'] > 0.9, pr
-        with pytest.raises(AssertionError, match='start latent'):
-            clf.success_prob(z)
-    else:                                  # the memoryless classifier cannot reach that (Bayes bound ~0.93 acc.)
-        assert pr['accuracy'] < 0.94, pr
-
-
 def test_precision_recall_by_hand():
     clf = R.RewardClassifier(1, R.RewardConfig(**R.PRESETS['test']))
     clf.success_prob = lambda feat: feat[:, 0]                # probability = the feature itself
