@@ -334,6 +334,69 @@ def wm_open_loop_errors(wm, train: dict, val: dict, device, n_seq: int = 256, se
     return rows
 
 
+def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: float = 0.003) -> np.ndarray:
+    """(P, 3) rows (start, deepest, end) of every button press in a split: a run of frames with the button
+    deeper than min_depth (m), windowed from `before` frames ahead of its deepest frame to `after` frames
+    past it, inside one episode (presses too close to an episode's start are skipped)."""
+    depth, out = split['scene_obs'][:, 2], []
+    for a, b in split['episodes']:
+        pressed = np.concatenate([[False], depth[a:b + 1] > min_depth, [False]]).astype(int)
+        edges = np.flatnonzero(np.diff(pressed))                       # run starts and ends, alternating
+        for s, e in zip(edges[::2] + a, edges[1::2] + a):
+            peak = s + int(np.argmax(depth[s:e]))
+            if peak - before >= a:
+                out.append((peak - before, peak, min(peak + after, b)))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
+
+
+@torch.no_grad()
+def press_report(args, device, samples: int = 3) -> dict:
+    """Does the world model know whether a button press switched the LED (the LED tasks, README)? Every press
+    of the held-out play (button_presses) is filtered from its first frame alone, as imagined episodes start, and
+    imagined open loop along its recorded actions (sampled latents, `samples` times); the LED is read at the
+    window's end (part_reader: the scene decoder, or a ridge probe on the vision latents) and compared with the
+    start. A world model that knows switches the LED on the presses that did and keeps it on the light ones;
+    the same read on the latents filtered from every real frame is the check that the reader itself works.
+    -> dict (also <run>/press_report.json)."""
+    import data
+    import train as TR
+    import world_model as W
+    wm, _ = TR.load_world_model(args, device)
+    root = TR.data_root(args)
+    train = data.load_split(os.path.join(root, 'training'), wm.cfg.image_size)
+    val = data.load_split(os.path.join(root, 'validation'), wm.cfg.image_size)
+    read = part_reader(wm, train, device, seed=args.seed)
+    led = list(PARTS).index('led')
+    presses = button_presses(val)
+    if not len(presses):
+        raise TR.StageError(f'press report: no button press in {root}/validation')
+    scene = val['scene_obs']
+    switched = scene[presses[:, 2], 5] != scene[presses[:, 0], 5]
+    torch.manual_seed(args.seed)
+    imagined, filtered = [], []
+    for s, _, e in presses:
+        batch = data.to_torch({k: val[k][np.arange(s, e + 1)[None]] for k in data.SEQ_KEYS}, device)
+        flip = lambda feat: bool(abs(float(read(feat)[0, -1, led]) - scene[s, 5]) > 0.5)
+        imagined.append(np.mean([flip(W.open_loop_features(wm, batch, context=1, horizon=e - s, sample=True))
+                                 for _ in range(samples)]))
+        filtered.append(flip(wm.featurize(batch)))
+    imagined, filtered = np.array(imagined), np.array(filtered)
+    rate = lambda x, m: round(float(x[m].mean()), 3) if m.any() else None
+    depth = scene[presses[:, 1], 2]
+    out = {'presses': len(presses), 'switched': int(switched.sum()),
+           'depth_mm_switched': round(1000 * float(np.median(depth[switched])), 1) if switched.any() else None,
+           'depth_mm_light': round(1000 * float(np.median(depth[~switched])), 1) if (~switched).any() else None,
+           'imagined_switch_on_switched': rate(imagined, switched), 'imagined_switch_on_light': rate(imagined, ~switched),
+           'filtered_switch_on_switched': rate(filtered, switched), 'filtered_switch_on_light': rate(filtered, ~switched)}
+    print(f"[press] {out['presses']} held-out presses, {out['switched']} switched the LED (median depth "
+          f"{out['depth_mm_switched']} mm; the others {out['depth_mm_light']} mm). LED switched at the window's end, "
+          f"imagined open loop: {out['imagined_switch_on_switched']} of the switching presses, "
+          f"{out['imagined_switch_on_light']} of the light ones; read from the real frames: "
+          f"{out['filtered_switch_on_switched']} / {out['filtered_switch_on_light']}")
+    data.atomic_write(os.path.join(args.run, 'press_report.json'), lambda fh: fh.write(json.dumps(out, indent=1).encode()))
+    return out
+
+
 @torch.no_grad()
 def wm_rollout_figure(wm, val: dict, path: str, device, seed: int = 0, horizons=(50, 80)) -> None:
     """Fig. S.7: ground truth vs. imagined frames of both cameras from a held-out trajectory, 2 context frames,
@@ -842,6 +905,8 @@ def main(argv=None) -> int:
     p.add_argument('--scripted', action='store_true', help='run the scripted skills through the evaluation loop')
     p.add_argument('--wm-report', action='store_true', help='world-model open-loop errors and Fig. S.7')
     p.add_argument('--reward-report', action='store_true', help='reward classifier on held-out and imagined latents')
+    p.add_argument('--press-report', action='store_true',
+                   help="does the world model's imagination know whether a button press switched the LED")
     p.add_argument('--gap-report', action='store_true',
                    help='imagination vs simulator on identical start states (--policy base/diwa/...; default base)')
     p.add_argument('--report', action='store_true',
@@ -873,6 +938,8 @@ def main(argv=None) -> int:
     try:
         if args.wm_report:
             wm_report(args, device)
+        if args.press_report:
+            press_report(args, device)
         for task in tasks:
             if args.reward_report:
                 reward_report(args, device, task)
@@ -884,7 +951,7 @@ def main(argv=None) -> int:
             if args.gap_report:
                 for name in args.policy or ['base']:
                     imagination_gap(args, device, task, cfg, name)
-            if not (args.scripted or args.wm_report or args.reward_report or args.gap_report):
+            if not (args.scripted or args.wm_report or args.reward_report or args.gap_report or args.press_report):
                 evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy)
     except TR.user_errors() as e:
         print(f'error: {e}', file=sys.stderr)

@@ -279,6 +279,36 @@ def test_eval_reports_and_scripted_loop(run_dir):
     assert f'{TASK}   scripted seed 0: 3/3 = 100.0%' in proc.stdout
 
 
+def test_button_presses_against_a_naive_scan():
+    """eval.button_presses: each run of frames deeper than 3 mm is one press, windowed around its deepest frame,
+    inside its episode; a press too close to the episode start is skipped."""
+    sys.path.insert(0, ROOT)
+    import eval as E
+    depth = np.zeros(120)
+    depth[30:36] = [0.004, 0.01, 0.02, 0.015, 0.005, 0.004]       # deepest at 32
+    depth[50:52] = 0.002                                          # never deeper than 3 mm: not a press
+    depth[64:70] = [0.01, 0.012, 0.02, 0.021, 0.01, 0.004]        # episode 2 (60..119), too early: skipped
+    depth[100:103] = [0.01, 0.03, 0.01]                           # deepest at 101
+    split = {'scene_obs': np.zeros((120, 24)), 'episodes': np.array([[0, 59], [60, 119]])}
+    split['scene_obs'][:, 2] = depth
+    got = E.button_presses(split, before=10, after=30)
+    assert got.tolist() == [[22, 32, 59], [91, 101, 119]]          # ends clipped to the episode
+
+
+def test_press_report_rates(run_dir):
+    """eval.py --press-report on the test run: presses found in the held-out play, every figure a rate or None
+    (the test operator never presses lightly)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--preset', 'test', '--run', run_dir,
+                           '--press-report'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(run_dir, 'press_report.json')) as fh:
+        rep = json.load(fh)
+    assert rep['presses'] >= 1 and 0 <= rep['switched'] <= rep['presses'] and '[press]' in proc.stdout
+    for k in ('imagined_switch_on_switched', 'imagined_switch_on_light', 'filtered_switch_on_switched',
+              'filtered_switch_on_light'):
+        assert rep[k] is None or 0.0 <= rep[k] <= 1.0, (k, rep[k])
+
+
 def test_gap_report_runs_the_evaluation_unchanged(run_dir):
     """eval.py --gap-report: its simulator episodes are the evaluation's (same starts, same success as the
     results.csv row), and imagined / replayed success rates are rates."""
