@@ -289,6 +289,7 @@ def evaluate_stage(args, device, task: str) -> list:
 # ----------------------------------------------------------------------------------------------------
 
 PARTS = {'door': 0, 'drawer': 1, 'led': 5, 'bulb': 4}            # scene_obs index of each mechanism's state
+BUTTON = 2                                                     # scene_obs index of the button's depth (m)
 MOVED = {'door': 0.05, 'drawer': 0.05, 'led': 0.5, 'bulb': 0.5}  # change within the horizon that counts as moving
 HORIZONS = (1, 10, 25, 50)
 
@@ -338,7 +339,7 @@ def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: fl
     """(P, 3) rows (start, deepest, end) of every button press in a split: a run of frames with the button
     deeper than min_depth (m), windowed from `before` frames ahead of its deepest frame to `after` frames
     past it, inside one episode (presses too close to an episode's start are skipped)."""
-    depth, out = split['scene_obs'][:, 2], []
+    depth, out = split['scene_obs'][:, BUTTON], []
     for a, b in split['episodes']:
         pressed = np.concatenate([[False], depth[a:b + 1] > min_depth, [False]]).astype(int)
         edges = np.flatnonzero(np.diff(pressed))                       # run starts and ends, alternating
@@ -366,23 +367,23 @@ def press_report(args, device, samples: int = 3) -> dict:
     train = data.load_split(os.path.join(root, 'training'), wm.cfg.image_size)
     val = data.load_split(os.path.join(root, 'validation'), wm.cfg.image_size)
     read = part_reader(wm, train, device, seed=args.seed)
-    led = list(PARTS).index('led')
+    led = list(PARTS).index('led')                                 # column of part_reader's output
     presses = button_presses(val)
     if not len(presses):
         raise TR.StageError(f'press report: no button press in {root}/validation')
-    scene = val['scene_obs']
-    switched = scene[presses[:, 2], 5] != scene[presses[:, 0], 5]
+    lit = val['scene_obs'][:, PARTS['led']]
+    switched = lit[presses[:, 2]] != lit[presses[:, 0]]
     torch.manual_seed(args.seed)
     imagined, filtered = [], []
     for s, _, e in presses:
         batch = data.to_torch({k: val[k][np.arange(s, e + 1)[None]] for k in data.SEQ_KEYS}, device)
-        flip = lambda feat: bool(abs(float(read(feat)[0, -1, led]) - scene[s, 5]) > 0.5)
+        flip = lambda feat: bool(abs(float(read(feat)[0, -1, led]) - lit[s]) > 0.5)   # LED at the end vs start
         imagined.append(np.mean([flip(W.open_loop_features(wm, batch, context=1, horizon=e - s, sample=True))
                                  for _ in range(samples)]))
         filtered.append(flip(wm.featurize(batch)))
     imagined, filtered = np.array(imagined), np.array(filtered)
     rate = lambda x, m: round(float(x[m].mean()), 3) if m.any() else None
-    depth = scene[presses[:, 1], 2]
+    depth = val['scene_obs'][presses[:, 1], BUTTON]
     out = {'presses': len(presses), 'switched': int(switched.sum()),
            'depth_mm_switched': round(1000 * float(np.median(depth[switched])), 1) if switched.any() else None,
            'depth_mm_light': round(1000 * float(np.median(depth[~switched])), 1) if (~switched).any() else None,

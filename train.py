@@ -401,9 +401,9 @@ def load_world_model(args, device):
 
 
 def seed_tag(args) -> list:
-    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, bc.pt, reward.pt):
-    seed 0 adds nothing (keys written before the seed was keyed stay valid), another seed makes the checkpoint
-    stale instead of 'already done', so that a second seed needs --force or its own --run, never silently reuses."""
+    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, bc.pt,
+    reward.pt). Seed 0 adds nothing, so keys written before the seed was keyed stay valid. train_loop refuses to
+    resume or overwrite a checkpoint of another seed: a second seed needs its own --run (or --force)."""
     return [f'seed={args.seed}'] if args.seed else []
 
 
@@ -424,8 +424,7 @@ def stage_wm(args, device) -> dict:
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
                       upstream=[data_key(data_root(args))] + seed_tag(args), objects={'model': wm, 'optim': opt},
-                      step_fn=step_fn,
-                      n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
+                      step_fn=step_fn, n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500),
                       extendable=('steps',))          # constant lr (Tab. S.2): --wm.steps N continues a run
 
@@ -623,7 +622,8 @@ def stage_reward(args, device, task: str) -> dict:
         return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
 
     ckpt = train_loop(stage='reward', task=task, **out_path(args, task, 'reward.pt'),
-                      config=dataclasses.asdict(cfg), upstream=[wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args),
+                      config=dataclasses.asdict(cfg),
+                      upstream=[wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args),
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
                       ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
                       extra={'feat_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
