@@ -350,6 +350,50 @@ def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: fl
     return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
+def press_features(split: dict, presses: np.ndarray) -> dict:
+    """What might tell a press that switches the LED from a light one, each taken at the press's deepest frame:
+    the button's depth itself, the measured hand pose (TCP xyz, the Euler angles as sin/cos since roll wraps
+    at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative controller has integrated
+    from the actions (the `actions` key: the target after the previous frame's action, with sin/cos Euler).
+    -> name -> (P, D) features."""
+    pk = presses[:, 1]
+    pose = lambda xyz, euler, *extra: np.concatenate([xyz, np.sin(euler), np.cos(euler), *extra], axis=1)
+    ro, target = split['robot_obs'], split['actions'][pk - 1]
+    return {'button depth': split['scene_obs'][pk, BUTTON][:, None],
+            'hand pose': pose(ro[pk, 0:3], ro[pk, 3:6], ro[pk, 6:7]),
+            'commanded TCP target': pose(target[:, 0:3], target[:, 3:6])}
+
+
+def knn_loo_accuracy(x: np.ndarray, y: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (features standardised over all rows): a
+    model-free answer to 'does x decide y, given this much data?'. Ties (k even) count as False."""
+    z = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)                                             # a row never votes for itself
+    near = np.argsort(d, axis=1, kind='stable')[:, :k]                      # (n, k)
+    return float(((y[near].mean(1) > 0.5) == y).mean())
+
+
+def press_predictability(splits: list, k: int = 5) -> dict:
+    """Could any model tell, from the hand, whether a press switches the LED? For each of press_features, the
+    k-NN leave-one-out accuracy over the presses of all splits, next to always guessing the common outcome.
+    The button's depth is the check that the probe works (a press switches the LED exactly when the button
+    passes LED_PRESS_THRESHOLD); the hand pose and the commanded target are what a world model could at best
+    know in imagination."""
+    ys, feats = [], []
+    for split in splits:
+        pr = button_presses(split)
+        lit = split['scene_obs'][:, PARTS['led']]
+        ys.append(lit[pr[:, 2]] != lit[pr[:, 0]])
+        feats.append(press_features(split, pr))
+    y = np.concatenate(ys)
+    out = {'presses': len(y), 'k': k, 'majority': round(float(max(y.mean(), 1 - y.mean())), 3) if len(y) else None}
+    for name in feats[0]:
+        x = np.concatenate([f[name] for f in feats])
+        out[name] = round(knn_loo_accuracy(x, y, k), 3) if len(y) > k else None
+    return out
+
+
 @torch.no_grad()
 def press_report(args, device, samples: int = 3) -> dict:
     """Does the world model know whether a button press switched the LED (the LED tasks, README)? Every press
@@ -389,11 +433,16 @@ def press_report(args, device, samples: int = 3) -> dict:
            'depth_mm_light': round(1000 * float(np.median(depth[~switched])), 1) if (~switched).any() else None,
            'imagined_switch_on_switched': rate(imagined, switched), 'imagined_switch_on_light': rate(imagined, ~switched),
            'filtered_switch_on_switched': rate(filtered, switched), 'filtered_switch_on_light': rate(filtered, ~switched)}
+    out['knn_accuracy'] = press_predictability([train, val])
     print(f"[press] {out['presses']} held-out presses, {out['switched']} switched the LED (median depth "
           f"{out['depth_mm_switched']} mm; the others {out['depth_mm_light']} mm). LED switched at the window's end, "
           f"imagined open loop: {out['imagined_switch_on_switched']} of the switching presses, "
           f"{out['imagined_switch_on_light']} of the light ones; read from the real frames: "
           f"{out['filtered_switch_on_switched']} / {out['filtered_switch_on_light']}")
+    acc = out['knn_accuracy']
+    print(f"[press] switched or not, {acc['k']}-NN leave-one-out over the {acc['presses']} presses of both splits: "
+          + ', '.join(f'{k} {v}' for k, v in acc.items() if k not in ('presses', 'k'))
+          + ' (majority = always guess the common outcome)')
     data.atomic_write(os.path.join(args.run, 'press_report.json'), lambda fh: fh.write(json.dumps(out, indent=1).encode()))
     return out
 

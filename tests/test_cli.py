@@ -295,6 +295,30 @@ def test_button_presses_against_a_naive_scan():
     assert got.tolist() == [[22, 32, 59], [91, 101, 119]]          # ends clipped to the episode
 
 
+def test_knn_loo_accuracy_against_a_naive_vote_and_press_features_read_the_deepest_frame():
+    """eval.knn_loo_accuracy: a leave-one-out 3-NN majority vote written out as a loop; a label that is a
+    function of x is predicted, one independent of x is not. eval.press_features: each feature taken at the
+    press's deepest frame (the commanded target one frame earlier), Euler angles as sin/cos."""
+    sys.path.insert(0, ROOT)
+    import eval as E
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 2)) * [1.0, 5.0]
+    y = x[:, 0] > 0
+    z = (x - x.mean(0)) / x.std(0)
+    hits = 0
+    for i in range(len(x)):
+        d = sorted((float(((z[i] - z[j]) ** 2).sum()), bool(y[j])) for j in range(len(x)) if j != i)
+        hits += (sum(l for _, l in d[:3]) >= 2) == y[i]
+    assert E.knn_loo_accuracy(x, y, k=3) == pytest.approx(hits / len(x)) and hits / len(x) >= 0.8
+    assert E.knn_loo_accuracy(x, rng.random(60) > 0.5, k=3) < 0.8
+    split = {'scene_obs': rng.normal(size=(50, 24)), 'robot_obs': rng.normal(size=(50, 15)), 'actions': rng.normal(size=(50, 7))}
+    f = E.press_features(split, np.array([[0, 30, 40], [5, 35, 45]]))
+    assert f['button depth'][:, 0].tolist() == split['scene_obs'][[30, 35], E.BUTTON].tolist()
+    assert np.allclose(f['hand pose'][0], np.r_[split['robot_obs'][30, :3], np.sin(split['robot_obs'][30, 3:6]),
+                                                 np.cos(split['robot_obs'][30, 3:6]), split['robot_obs'][30, 6]])
+    assert np.allclose(f['commanded TCP target'][1, :3], split['actions'][34, :3]) and f['commanded TCP target'].shape == (2, 9)
+
+
 def test_press_report_rates(run_dir):
     """eval.py --press-report on the test run: presses found in the held-out play, every figure a rate or None
     (the test operator never presses lightly)."""
@@ -307,6 +331,8 @@ def test_press_report_rates(run_dir):
     for k in ('imagined_switch_on_switched', 'imagined_switch_on_light', 'filtered_switch_on_switched',
               'filtered_switch_on_light'):
         assert rep[k] is None or 0.0 <= rep[k] <= 1.0, (k, rep[k])
+    for k, v in rep['knn_accuracy'].items():
+        assert k in ('presses', 'k') or v is None or 0.0 <= v <= 1.0, (k, v)
 
 
 def test_gap_report_runs_the_evaluation_unchanged(run_dir):
