@@ -150,12 +150,18 @@ def to_torch(batch: dict, device='cpu') -> dict:
     else:
         is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
         is_first[:, 0] = True
+    # The controller's stored TCP target when frame t was observed (the world model's target_input): CALVIN's
+    # absolute 'actions' hold it after a_t was applied, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3]
+    # (exact while the workspace clip is not hit; on the play data the largest difference from actions[t-1] is 6e-8).
+    from world_model import POS_SCALE
+    target = {'target': f32(np.asarray(batch['actions'])[..., :3] - POS_SCALE * np.asarray(batch['rel_actions'])[..., :3])} \
+        if 'actions' in batch else {}
     return {'rgb_static': images_to_tensor(batch['rgb_static'], device),
             'rgb_gripper': images_to_tensor(batch['rgb_gripper'], device),
             'proprio': robot_obs_to_proprio(f32(batch['robot_obs'])),
             'scene': f32(batch['scene_obs']),
             'actions': f32(batch['rel_actions']),
-            'is_first': is_first}
+            'is_first': is_first, **target}
 
 
 def preprocess_obs(obs_list: list, image_size: int = 64, device='cpu') -> dict:

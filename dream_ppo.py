@@ -283,21 +283,25 @@ def chain_transitions(chain: torch.Tensor):
 # ----------------------------------------------------------------------------- imagined rollout (Alg. 1 l. 8-26)
 def encode_start_pool(wm, batch: dict) -> dict:
     """World-model posterior states of recorded frames: the filter runs over each (B,T) sequence and
-    its last posterior state is one imagined start {'h': (B,deter), 'z': (B,Z)}."""
+    its last posterior state is one imagined start {'h': (B,deter), 'z': (B,Z)} (+ 'target' (B,3) with the
+    world model's target_input)."""
     with torch.no_grad():
         post, _ = wm.observe(batch, sample=False)
-    return {'h': post['h'][:, -1].contiguous(), 'z': post['z'][:, -1].contiguous()}
+    return wm.last_state(post)
+
+
+STATE_KEYS = ('h', 'z', 'target')   # what a world-model state may carry from step to step (wm.state_keys)
 
 
 def _sample_starts(pool: dict, n: int, generator) -> dict:
     assert isinstance(pool, dict) and {'h', 'z'} <= set(pool) and len(pool['h']) == len(pool['z']) > 0, \
         "start_pool must be a non-empty dict {'h': (P,deter), 'z': (P,Z)} (see encode_start_pool)"
     idx = torch.randint(pool['h'].shape[0], (n,), generator=generator, device=pool['h'].device)
-    return {key: pool[key][idx] for key in ('h', 'z')}
+    return {key: pool[key][idx] for key in STATE_KEYS if key in pool}
 
 
 def _where_state(mask: torch.Tensor, a: dict, b: dict) -> dict:
-    return {key: torch.where(mask[:, None], a[key], b[key]) for key in ('h', 'z')}
+    return {key: torch.where(mask[:, None], a[key], b[key]) for key in STATE_KEYS if key in a}
 
 
 def execute_chunk(chunk: torch.Tensor) -> torch.Tensor:
@@ -497,7 +501,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
         infos = [_info(o) for o in obs]
         post, _ = wm.obs_step(wm.initial(len(ids)), torch.zeros(len(ids), Da, device=device),
                               preprocess_obs(obs, S, device), sample=False)  # mode, as featurize for BC
-        return {'h': post['h'], 'z': post['z']}, infos
+        return {k: post[k] for k in wm.state_keys}, infos
 
     state, start_info = start(list(range(N)))
     ep_len = torch.zeros(N, dtype=torch.long, device=device)
@@ -511,7 +515,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
             obs = sims.step(actions[:, j].cpu().numpy())
             infos = [_info(o) for o in obs]
             post, _ = wm.obs_step(state, actions[:, j], preprocess_obs(obs, S, device), sample=False)
-            state = {'h': post['h'], 'z': post['z']}
+            state = {k: post[k] for k in wm.state_keys}
             success |= torch.tensor([task_success(task, s, i) for s, i in zip(start_info, infos)], device=device)
         ep_len += 1
         done = success | (ep_len >= cfg.max_episode_steps)
@@ -520,7 +524,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
         ids = done.nonzero().flatten().tolist()
         if ids:
             new_state, new_info = start(ids)
-            for key in ('h', 'z'):
+            for key in wm.state_keys:
                 state[key] = state[key].clone()
                 state[key][ids] = new_state[key]  # restart ended episodes
             for g, info in zip(ids, new_info):

@@ -594,7 +594,7 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
         fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
     factory = policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)
     relative = getattr(clf, 'relative', False)         # the decoded-state reward compares with the start
-    starts, acts, post_p = {'h': [], 'z': []}, [], []
+    starts, acts, post_p = {k: [] for k in wm.state_keys}, [], []
 
     def make_agent(B):                                  # the evaluation's agent, recording start states and actions
         agent, steps = factory(B), []
@@ -605,7 +605,8 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
             if t == 0:                                  # s_0 = q(h_0, x_0), as run_episodes filters its first frame
                 x = data.preprocess_obs(obs[:B], image_size=wm.cfg.image_size, device=device)
                 s0, _ = wm.obs_step(wm.initial(B), torch.zeros(B, 7, device=device), x, sample=False)
-                starts['h'].append(s0['h']), starts['z'].append(s0['z'])
+                for k in starts:
+                    starts[k].append(s0[k])
             if not relative:                            # (4) the classifier on the posterior of the real frames
                 with torch.no_grad():
                     post_p[-1].copy_(torch.maximum(post_p[-1], clf.success_prob(feat[:B]).cpu()))
@@ -616,7 +617,8 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     t0 = time.time()
     real = run_episodes(make_agent, task, task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
                         seed=args.seed)['success']
-    h0, z0 = torch.cat(starts['h']), torch.cat(starts['z'])
+    s0 = {k: torch.cat(v) for k, v in starts.items()}
+    h0 = s0['h']
     posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy() if not relative else None
     torch.manual_seed(args.seed)                       # the world model's latent samples: the same figures on a re-run
     n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
@@ -629,7 +631,7 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     def imagine(closed_loop: bool) -> np.ndarray:      # (repeats, n) success within max_episode_steps decisions
         out = np.zeros((repeats, n), bool)
         for r in range(repeats):
-            state, alive = {'h': h0.clone(), 'z': z0.clone()}, torch.ones(n, dtype=torch.bool, device=h0.device)
+            state, alive = {k: v.clone() for k, v in s0.items()}, torch.ones(n, dtype=torch.bool, device=h0.device)
             start_feat = wm.feature(state) if relative else None
             for t in range(fcfg.max_episode_steps):
                 if closed_loop:                         # as fine-tuning: dream_ppo.imagine_rollout

@@ -151,7 +151,7 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 
 # Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
-LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01}
+LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'target_input': False}
 
 
 def _comparable(config: dict) -> dict:
@@ -415,6 +415,22 @@ def stage_wm(args, device) -> dict:
     print_config('wm', cfg)
     train = data.load_split(os.path.join(data_root(args), 'training'), cfg.image_size)
     wm = W.WorldModel(cfg).to(device)
+    upstream = [data_key(data_root(args))] + seed_tag(args)
+    if not args.wm_init and not args.force:   # a warm-started model stays so without naming --wm-init again
+        where = out_path(args, 'wm.pt')
+        for p in [p for p in [where['path']] + where['inherited'] if os.path.isfile(p)][:1]:
+            try:
+                upstream += [u for u in load_checkpoint(p, 'wm').get('upstream', []) if str(u).startswith('init=')]
+            except StageError:        # unreadable: train_loop says so (or --force replaces it)
+                pass
+    if args.wm_init:                  # continue from a trained world model (e.g. to add --wm.target_input)
+        src = load_checkpoint(args.wm_init, 'wm')
+        try:
+            grown = W.warm_start(wm, src['model'])
+        except ValueError as e:
+            raise StageError(f'--wm-init {args.wm_init}: {e}') from None
+        print(f"[wm] warm start from {args.wm_init} (step {src['step']}); new inputs start at zero in: {grown or 'none'}")
+        upstream.append(f"init={src['key']}")
     opt = W.make_optimizer(wm, cfg)
     rng = np.random.default_rng(args.seed)
 
@@ -423,7 +439,7 @@ def stage_wm(args, device) -> dict:
         return W.update_wm(wm, opt, batch)
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
-                      upstream=[data_key(data_root(args))] + seed_tag(args), objects={'model': wm, 'optim': opt},
+                      upstream=upstream, objects={'model': wm, 'optim': opt},
                       step_fn=step_fn, n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500),
                       extendable=('steps',))          # constant lr (Tab. S.2): --wm.steps N continues a run
@@ -464,7 +480,7 @@ def featurize_rows(wm, split: dict, rows: np.ndarray, device, chunk: int = 16, i
     feats = []
     for i in range(0, len(rows), chunk):
         r = rows[i:i + chunk]
-        batch = {k: split[k][r] for k in ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions')}
+        batch = {k: split[k][r] for k in data.SEQ_KEYS}
         batch['is_first'] = np.zeros(r.shape, bool)
         batch['is_first'][:, 0] = True
         batch = data.to_torch(batch, device)
@@ -669,7 +685,7 @@ def start_pool(args, wm, task: str, device, n: int = 1024, where: str = 'rest') 
     for i in range(0, len(rows), 256):
         batch = {k: split[k][rows[i:i + 256]] for k in data.SEQ_KEYS}
         pool.append(P.encode_start_pool(wm, data.to_torch(batch, device)))
-    return {k: torch.cat([p[k] for p in pool]) for k in ('h', 'z')}
+    return {k: torch.cat([p[k] for p in pool]) for k in pool[0]}
 
 
 class StateBox:
@@ -897,6 +913,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads (0 = torch default); 1 is faster when other jobs share the cores')
     p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
+    p.add_argument('--wm-init', default=None, metavar='WM_PT',
+                   help='--stage wm: start from this trained world model (wm.pt) instead of random weights; inputs '
+                        'it lacks (--wm.target_input) start at zero. --wm.steps counts the steps added')
     p.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval in steps (0 = about 1/20 of the stage)')
     p.add_argument('--demos', type=int, default=50, help='expert demonstrations per task (paper: N = 50, Tab. S.3)')
     p.add_argument('--snapshots', type=int, default=5, help='policy snapshots kept during fine-tuning (Fig. 3)')

@@ -17,10 +17,12 @@ Glossary (paper symbol -> variable -> shape, B batch, T time, S = stoch, C = cla
     q / p logits       -> logits         (B, S, C)           posterior / prior categorical logits
     s^_t = (h_t, z_t)  -> feat           (B, deter + S*C)    2048 at the paper preset
     a_{t-1}            -> prev_action    (B, 7)              actions[:, t-1]; zeros at a segment start
+    (not in the paper) -> target         (B, 3)              with target_input: the controller's stored TCP target
     beta, delta, zeta  -> kl_scale, kl_balance, reset_prob   Tab. S.2
 
 Batches follow the contract (notes/CONTRACT.md): dict of 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in
-[-1,1], 'proprio' (B,T,18), 'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T).
+[-1,1], 'proprio' (B,T,18), 'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T), and
+'target' (B,T,3) where the batch was recorded with absolute actions (data.to_torch).
 """
 import math
 from dataclasses import dataclass
@@ -47,6 +49,9 @@ class WMConfig:
     proprio_pos_std: float = 0.01  # with proprio_scaled: that std on the gripper xyz (m), replacing _PROPRIO_STD's
     scene_dim: int = 24         # CALVIN scene_obs size
     action_dim: int = 7         # relative action size
+    target_input: bool = False  # also feed the GRU the controller's stored TCP target (m), which CALVIN's relative
+                                # controller integrates from the actions; imagination integrates it exactly
+                                # (target_step). Not in DreamerV2 / the paper: README, the LED tasks
     kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
     kl_balance: float = 0.8     # Tab. S.2 delta: share of the KL gradient that trains the prior (see kl_balance)
     unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
@@ -95,6 +100,21 @@ _PROPRIO_OFFSET = [0.0, -0.13, 0.53] + [0.0, 1.0, 0.0, 1.0, 0.0, 0.0] + [0.04] +
                   [0.03, -0.65, 1.02, 1.82, -1.98, -0.93, 1.77] + [0.0]
 _PROPRIO_RANGE = [0.3, 0.2, 0.15] + [0.2] * 6 + [0.04] + [1.0] * 7 + [1.0]
 _PROPRIO_STD = [0.01] * 3 + [0.02] * 6 + [0.005] + [0.1] * 7 + [0.2]   # [:3] is WMConfig.proprio_pos_std's default
+
+# The relative controller (REFERENCE §1, env.DeskEnv.step): the stored TCP target moves by POS_SCALE m per action
+# unit and is clipped to WORKSPACE; on reset it is the measured TCP. Same numbers as env.py (tested), kept here so
+# that the world model does not import the simulator. With target_input the GRU sees the target as
+# (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit, so that millimetres are not lost in the projection.
+POS_SCALE = 0.02
+WORKSPACE = ((-0.55, -0.65, 0.26), (0.55, 0.25, 0.80))
+_TARGET_OFFSET, _TARGET_SCALE = _PROPRIO_OFFSET[:3], 0.05
+
+
+def target_step(target, action):
+    """The controller's stored TCP target after one relative action: clip(target + POS_SCALE * a[:3]).
+    target (B,3) m, action (B,7) -> (B,3)."""
+    lo, hi = (torch.tensor(w, dtype=target.dtype, device=target.device) for w in WORKSPACE)
+    return torch.minimum(torch.maximum(target + POS_SCALE * action[..., :3], lo), hi)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +230,7 @@ class WorldModel(nn.Module):
         # RSSM. Linear layers on concatenated inputs are split into a sum of per-input linears, so that the
         # action and observation parts can be computed for the whole sequence before the time loop.
         self.img_z = nn.Linear(S * C, H)                         # (z_{t-1}, a_{t-1}) -> GRU input
-        self.img_a = nn.Linear(cfg.action_dim, H, bias=False)
+        self.img_a = nn.Linear(cfg.action_dim + (3 if cfg.target_input else 0), H, bias=False)
         self.img_norm = nn.LayerNorm(H)
         self.gru = nn.GRUCell(H, D)                              # h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
         self.prior_net = nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H), nn.ELU(), nn.Linear(H, S * C))  # Eq. 3
@@ -241,6 +261,21 @@ class WorldModel(nn.Module):
         device = device or self.img_z.weight.device
         return {'h': torch.zeros(B, self.cfg.deter, device=device),
                 'z': torch.zeros(B, self.cfg.stoch * self.cfg.classes, device=device)}
+
+    @property
+    def state_keys(self):
+        """Entries of a recurrent state that carry over from step to step (the logits do not)."""
+        return ('h', 'z', 'target') if self.cfg.target_input else ('h', 'z')
+
+    def last_state(self, post):
+        """observe's (B,T,...) output -> the state after its last step (B,...), to imagine on from."""
+        return {k: post[k][:, -1].contiguous() for k in self.state_keys}
+
+    def _action_input(self, action, target):
+        """GRU action input: a_{t-1}, and with target_input the stored target once a_{t-1} is applied."""
+        if not self.cfg.target_input:
+            return action
+        return torch.cat([action, (target - target.new_tensor(_TARGET_OFFSET)) / _TARGET_SCALE], -1)
 
     def feature(self, state):
         """s^_t = cat(h_t, z_t): (..., deter + S*C)."""
@@ -278,22 +313,40 @@ class WorldModel(nn.Module):
         return self.gru(F.elu(self.img_norm(self.img_z(z) + a_proj)), h)
 
     # ---- the RSSM -----------------------------------------------------------------------------------
-    def img_step(self, state, action, sample=True):
-        """Eq. 3, one imagination step: (h_{t-1}, z_{t-1}), a_{t-1} (B,7) -> prior state {'h','z','logits'}."""
-        h = self._gru_step(state['h'], state['z'], self.img_a(action))
+    def img_step(self, state, action, sample=True, target=None):
+        """Eq. 3, one imagination step: (h_{t-1}, z_{t-1}), a_{t-1} (B,7) -> prior state {'h','z','logits'}
+        (+ 'target': with target_input, the stored target integrated by target_step unless given)."""
+        out = {}
+        if self.cfg.target_input:
+            if target is None:
+                if 'target' not in state:
+                    raise KeyError("world_model: target_input needs state['target'] (the controller's stored TCP "
+                                   "target): imagine from a filtered state (observe / obs_step)")
+                target = target_step(state['target'], action)
+            out['target'] = target
+        h = self._gru_step(state['h'], state['z'], self.img_a(self._action_input(action, target)))
         logits = self._logits(self.prior_net(h))
-        return {'h': h, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
+        return {'h': h, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits, **out}
 
     def obs_step(self, state, prev_action, obs_t, sample=True):
         """One filtering step for online use (eval, DPPO): obs_t dict of (B,...) tensors, optional
-        obs_t['is_first'] (B,) bool resets the state first. Returns (post_state, prior_state)."""
-        if 'is_first' in obs_t:
-            keep = (~obs_t['is_first'].bool()).float()[:, None]
-            state = {'h': state['h'] * keep, 'z': state['z'] * keep}
-            prev_action = prev_action * keep
-        prior = self.img_step(state, prev_action, sample)
+        obs_t['is_first'] (B,) bool resets the state first. With target_input, a reset (or a state without
+        'target', as from initial) takes the measured TCP as the stored target, as the controller does on reset.
+        Returns (post_state, prior_state)."""
+        B = prev_action.shape[0]
+        reset = obs_t['is_first'].bool() if 'is_first' in obs_t else \
+            torch.zeros(B, dtype=torch.bool, device=prev_action.device)
+        keep = (~reset).float()[:, None]
+        state = {**state, 'h': state['h'] * keep, 'z': state['z'] * keep}
+        prev_action = prev_action * keep
+        target = None
+        if self.cfg.target_input:
+            tcp = obs_t['proprio'][:, :3]
+            target = tcp if 'target' not in state else \
+                torch.where(reset[:, None], tcp, target_step(state['target'], prev_action))
+        prior = self.img_step(state, prev_action, sample, target=target)
         logits = self._logits(self.post_out(self.post_h(prior['h']) + self.post_e(self.embed(obs_t))))
-        post = {'h': prior['h'], 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
+        post = {**prior, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
         return post, prior
 
     def observe(self, batch, state=None, sample=True):
@@ -307,7 +360,10 @@ class WorldModel(nn.Module):
         E = self.post_e(self.embed(batch))                                    # (B,T,H)
         keep = (~is_first).float()[..., None]                                 # (B,T,1) 0 where reset
         prev_actions = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1) * keep
-        A = self.img_a(prev_actions)                                          # (B,T,H)
+        if self.cfg.target_input and 'target' not in batch:
+            raise KeyError("world_model: target_input needs batch['target'] (B,T,3), the stored TCP target at "
+                           "each frame (data.to_torch)")
+        A = self.img_a(self._action_input(prev_actions, batch.get('target')))  # (B,T,H)
         h, z = state['h'], state['z']
         hs, zs, logits_all = [], [], []
         for t in range(T):
@@ -321,6 +377,8 @@ class WorldModel(nn.Module):
         prior_logits = self._logits(self.prior_net(h_seq))                    # Eq. 3, batched over (B,T)
         prior = {'h': h_seq, 'z': straight_through_sample(prior_logits, sample).flatten(-2),
                  'logits': prior_logits}
+        if self.cfg.target_input:
+            post['target'] = prior['target'] = batch['target']
         return post, prior
 
     @torch.no_grad()
@@ -404,7 +462,7 @@ def open_loop_features(wm, batch, context=2, horizon=50, sample=False):
         raise ValueError(f'open_loop: need 1 <= context < T, got context={context}, T={T}')
     horizon = min(horizon, T - context)
     post, _ = wm.observe({k: v[:, :context] for k, v in batch.items()}, sample=sample)
-    state = {'h': post['h'][:, -1], 'z': post['z'][:, -1]}
+    state = wm.last_state(post)
     feats = [wm.feature(post)]
     for t in range(context, context + horizon):
         state = wm.img_step(state, batch['actions'][:, t - 1], sample=sample)
@@ -417,6 +475,30 @@ def open_loop(wm, batch, context=2, horizon=50, sample=False):
     """Fig. S.7: wm.decode of open_loop_features: frames [:context] are reconstructions, [context:] open-loop
     predictions."""
     return wm.decode(open_loop_features(wm, batch, context, horizon, sample))
+
+
+def warm_start(wm, state_dict) -> list:
+    """Copy a trained world model's weights into `wm` (same sizes) to continue training with an added input:
+    a weight whose input grew (img_a with target_input) keeps its trained columns and gets zeros for the new
+    ones, so that the warm-started model starts out computing exactly what the trained one did.
+    -> names of the grown weights. Any other mismatch is an error naming it."""
+    own, grown = wm.state_dict(), []
+    missing = sorted(set(own) - set(state_dict))
+    if missing or set(state_dict) - set(own):
+        raise ValueError(f'world_model.warm_start: parameters differ: missing {missing}, '
+                         f'unexpected {sorted(set(state_dict) - set(own))} (--wm.hybrid must match)')
+    new = {}
+    for k, v in state_dict.items():
+        if v.shape == own[k].shape:
+            new[k] = v
+        elif v.dim() == 2 and v.shape[0] == own[k].shape[0] and v.shape[1] < own[k].shape[1]:
+            new[k] = torch.cat([v, v.new_zeros(v.shape[0], own[k].shape[1] - v.shape[1])], 1)
+            grown.append(k)
+        else:
+            raise ValueError(f'world_model.warm_start: {k} is {tuple(v.shape)} in the checkpoint, '
+                             f'{tuple(own[k].shape)} here (sizes must match the preset)')
+    wm.load_state_dict(new)
+    return grown
 
 
 def fit_linear_probe(feats, targets, ridge=1e-3):

@@ -56,6 +56,25 @@ def test_all_stages_write_their_outputs(run_dir):
     assert ckpt['state']['counters']['imagined_steps'] > 0
 
 
+def test_target_input_world_model_warm_started_runs_every_stage(run_dir, tmp_path):
+    """--wm.target_input with --wm-init: the world model continues from the run's, keyed on it, and BC, the
+    classifier, DiWA (imagination integrates the target) and the evaluation (the filter resets it to the TCP)
+    run on it; a world model that does not fit is a one-line error."""
+    d = str(tmp_path / 'target')
+    common = ['--preset', 'test', '--run', d, '--data', os.path.join(run_dir, 'data'), '--wm.target_input', 'true']
+    out = run('--stage', 'wm', *common, '--wm-init', os.path.join(run_dir, 'wm.pt')).stdout
+    assert "new inputs start at zero in: ['img_a.weight']" in out
+    src = torch.load(os.path.join(run_dir, 'wm.pt'), weights_only=True)
+    ckpt = torch.load(os.path.join(d, 'wm.pt'), weights_only=True)
+    assert ckpt['config']['target_input'] and f"init={src['key']}" in ckpt['upstream']
+    run('--stage', 'all', *common, '--tasks', TASK)
+    rows = read_csv(os.path.join(d, 'results.csv'))
+    assert {r['policy'] for r in rows} == {'base', 'diwa'}
+    bad = run('--stage', 'wm', *common[:-2], '--run', str(tmp_path / 'hyb'), '--wm.hybrid', 'true', '--wm-init',
+              os.path.join(run_dir, 'wm.pt'), check=False)
+    assert bad.returncode != 0 and '--wm-init' in bad.stderr and 'Traceback' not in bad.stderr
+
+
 def test_rerun_skips_everything_and_changes_nothing(run_dir):
     files = [os.path.join(dp, f) for dp, _, fs in os.walk(run_dir) for f in fs if f.endswith(('.pt', '.csv'))]
     before = {f: os.path.getmtime(f) for f in files}

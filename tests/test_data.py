@@ -318,6 +318,11 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
         np.testing.assert_array_equal(np.where(d['rel_actions'][:, 6] >= 0, 1, -1), d['actions'][:, 6])
         step = np.diff(d['actions'][:, :3], axis=0) - 0.02 * d['rel_actions'][1:, :3]
         assert np.mean(np.abs(step).max(1) < 1e-5) > 0.95               # all but workspace-clipped steps
+        # to_torch's 'target' (the world model's target_input) is the stored target when the frame was seen:
+        # the measured TCP at the episode's reset, then the target the previous action produced
+        tgt = data.to_torch({k: d[k][None] for k in data.SEQ_KEYS})['target'][0].numpy()
+        np.testing.assert_allclose(tgt[0], d['robot_obs'][0, :3], atol=1e-6)
+        assert np.mean(np.abs(tgt[1:] - d['actions'][:-1, :3]).max(1) < 1e-5) > 0.95
     # and coarsely: replaying a window's rel_actions open loop from its first frame reproduces the success
     import env
     desk, wins = env.DeskEnv(cameras=False), 0

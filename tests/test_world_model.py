@@ -133,16 +133,24 @@ def test_shapes_and_paper_feature_size():
     assert WorldModel(WMConfig()).feat_dim == 2048                                   # Tab. S.2
 
 
+@torch.no_grad()
+def filter_online(wm, batch):
+    """obs_step over a batch's frames one at a time from a fresh state, as the evaluation does -> the states."""
+    B, T = batch['actions'].shape[:2]
+    state, prev_a, states = wm.initial(B), torch.zeros(B, 7), []
+    for t in range(T):
+        state, _ = wm.obs_step(state, prev_a, {k: batch[k][:, t] for k in ('rgb_static', 'rgb_gripper', 'proprio')},
+                               sample=False)
+        prev_a = batch['actions'][:, t]
+        states.append(state)
+    return states
+
+
 def test_obs_step_matches_observe():
     wm, batch = make_wm(), random_batch(B=2, T=5)
     feat = wm.featurize(batch)
-    state, prev_a = wm.initial(2), torch.zeros(2, 7)
-    with torch.no_grad():
-        for t in range(5):
-            obs_t = {k: batch[k][:, t] for k in ('rgb_static', 'rgb_gripper', 'proprio')}
-            state, _ = wm.obs_step(state, prev_a, obs_t, sample=False)
-            prev_a = batch['actions'][:, t]
-            assert torch.allclose(wm.feature(state), feat[:, t], atol=1e-5)
+    for t, state in enumerate(filter_online(wm, batch)):
+        assert torch.allclose(wm.feature(state), feat[:, t], atol=1e-5)
 
 
 def test_is_first_resets_state():
@@ -231,3 +239,77 @@ def test_training_lowers_loss_on_moving_square():
     with torch.no_grad():
         after = loss_wm(wm, held_out, sample=False)[0].item()
     assert after < 0.5 * before, (before, after)
+
+
+# ---------------------------------------------------------------- target_input (README: the LED tasks)
+
+def consistent_targets(batch):
+    """Stored targets as the controller keeps them: the measured TCP at the first frame (a reset), then
+    world_model.target_step of each action."""
+    from world_model import target_step
+    tgt = [batch['proprio'][:, 0, :3] * 0.1 + torch.tensor([0.0, -0.1, 0.5])]
+    for t in range(1, batch['actions'].shape[1]):
+        tgt.append(target_step(tgt[-1], batch['actions'][:, t - 1]))
+    return {**batch, 'target': torch.stack(tgt, 1),
+            'proprio': torch.cat([tgt[0][:, None].expand(-1, batch['proprio'].shape[1], -1), batch['proprio'][..., 3:]], -1)}
+
+
+def test_target_step_matches_the_desk_controller():
+    """target_step is env.DeskEnv's integration of the stored target (same scale, same workspace clip, also when
+    the clip bites); the world model's copies of the constants are env's."""
+    import numpy as np
+    import env as E
+    from world_model import POS_SCALE, WORKSPACE, target_step
+    assert POS_SCALE == E.POS_SCALE and np.allclose(WORKSPACE, E.WORKSPACE)
+    desk = E.DeskEnv(cameras=False, seed=0)
+    try:
+        desk.reset()
+        target = torch.tensor(desk.target_pos, dtype=torch.float64)[None]
+        rng = np.random.default_rng(0)
+        for t in range(40):
+            a = rng.uniform(-1, 1, 7) if t < 20 else np.array([0, 0, -1.0, 0, 0, 0, 1])  # then down into the table
+            desk.step(a)
+            target = target_step(target, torch.tensor(a)[None])
+            assert np.allclose(target[0].numpy(), desk.target_pos, atol=1e-9), t
+        assert desk.target_pos[2] == E.WORKSPACE[0, 2]                     # the clip was hit
+    finally:
+        desk.close()
+
+
+def test_target_input_filtering_online_batch_and_imagination_agree():
+    """With target_input: obs_step from a fresh state (target = measured TCP, as on reset) matches observe on the
+    recorded targets; img_step from observe's state at t integrates the target and reproduces observe's h at t+1
+    (h does not depend on the frame it is about to see); without a target the world model says what is missing."""
+    wm = make_wm(target_input=True)
+    batch = consistent_targets(random_batch(B=2, T=5))
+    post, _ = wm.observe(batch, sample=False)
+    for t, state in enumerate(filter_online(wm, batch)):
+        assert torch.allclose(wm.feature(state), wm.feature(post)[:, t], atol=1e-5)
+        assert torch.allclose(state['target'], batch['target'][:, t], atol=1e-6)
+    with torch.no_grad():
+        k = 2
+        head, _ = wm.observe({key: v[:, :k + 1] for key, v in batch.items()}, sample=False)
+        nxt = wm.img_step(wm.last_state(head), batch['actions'][:, k], sample=False)
+        assert torch.allclose(nxt['h'], post['h'][:, k + 1], atol=1e-5)
+        assert torch.allclose(nxt['target'], batch['target'][:, k + 1], atol=1e-6)
+        other = {**batch, 'target': batch['target'] + 0.05}
+        assert not torch.allclose(wm.observe(other, sample=False)[0]['h'], post['h'], atol=1e-4)  # it is an input
+    with pytest.raises(KeyError, match="batch\\['target'\\]"):
+        wm.observe({k: v for k, v in batch.items() if k != 'target'})
+    with pytest.raises(KeyError, match="state\\['target'\\]"):
+        wm.img_step(wm.initial(2), batch['actions'][:, 0])
+
+
+def test_warm_start_adds_the_target_input_without_changing_the_model():
+    """warm_start: a target_input model started from a trained one computes the same features whatever the
+    targets (the new input's weights start at zero); mismatched models are refused, naming the parameter."""
+    from world_model import warm_start
+    src, dst = make_wm(), make_wm(target_input=True)
+    assert warm_start(dst, src.state_dict()) == ['img_a.weight']
+    batch = consistent_targets(random_batch(B=2, T=5))
+    assert torch.allclose(dst.featurize(batch), src.featurize(batch), atol=1e-6)
+    assert torch.allclose(dst.featurize({**batch, 'target': batch['target'] * 3}), src.featurize(batch), atol=1e-6)
+    with pytest.raises(ValueError, match='missing'):
+        warm_start(make_wm(hybrid=True), src.state_dict())
+    with pytest.raises(ValueError, match='sizes must match'):
+        warm_start(make_wm(deter=16), src.state_dict())
