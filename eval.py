@@ -725,10 +725,12 @@ def _ckpt_facts(path: str) -> dict:
             'metrics_csv': os.path.splitext(path)[0] + '_metrics.csv', 'key': ck.get('key')}
 
 
-def _final_metric(csv_path: str, name: str, last: int = 10) -> float:
-    """Mean of a metric over the last `last` logged iterations (e.g. imagined success during fine-tuning)."""
+def _final_metric(csv_path: str, name: str, last: int = 10, first: bool = False) -> float:
+    """Mean of a metric over the last `last` logged iterations (e.g. imagined success during fine-tuning), or
+    over the first ones with first=True."""
     rows = [r for r in read_results(csv_path) if r.get(name) not in (None, '')]
-    return float(np.mean([float(r[name]) for r in rows[-last:]])) if rows else float('nan')
+    rows = rows[:last] if first else rows[-last:]
+    return float(np.mean([float(r[name]) for r in rows])) if rows else float('nan')
 
 
 def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
@@ -843,6 +845,26 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         plt.close()
         md += ['## Fig. 3: success in the simulator during fine-tuning', '',
                '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
+    # ---- imagined vs. real, per task: where the dream already calls the base policy a success, PPO has no signal
+    rows_ir = []
+    for task in [t for t in TASKS if any(r['task'] == t for r in main)]:
+        f = _ckpt_facts(os.path.join(run, task, f'diwa_s{s0}.pt'))
+        if not f:
+            continue
+        real = {p: float(r['success']) for p in {r['policy'] for r in main if r['task'] == task}
+                for r in [_latest(main, task=task, policy=p).get(s0)] if r}
+        snaps = sorted((int(p[5:]), v) for p, v in real.items() if p.startswith('diwa@'))
+        pct = lambda x: '–' if x is None or np.isnan(x) else f'{100 * x:.0f}'
+        rows_ir.append(f"| {task} | {pct(_final_metric(f['metrics_csv'], 'charts/success_rate', first=True))} | "
+                       f"{pct(_final_metric(f['metrics_csv'], 'charts/success_rate'))} | {pct(real.get('base'))} | "
+                       f"{' / '.join(pct(v) for _, v in snaps) or '–'} | {pct(real.get('diwa'))} |")
+    if rows_ir:
+        md += [f'## Imagined vs. real success during fine-tuning (seed {s0})', '',
+               'Imagined: the success rate of the imagined episodes (classifier above the threshold), mean of the first '
+               'and of the last 10 iterations. Real: simulator success of the base policy, of the snapshots (Fig. 3) '
+               'and of the final policy.', '',
+               '| task | imagined, first 10 it. | imagined, last 10 it. | real: base | real: snapshots | real: DiWA |',
+               '|---|---|---|---|---|---|', *rows_ir, '']
     # ---- Fig. 2, Fig. S.6, Table S.6 (variants, seed 0, on report_task)
     md += [f'## Variants on {report_task} (Fig. 2, Fig. S.6, Table S.6), seed {s0}', '',
            '| variant | base | DiWA | imagined success at the end of fine-tuning |', '|---|---|---|---|']

@@ -414,6 +414,8 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
         assert needle in md, needle
     row = next(line for line in md.splitlines() if line.startswith(f'| {TASK} |')).split('|')
     assert row[7].strip().endswith(('k', 'k (cap)')), row      # Table I's DPPO column: steps to match DiWA
+    ir = next(line for line in md.split('## Imagined vs. real')[1].splitlines() if line.startswith(f'| {TASK} |'))
+    assert all(0 <= float(c) <= 100 for c in ir.split('|')[2:5]), ir   # imagined first / last 10 it., real base
     for fig in ['fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
         assert os.path.getsize(os.path.join(out, 'figures', fig)) > 5_000, fig
     rows = read_csv(os.path.join(out, 'results.csv'))
