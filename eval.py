@@ -617,8 +617,8 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     t0 = time.time()
     real = run_episodes(make_agent, task, task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
                         seed=args.seed)['success']
-    s0 = {k: torch.cat(v) for k, v in starts.items()}
-    h0 = s0['h']
+    start_state = {k: torch.cat(v) for k, v in starts.items()}
+    h0 = start_state['h']
     posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy() if not relative else None
     torch.manual_seed(args.seed)                       # the world model's latent samples: the same figures on a re-run
     n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
@@ -631,7 +631,8 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     def imagine(closed_loop: bool) -> np.ndarray:      # (repeats, n) success within max_episode_steps decisions
         out = np.zeros((repeats, n), bool)
         for r in range(repeats):
-            state, alive = {k: v.clone() for k, v in s0.items()}, torch.ones(n, dtype=torch.bool, device=h0.device)
+            state = {k: v.clone() for k, v in start_state.items()}
+            alive = torch.ones(n, dtype=torch.bool, device=h0.device)
             start_feat = wm.feature(state) if relative else None
             for t in range(fcfg.max_episode_steps):
                 if closed_loop:                         # as fine-tuning: dream_ppo.imagine_rollout
