@@ -407,6 +407,18 @@ def seed_tag(args) -> list:
     return [f'seed={args.seed}'] if args.seed else []
 
 
+def _warm_start_tag(args) -> list:
+    """The 'init=<key>' entry of the run's existing wm.pt (own or inherited) when it was warm-started with
+    --wm-init, so that later commands keep it instead of retraining it from scratch; [] otherwise."""
+    where = out_path(args, 'wm.pt')
+    path = next((p for p in [where['path']] + where['inherited'] if os.path.isfile(p)), None)
+    try:
+        upstream = load_checkpoint(path, 'wm').get('upstream', []) if path else []
+    except StageError:                # unreadable: train_loop says so (or --force replaces it)
+        upstream = []
+    return [u for u in upstream if str(u).startswith('init=')]
+
+
 def stage_wm(args, device) -> dict:
     """World model on play frames only: Eq. 10-11, Table S.2 (world_model.py, paper §III.A)."""
     import data
@@ -417,12 +429,7 @@ def stage_wm(args, device) -> dict:
     wm = W.WorldModel(cfg).to(device)
     upstream = [data_key(data_root(args))] + seed_tag(args)
     if not args.wm_init and not args.force:   # a warm-started model stays so without naming --wm-init again
-        where = out_path(args, 'wm.pt')
-        for p in [p for p in [where['path']] + where['inherited'] if os.path.isfile(p)][:1]:
-            try:
-                upstream += [u for u in load_checkpoint(p, 'wm').get('upstream', []) if str(u).startswith('init=')]
-            except StageError:        # unreadable: train_loop says so (or --force replaces it)
-                pass
+        upstream += _warm_start_tag(args)
     if args.wm_init:                  # continue from a trained world model (e.g. to add --wm.target_input)
         src = load_checkpoint(args.wm_init, 'wm')
         try:
@@ -439,8 +446,8 @@ def stage_wm(args, device) -> dict:
         return W.update_wm(wm, opt, batch)
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
-                      upstream=upstream, objects={'model': wm, 'optim': opt},
-                      step_fn=step_fn, n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
+                      upstream=upstream, objects={'model': wm, 'optim': opt}, step_fn=step_fn,
+                      n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500),
                       extendable=('steps',))          # constant lr (Tab. S.2): --wm.steps N continues a run
 
