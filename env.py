@@ -26,6 +26,7 @@ task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkil
 CalvinEnvAdapter (the real simulator, when installed). CLI: python env.py --check-skills | --render DIR
 """
 import argparse
+import hashlib
 import os
 import tempfile
 import time
@@ -190,10 +191,13 @@ DOOR, DRAWER, BUTTON, SWITCH, LED, BULB = range(6)          # link/joint indices
 
 
 def _cached_file(name, text):
-    """Write text to a per-user cache file once (atomically) and return its path."""
+    """Write text to a per-user cache file once (atomically) and return its path. The file's name carries a
+    hash of its text, so that two checkouts with different desks (e.g. two branches) running side by side
+    never load each other's file."""
     folder = os.path.join(tempfile.gettempdir(), f'diwa_env_{os.getuid() if hasattr(os, "getuid") else 0}')
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
+    stem, ext = os.path.splitext(name)
+    path = os.path.join(folder, f'{stem}_{hashlib.sha1(text.encode()).hexdigest()[:12]}{ext}')
     if not os.path.exists(path) or open(path).read() != text:
         tmp = f'{path}.{os.getpid()}.tmp'
         with open(tmp, 'w') as f:

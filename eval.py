@@ -335,24 +335,34 @@ def wm_open_loop_errors(wm, train: dict, val: dict, device, n_seq: int = 256, se
     return rows
 
 
-def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: float = 0.003) -> np.ndarray:
-    """(P, 3) rows (start, deepest, end) of every button press in a split: a run of frames with the button
-    deeper than min_depth (m), windowed from `before` frames ahead of its deepest frame to `after` frames
-    past it, inside one episode (presses too close to an episode's start are skipped)."""
+def press_runs(split: dict, min_depth: float = 0.003) -> np.ndarray:
+    """(P, 3) rows (the frame before, the deepest frame, the frame after) of every button press in a split: a
+    run of frames with the button deeper than min_depth (m), inside one episode. The LED at the frame after vs.
+    the frame before says whether that press switched it."""
     depth, out = split['scene_obs'][:, BUTTON], []
     for a, b in split['episodes']:
         pressed = np.concatenate([[False], depth[a:b + 1] > min_depth, [False]]).astype(int)
         edges = np.flatnonzero(np.diff(pressed))                       # run starts and ends, alternating
         for s, e in zip(edges[::2] + a, edges[1::2] + a):
-            peak = s + int(np.argmax(depth[s:e]))
-            if peak - before >= a:
-                out.append((peak - before, peak, min(peak + after, b)))
+            if a < s and e <= b:                                       # a frame before and after, in the episode
+                out.append((s - 1, s + int(np.argmax(depth[s:e])), e))
     return np.array(out, dtype=np.int64).reshape(-1, 3)
+
+
+def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: float = 0.003) -> np.ndarray:
+    """(P, 3) rows (start, deepest, end) of every button press in a split (press_runs), windowed from `before`
+    frames ahead of its deepest frame to `after` frames past it, inside one episode (presses too close to an
+    episode's start are skipped)."""
+    runs = press_runs(split, min_depth)
+    starts = np.searchsorted(split['episodes'][:, 0], runs[:, 1], side='right') - 1
+    a, b = split['episodes'][starts, 0], split['episodes'][starts, 1]
+    keep = runs[:, 1] - before >= a
+    return np.stack([runs[:, 1] - before, runs[:, 1], np.minimum(runs[:, 1] + after, b)], 1)[keep].reshape(-1, 3)
 
 
 def press_features(split: dict, presses: np.ndarray) -> dict:
     """What might tell a press that switches the LED from a light one, each taken at the press's deepest frame:
-    the button's depth itself, the measured hand pose (TCP xyz, the Euler angles as sin/cos since roll wraps
+    the button's depth itself, the hand's height alone, the measured hand pose (TCP xyz, the Euler angles as sin/cos since roll wraps
     at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative controller has integrated
     from the actions (the `actions` key: the target after the previous frame's action, with sin/cos Euler).
     -> name -> (P, D) features."""
@@ -360,6 +370,7 @@ def press_features(split: dict, presses: np.ndarray) -> dict:
     pose = lambda xyz, euler, *extra: np.concatenate([xyz, np.sin(euler), np.cos(euler), *extra], axis=1)
     ro, target = split['robot_obs'], split['actions'][pk - 1]
     return {'button depth': split['scene_obs'][pk, BUTTON][:, None],
+            'hand height (TCP z)': ro[pk, 2:3],
             'hand pose': pose(ro[pk, 0:3], ro[pk, 3:6], ro[pk, 6:7]),
             'commanded TCP target': pose(target[:, 0:3], target[:, 3:6])}
 
@@ -382,7 +393,7 @@ def press_predictability(splits: list, k: int = 5) -> dict:
     know in imagination."""
     ys, feats = [], []
     for split in splits:
-        pr = button_presses(split)
+        pr = press_runs(split)                          # switched: the LED after the press vs. before it
         lit = split['scene_obs'][:, PARTS['led']]
         ys.append(lit[pr[:, 2]] != lit[pr[:, 0]])
         feats.append(press_features(split, pr))

@@ -299,17 +299,20 @@ def test_eval_reports_and_scripted_loop(run_dir):
 
 
 def test_button_presses_against_a_naive_scan():
-    """eval.button_presses: each run of frames deeper than 3 mm is one press, windowed around its deepest frame,
-    inside its episode; a press too close to the episode start is skipped."""
+    """eval.press_runs: each run of frames deeper than 3 mm is one press, (frame before, deepest, frame after),
+    inside its episode; eval.button_presses windows it around its deepest frame, inside its episode; a press too
+    close to the episode start is skipped."""
     sys.path.insert(0, ROOT)
     import eval as E
     depth = np.zeros(120)
     depth[30:36] = [0.004, 0.01, 0.02, 0.015, 0.005, 0.004]       # deepest at 32
     depth[50:52] = 0.002                                          # never deeper than 3 mm: not a press
-    depth[64:70] = [0.01, 0.012, 0.02, 0.021, 0.01, 0.004]        # episode 2 (60..119), too early: skipped
+    depth[60:62] = 0.01                                           # from episode 2's first frame: no frame before
+    depth[64:70] = [0.01, 0.012, 0.02, 0.021, 0.01, 0.004]        # episode 2 (60..119), too early for a window
     depth[100:103] = [0.01, 0.03, 0.01]                           # deepest at 101
     split = {'scene_obs': np.zeros((120, 24)), 'episodes': np.array([[0, 59], [60, 119]])}
     split['scene_obs'][:, 2] = depth
+    assert E.press_runs(split).tolist() == [[29, 32, 36], [63, 67, 70], [99, 101, 103]]
     got = E.button_presses(split, before=10, after=30)
     assert got.tolist() == [[22, 32, 59], [91, 101, 119]]          # ends clipped to the episode
 
@@ -333,6 +336,7 @@ def test_knn_loo_accuracy_against_a_naive_vote_and_press_features_read_the_deepe
     split = {'scene_obs': rng.normal(size=(50, 24)), 'robot_obs': rng.normal(size=(50, 15)), 'actions': rng.normal(size=(50, 7))}
     f = E.press_features(split, np.array([[0, 30, 40], [5, 35, 45]]))
     assert f['button depth'][:, 0].tolist() == split['scene_obs'][[30, 35], E.BUTTON].tolist()
+    assert f['hand height (TCP z)'][:, 0].tolist() == split['robot_obs'][[30, 35], 2].tolist()
     assert np.allclose(f['hand pose'][0], np.r_[split['robot_obs'][30, :3], np.sin(split['robot_obs'][30, 3:6]),
                                                  np.cos(split['robot_obs'][30, 3:6]), split['robot_obs'][30, 6]])
     assert np.allclose(f['commanded TCP target'][1, :3], split['actions'][34, :3]) and f['commanded TCP target'].shape == (2, 9)
