@@ -362,8 +362,8 @@ def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: fl
 
 def press_features(split: dict, presses: np.ndarray) -> dict:
     """What might tell a press that switches the LED from a light one, each taken at the press's deepest frame:
-    the button's depth itself, the hand's height alone, the measured hand pose (TCP xyz, the Euler angles as sin/cos since roll wraps
-    at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative controller has integrated
+    the button's depth itself, the hand's height alone, the measured hand pose (TCP xyz, the Euler angles as
+    sin/cos since roll wraps at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative controller has integrated
     from the actions (the `actions` key: the target after the previous frame's action, with sin/cos Euler).
     -> name -> (P, D) features."""
     pk = presses[:, 1]
