@@ -363,8 +363,9 @@ def button_presses(split: dict, before: int = 24, after: int = 12, min_depth: fl
 def press_features(split: dict, presses: np.ndarray) -> dict:
     """What might tell a press that switches the LED from a light one, each taken at the press's deepest frame:
     the button's depth itself, the hand's height alone, the measured hand pose (TCP xyz, the Euler angles as
-    sin/cos since roll wraps at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative controller has integrated
-    from the actions (the `actions` key: the target after the previous frame's action, with sin/cos Euler).
+    sin/cos since roll wraps at +-pi, the gripper width), and the commanded TCP target that CALVIN's relative
+    controller has integrated from the actions (the `actions` key: the target after the previous frame's action,
+    with sin/cos Euler).
     -> name -> (P, D) features."""
     pk = presses[:, 1]
     pose = lambda xyz, euler, *extra: np.concatenate([xyz, np.sin(euler), np.cos(euler), *extra], axis=1)
@@ -858,7 +859,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         md += ['## Fig. 3: success in the simulator during fine-tuning', '',
                '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
     # ---- imagined vs. real, per task: where the dream already calls the base policy a success, PPO has no signal
-    rows_ir = []
+    rows_ir, pct = [], lambda x: '–' if x is None or np.isnan(x) else f'{100 * x:.0f}'
     for task in [t for t in TASKS if any(r['task'] == t for r in main)]:
         f = _ckpt_facts(os.path.join(run, task, f'diwa_s{s0}.pt'))
         if not f:
@@ -866,7 +867,6 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         real = {p: float(r['success']) for p in {r['policy'] for r in main if r['task'] == task}
                 for r in [_latest(main, task=task, policy=p).get(s0)] if r}
         snaps = sorted((int(p[5:]), v) for p, v in real.items() if p.startswith('diwa@'))
-        pct = lambda x: '–' if x is None or np.isnan(x) else f'{100 * x:.0f}'
         rows_ir.append(f"| {task} | {pct(_final_metric(f['metrics_csv'], 'charts/success_rate', first=True))} | "
                        f"{pct(_final_metric(f['metrics_csv'], 'charts/success_rate'))} | {pct(real.get('base'))} | "
                        f"{' / '.join(pct(v) for _, v in snaps) or '–'} | {pct(real.get('diwa'))} |")
