@@ -436,10 +436,22 @@ def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict
 SEQ_KEYS = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions', 'actions')
 
 
-def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator) -> dict:
+def light_switch_frames(data: dict) -> np.ndarray:
+    """Rows t where a light (scene_obs 4: bulb, 5: LED) differs from frame t-1 of the same segment: the rare,
+    sharp events of play (a press that toggles the LED is ~1 frame in 1000 of the built-in desk's play)."""
+    lights = np.asarray(data['scene_obs'][:, 4:6])
+    changed = np.flatnonzero((lights[1:] != lights[:-1]).any(1)) + 1
+    first = np.zeros(len(lights), bool)
+    first[data['episodes'][:, 0]] = True
+    return changed[~first[changed]]
+
+
+def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event_frac: float = 0.0) -> dict:
     """B sequences of L consecutive frames, start uniform over all valid starts (so every frame is equally
-    likely), never crossing a segment boundary. Returns (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L) and
-    'is_first' (B, L) (True at t = 0: each sequence starts from a fresh RSSM state)."""
+    likely), never crossing a segment boundary. With event_frac > 0, that share of the B sequences is instead
+    drawn to contain a light switching (light_switch_frames: one such frame uniformly, then a start uniform
+    among the valid ones whose window holds it); WMConfig.event_frac says why. Returns (B, L, ...) arrays of
+    SEQ_KEYS, 'rows' (B, L) and 'is_first' (B, L) (True at t = 0: each sequence starts from a fresh RSSM state)."""
     ep = data['episodes']
     n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
     if n_starts.sum() == 0:
@@ -449,6 +461,16 @@ def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator) -> di
     k = rng.integers(0, cum[-1], B)                                       # (B,) index among all valid starts
     e = np.searchsorted(cum, k, side='right')
     start = ep[e, 0] + k - (cum[e] - n_starts[e])
+    if event_frac > 0:
+        events = light_switch_frames(data)
+        seg = np.searchsorted(ep[:, 0], events, side='right') - 1
+        events, seg = events[n_starts[seg] > 0], seg[n_starts[seg] > 0]   # inside a segment of >= L frames
+        n_ev = int(rng.binomial(B, event_frac)) if len(events) else 0
+        if n_ev:
+            pick = rng.integers(0, len(events), n_ev)
+            t, a, b = events[pick], ep[seg[pick], 0], ep[seg[pick], 1]
+            lo, hi = np.maximum(a, t - L + 1), np.minimum(t, b - L + 1)   # starts whose window holds t
+            start[:n_ev] = lo + (rng.random(n_ev) * (hi - lo + 1)).astype(np.int64)
     rows = start[:, None] + np.arange(L)                                  # (B, L)
     out = {key: np.asarray(data[key][rows]) for key in SEQ_KEYS}
     out['rows'] = rows

@@ -151,7 +151,8 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 
 # Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
-LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'target_input': False}
+LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'target_input': False,
+                'event_frac': 0.0}
 
 
 def _comparable(config: dict) -> dict:
@@ -442,7 +443,7 @@ def stage_wm(args, device) -> dict:
     rng = np.random.default_rng(args.seed)
 
     def step_fn(step):
-        batch = data.to_torch(data.sample_sequences(train, cfg.batch, cfg.seq_len, rng), device)
+        batch = data.to_torch(data.sample_sequences(train, cfg.batch, cfg.seq_len, rng, cfg.event_frac), device)
         return W.update_wm(wm, opt, batch)
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),

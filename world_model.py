@@ -55,6 +55,9 @@ class WMConfig:
     kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
     kl_balance: float = 0.8     # Tab. S.2 delta: share of the KL gradient that trains the prior (see kl_balance)
     unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
+    event_frac: float = 0.0     # share of each batch's sequences drawn around a light switching (data.
+                                # light_switch_frames). 0 = DreamerV2's uniform sampling. Not in the paper:
+                                # README, the LED tasks (a rare toggle the prior otherwise learns as noise)
     reset_prob: float = 0.01    # Tab. S.2 zeta: per-step probability of resetting the RSSM state in training
     lr: float = 3e-4            # Tab. S.2: AdamW learning rate
     eps: float = 1e-5           # Tab. S.2: Adam epsilon

@@ -279,6 +279,45 @@ def test_sample_sequences_never_cross_a_boundary(tmp_path):
         data.sample_sequences(d, 2, 17, rng)
 
 
+def _lights_split(n=60, episodes=((0, 19), (20, 59))):
+    """A split of n frames with only what sample_sequences reads: the LED switches at 5 and 20 (a segment's
+    first frame: not an event), the bulb at 30 and back at 31; frame ids in robot_obs[:, 0]."""
+    scene = np.zeros((n, 24))
+    scene[5:, 5] = 1.0
+    scene[20:, 5] = 0.0
+    scene[30, 4] = 1.0
+    d = {k: np.zeros((n, 1)) for k in data.SEQ_KEYS}
+    d.update(scene_obs=scene, robot_obs=np.arange(n, dtype=float)[:, None], episodes=np.array(episodes))
+    return d
+
+
+def test_light_switch_frames():
+    d = _lights_split()
+    np.testing.assert_array_equal(data.light_switch_frames(d), [5, 30, 31])
+
+
+def test_sample_sequences_event_frac():
+    """event_frac = 1: every sequence holds a light switch, inside one segment, and every start whose window
+    holds one is drawn; event_frac = 0 draws exactly what uniform sampling draws."""
+    d, L = _lights_split(), 8
+    b = data.sample_sequences(d, 2000, L, np.random.default_rng(0), event_frac=1.0)
+    rows = b['rows']
+    holds = np.isin(rows, [5, 30, 31]).any(1)
+    assert holds.all()
+    ep_of = np.searchsorted(d['episodes'][:, 1], rows)
+    assert (ep_of == ep_of[:, :1]).all()
+    # starts holding frame 5 in segment 0..19: 0..5; holding 30 or 31 in 20..59: 23..31
+    assert sorted(np.unique(rows[:, 0]).tolist()) == list(range(0, 6)) + list(range(23, 32))
+    a = data.sample_sequences(d, 50, L, np.random.default_rng(1))
+    z = data.sample_sequences(d, 50, L, np.random.default_rng(1), event_frac=0.0)
+    np.testing.assert_array_equal(a['rows'], z['rows'])
+    half = data.sample_sequences(d, 4000, L, np.random.default_rng(2), event_frac=0.5)
+    uniform_share = np.isin(data.sample_sequences(d, 4000, L, np.random.default_rng(3))['rows'],
+                            [5, 30, 31]).any(1).mean()
+    share = np.isin(half['rows'], [5, 30, 31]).any(1).mean()
+    assert abs(share - (0.5 + 0.5 * uniform_share)) < 0.03
+
+
 def test_expert_windows_random_subset(tmp_path):
     windows = [(100 + i, 100 + i + 2) for i in range(9)]
     d = data.load_split(make_calvin(str(tmp_path / 'training'), windows=windows, tasks=['open_drawer'] * 9), 16)
