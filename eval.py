@@ -407,13 +407,15 @@ def press_predictability(splits: list, k: int = 5) -> dict:
 
 
 @torch.no_grad()
-def press_report(args, device, samples: int = 3) -> dict:
+def press_report(args, device, samples: int = 3, late_starts=(6, 0, -2)) -> dict:
     """Does the world model know whether a button press switched the LED (the LED tasks, README)? Every press
     of the held-out play (button_presses) is filtered from its first frame alone, as imagined episodes start, and
     imagined open loop along its recorded actions (sampled latents, `samples` times); the LED is read at the
     window's end (part_reader: the scene decoder, or a ridge probe on the vision latents) and compared with the
     start. A world model that knows switches the LED on the presses that did and keeps it on the light ones;
     the same read on the latents filtered from every real frame is the check that the reader itself works.
+    late_starts: the same, with the filter seeing real frames up to d frames before the deepest one (negative:
+    after it, when the real LED has already switched), so that the rates show where imagination goes wrong.
     -> dict (also <run>/press_report.json)."""
     import data
     import train as TR
@@ -430,27 +432,33 @@ def press_report(args, device, samples: int = 3) -> dict:
     lit = val['scene_obs'][:, PARTS['led']]
     switched = lit[presses[:, 2]] != lit[presses[:, 0]]
     torch.manual_seed(args.seed)
-    imagined, filtered = [], []
-    for s, _, e in presses:
-        batch = data.to_torch({k: val[k][np.arange(s, e + 1)[None]] for k in data.SEQ_KEYS}, device)
-        flip = lambda feat: bool(abs(float(read(feat)[0, -1, led]) - lit[s]) > 0.5)   # LED at the end vs start
-        imagined.append(np.mean([flip(W.open_loop_features(wm, batch, context=1, horizon=e - s, sample=True))
-                                 for _ in range(samples)]))
-        filtered.append(flip(wm.featurize(batch)))
-    imagined, filtered = np.array(imagined), np.array(filtered)
-    rate = lambda x, m: round(float(x[m].mean()), 3) if m.any() else None
+    windows = [(s, k, e, data.to_torch({key: val[key][np.arange(s, e + 1)[None]] for key in data.SEQ_KEYS}, device))
+               for s, k, e in presses]
+    flip = lambda feat, s: bool(abs(float(read(feat)[0, -1, led]) - lit[s]) > 0.5)   # LED at the end vs start
+    imagine = lambda batch, s, e, context: np.mean([
+        flip(W.open_loop_features(wm, batch, context, e - s, sample=True), s) for _ in range(samples)])
+    imagined = np.array([imagine(batch, s, e, 1) for s, _, e, batch in windows])
+    filtered = np.array([flip(wm.featurize(batch), s) for s, _, _, batch in windows])
+    # filter frames s..k-d, imagine the rest (nan where that leaves nothing to imagine)
+    late = {d: np.array([imagine(batch, s, e, k - d - s + 1) if k - d < e else np.nan for s, k, e, batch in windows])
+            for d in late_starts}
+    rate = lambda x, m: round(float(np.nanmean(x[m])), 3) if m.any() and not np.isnan(x[m]).all() else None
     depth = val['scene_obs'][presses[:, 1], BUTTON]
     out = {'presses': len(presses), 'switched': int(switched.sum()),
            'depth_mm_switched': round(1000 * float(np.median(depth[switched])), 1) if switched.any() else None,
            'depth_mm_light': round(1000 * float(np.median(depth[~switched])), 1) if (~switched).any() else None,
            'imagined_switch_on_switched': rate(imagined, switched), 'imagined_switch_on_light': rate(imagined, ~switched),
-           'filtered_switch_on_switched': rate(filtered, switched), 'filtered_switch_on_light': rate(filtered, ~switched)}
+           'filtered_switch_on_switched': rate(filtered, switched), 'filtered_switch_on_light': rate(filtered, ~switched),
+           'imagined_from_frames_before_deepest': {str(d): [rate(v, switched), rate(v, ~switched)]
+                                                   for d, v in late.items()}}
     out['knn_accuracy'] = press_predictability([train, val])
     print(f"[press] {out['presses']} held-out presses, {out['switched']} switched the LED (median depth "
           f"{out['depth_mm_switched']} mm; the others {out['depth_mm_light']} mm). LED switched at the window's end, "
           f"imagined open loop: {out['imagined_switch_on_switched']} of the switching presses, "
           f"{out['imagined_switch_on_light']} of the light ones; read from the real frames: "
           f"{out['filtered_switch_on_switched']} / {out['filtered_switch_on_light']}")
+    print('[press] the same, imagined from d frames before the deepest one (switching / light presses): '
+          + ', '.join(f'd={d}: {a} / {b}' for d, (a, b) in out['imagined_from_frames_before_deepest'].items()))
     acc = out['knn_accuracy']
     print(f"[press] switched or not, {acc['k']}-NN leave-one-out over the {acc['presses']} presses of both splits: "
           + ', '.join(f'{k} {v}' for k, v in acc.items() if k not in ('presses', 'k'))

@@ -356,6 +356,9 @@ def test_press_report_rates(run_dir):
         assert rep[k] is None or 0.0 <= rep[k] <= 1.0, (k, rep[k])
     for k, v in rep['knn_accuracy'].items():
         assert k in ('presses', 'k') or v is None or 0.0 <= v <= 1.0, (k, v)
+    assert sorted(rep['imagined_from_frames_before_deepest']) == ['-2', '0', '6']
+    for v in rep['imagined_from_frames_before_deepest'].values():
+        assert len(v) == 2 and all(r is None or 0.0 <= r <= 1.0 for r in v), v
 
 
 def test_gap_report_runs_the_evaluation_unchanged(run_dir):
