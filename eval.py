@@ -771,9 +771,27 @@ def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
 REPORT_FIGURES = ('fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png')
 
 
-def _dppo_cell(run: str, task: str, seed: str, diwa: list) -> str:
+def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
+    """Real success of the base policy and of DiWA on `task`, one value per seed of `seeds` (strings) that has
+    a results.csv row (the latest). -> (base list, DiWA list)."""
+    base, diwa = _latest(rows, task=task, policy='base'), _latest(rows, task=task, policy='diwa')
+    return ([float(base[s]['success']) for s in seeds if s in base],
+            [float(diwa[s]['success']) for s in seeds if s in diwa])
+
+
+def diwa_beats_base(run: str, task: str, seeds) -> bool:
+    """Whether DiWA's mean real success on `task` exceeds the base policy's (False until both are measured):
+    only then is there anything for DPPO to match (train.py --stage report, Table I)."""
+    b, d = base_and_diwa(read_results(os.path.join(run, 'results.csv')), task, [str(s) for s in seeds])
+    return bool(b and d and np.mean(d) > np.mean(b))
+
+
+def _dppo_cell(run: str, task: str, seed: str, diwa: list, base: list) -> str:
     """Table I's DPPO column: simulator steps DPPO (seed `seed`) needs to match DiWA's mean real success,
-    '> cap' when its rollouts never got there, '–' when DPPO was not run on the task."""
+    '> cap' when its rollouts never got there, '0' when DiWA does not beat the base policy (it is matched
+    before DPPO starts), '–' when DPPO was not run on the task."""
+    if base and diwa and np.mean(diwa) <= np.mean(base):
+        return '0 (DiWA ≤ base)'
     dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{seed}.pt'))
     if not dppo or not diwa:
         return '–'
@@ -812,8 +830,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     for task in TASKS:
         base = _latest(main, task=task, policy='base')
         diwa = _latest(main, task=task, policy='diwa')
-        b = [float(base[s]['success']) for s in seeds if s in base]
-        d = [float(diwa[s]['success']) for s in seeds if s in diwa]
+        b, d = base_and_diwa(main, task, seeds)
         paired = [float(diwa[s]['success']) - float(base[s]['success']) for s in seeds if s in base and s in diwa]
         deltas[task] = (b, d, paired)
         facts = [_ckpt_facts(os.path.join(run, task, f'diwa_s{s}.pt')) for s in seeds]
@@ -821,7 +838,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         sim = sum(int(f['counters'].get('sim_steps', 0)) for f in facts if f)
         md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
                   f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
-                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(run, task, s0, d)} | '
+                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(run, task, s0, d, b)} | '
                   f'{" | ".join(PAPER_TABLE_I[task])} |')
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]

@@ -420,7 +420,9 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     for needle in ['## Table I', '## Fig. 3', 'alpha_BC = 0.5', 'decoded-state reward', 'DPPO on', '## Fig. S.7']:
         assert needle in md, needle
     row = next(line for line in md.splitlines() if line.startswith(f'| {TASK} |')).split('|')
-    assert row[7].strip().endswith(('k', 'k (cap)')), row      # Table I's DPPO column: steps to match DiWA
+    # Table I's DPPO column: steps to match DiWA, or 0 where DiWA does not beat the base policy
+    base_pct, diwa_pct = (float(row[i].split('±')[0]) for i in (2, 3))
+    assert (row[7].strip() == '0 (DiWA ≤ base)') if diwa_pct <= base_pct else row[7].strip().endswith(('k', 'k (cap)')), row
     ir = next(line for line in md.split('## Imagined vs. real')[1].splitlines() if line.startswith(f'| {TASK} |'))
     assert all(0 <= float(c) <= 100 for c in ir.split('|')[2:5]), ir   # imagined first / last 10 it., real base
     for fig in ['fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
@@ -435,6 +437,27 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     assert time.time() - t0 < 120
     assert {f: os.path.getmtime(f) for f in ckpts} == ckpts                # nothing re-ran
     assert open(os.path.join(out, 'results.md')).read() == md                # the same report
+
+
+def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
+    """The report runs DPPO on a task only where DiWA's mean real success beats the base policy's, the
+    latest row per seed counting; where it does not, Table I's DPPO cell says 0 without any DPPO run."""
+    import eval as E
+    run_ = str(tmp_path)
+    row = lambda task, policy, seed, success: {
+        'task': task, 'policy': policy, 'seed': seed, 'episodes': 10, 'successes': int(10 * success),
+        'success': success, 'ci_low': 0.0, 'ci_high': 1.0, 'mean_steps': 72, 'sim_steps_finetune': 0,
+        'preset': 'test', 'env': 'desk', 'ckpt_key': 'k', 'commit': 'c', 'wall_s': 1.0}
+    E.write_rows(os.path.join(run_, 'results.csv'), [
+        row('open_drawer', 'base', 0, 0.2), row('open_drawer', 'diwa', 0, 0.5), row('open_drawer', 'base', 1, 0.3),
+        row('turn_on_led', 'base', 0, 0.6), row('turn_on_led', 'diwa', 0, 0.7), row('turn_on_led', 'diwa', 0, 0.4),
+        row('close_drawer', 'base', 0, 0.8)])
+    assert E.diwa_beats_base(run_, 'open_drawer', [0, 1])            # 0.5 > mean(0.2, 0.3)
+    assert not E.diwa_beats_base(run_, 'turn_on_led', [0])           # the latest DiWA row (0.4) counts
+    assert not E.diwa_beats_base(run_, 'close_drawer', [0])          # no DiWA yet
+    md = open(E.write_report(run_, str(tmp_path / 'out'), 'test', seeds=[0])).read()
+    led = next(line for line in md.splitlines() if line.startswith('| turn_on_led |')).split('|')
+    assert led[7].strip() == '0 (DiWA ≤ base)', led
 
 
 def test_report_drops_figures_whose_data_are_gone(tmp_path):
