@@ -438,7 +438,7 @@ SEQ_KEYS = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions'
 
 def light_switch_frames(data: dict) -> np.ndarray:
     """Rows t where a light (scene_obs 4: bulb, 5: LED) differs from frame t-1 of the same segment: the rare,
-    sharp events of play (a press that toggles the LED is ~1 frame in 1000 of the built-in desk's play)."""
+    sharp events of play (an LED toggle is ~1 frame in 500 of the built-in desk's play)."""
     lights = np.asarray(data['scene_obs'][:, 4:6])
     changed = np.flatnonzero((lights[1:] != lights[:-1]).any(1)) + 1
     first = np.zeros(len(lights), bool)

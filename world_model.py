@@ -57,7 +57,7 @@ class WMConfig:
     unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
     event_frac: float = 0.0     # share of each batch's sequences drawn around a light switching (data.
                                 # light_switch_frames). 0 = DreamerV2's uniform sampling. Not in the paper:
-                                # README, the LED tasks (a rare toggle the prior otherwise learns as noise)
+                                # an experiment for the LED tasks, which did not help (README)
     reset_prob: float = 0.01    # Tab. S.2 zeta: per-step probability of resetting the RSSM state in training
     lr: float = 3e-4            # Tab. S.2: AdamW learning rate
     eps: float = 1e-5           # Tab. S.2: Adam epsilon
