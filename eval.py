@@ -772,18 +772,17 @@ REPORT_FIGURES = ('fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_w
 
 
 def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
-    """Real success of the base policy and of DiWA on `task`, one value per seed of `seeds` (strings) that has
-    a results.csv row (the latest). -> (base list, DiWA list)."""
-    base, diwa = _latest(rows, task=task, policy='base'), _latest(rows, task=task, policy='diwa')
-    return ([float(base[s]['success']) for s in seeds if s in base],
-            [float(diwa[s]['success']) for s in seeds if s in diwa])
+    """Real success of the base policy and of DiWA on `task`, for each seed of `seeds` (strings) that has a
+    results.csv row (the latest). -> (base {seed: success}, DiWA {seed: success})."""
+    return tuple({s: float(r[s]['success']) for s in seeds if s in r}
+                 for r in (_latest(rows, task=task, policy=p) for p in ('base', 'diwa')))
 
 
 def diwa_beats_base(run: str, task: str, seeds) -> bool:
     """Whether DiWA's mean real success on `task` exceeds the base policy's (False until both are measured):
     only then is there anything for DPPO to match (train.py --stage report, Table I)."""
     b, d = base_and_diwa(read_results(os.path.join(run, 'results.csv')), task, [str(s) for s in seeds])
-    return bool(b and d and np.mean(d) > np.mean(b))
+    return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
 
 def _dppo_cell(run: str, task: str, seed: str, diwa: list, base: list) -> str:
@@ -828,10 +827,9 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
            '|---|---|---|---|---|---|---|---|---|---|']
     deltas = {}
     for task in TASKS:
-        base = _latest(main, task=task, policy='base')
-        diwa = _latest(main, task=task, policy='diwa')
-        b, d = base_and_diwa(main, task, seeds)
-        paired = [float(diwa[s]['success']) - float(base[s]['success']) for s in seeds if s in base and s in diwa]
+        base, diwa = base_and_diwa(main, task, seeds)
+        b, d = list(base.values()), list(diwa.values())
+        paired = [diwa[s] - base[s] for s in seeds if s in base and s in diwa]
         deltas[task] = (b, d, paired)
         facts = [_ckpt_facts(os.path.join(run, task, f'diwa_s{s}.pt')) for s in seeds]
         walls = [f['wall_s'] / 60 for f in facts if f]
