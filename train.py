@@ -23,6 +23,7 @@ of the checkpoints it was built from: `--stage all` re-runs a stage exactly when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -120,6 +121,35 @@ def remove_stale_temps(path: str) -> None:
         pid = tmp.rsplit('.tmp', 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str):
+    """One writer per checkpoint. Two processes resuming the same checkpoint (a report and a hand-started
+    stage, say) would each overwrite the other's progress; the second one stops instead, naming the first.
+    The lock is flock() on <path>.lock: the kernel drops it when its holder exits, even on kill -9, so it never
+    goes stale. (On a system without fcntl, no lock is taken.)"""
+    try:
+        import fcntl
+    except ImportError:     # Windows
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fh = open(path + '.lock', 'a+')
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or 'another process'
+        fh.close()
+        raise StageError(f'{path}: {holder} is writing this checkpoint; wait for it to finish, or stop it') from None
+    fh.truncate(0)
+    fh.write(f'pid {os.getpid()}')
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.close()          # closing the file releases the lock
 
 
 def _alive(pid: int) -> bool:
@@ -266,73 +296,76 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     """
     from tqdm import tqdm
 
-    key = config_key(config, upstream)
-    status, ckpt = 'fresh', None
-    remove_stale_temps(path)
-    for other in ([] if force or os.path.isfile(path) else inherited or []):
-        if os.path.isfile(other):
-            theirs = load_checkpoint(other, stage, task)
-            if theirs.get('key') == key and theirs.get('done'):
-                print(f'[{stage}] {other}: inherited (same settings): skipped')
-                return theirs
-    if os.path.isfile(path) and not force:
-        ckpt = load_checkpoint(path, stage, task)
-        theirs, ours = _seed_of(ckpt.get('upstream', [])), _seed_of(upstream)
-        if theirs != ours:      # a second seed must not overwrite the first one's checkpoint (seed_tag)
-            raise StageError(f'{path} was trained with --seed {theirs}, this run has --seed {ours}: give it its own '
-                             f'--run folder (or --force to replace it)')
-        if ckpt.get('key') == key:
-            status = 'done' if ckpt.get('done') else 'resume'
-        elif can_extend(ckpt, config, upstream, extendable, n_steps):
-            status = 'resume'
-            print(f'[{stage}] {path}: extending, {describe_change(ckpt.get("config", {}), config)}')
-        else:
-            print(f'[{stage}] {path}: re-running, settings changed: {describe_change(ckpt.get("config", {}), config)}')
-    if status == 'done':
-        print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
-        return ckpt
-    start = 0
-    if status == 'resume':
-        for name, obj in objects.items():
-            obj.load_state_dict(ckpt[name])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if rng is not None and 'numpy' in ckpt['rng']:
-            rng.bit_generator.state = ckpt['rng']['numpy']
-        start = ckpt['step']
-        print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
-    log = MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
+    with writer_lock(path):     # a second writer of the same checkpoint stops here, naming the first
+        key = config_key(config, upstream)
+        status, ckpt = 'fresh', None
+        remove_stale_temps(path)
+        for other in ([] if force or os.path.isfile(path) else inherited or []):
+            if os.path.isfile(other):
+                theirs = load_checkpoint(other, stage, task)
+                if theirs.get('key') == key and theirs.get('done'):
+                    print(f'[{stage}] {other}: inherited (same settings): skipped')
+                    return theirs
+        if os.path.isfile(path) and not force:
+            ckpt = load_checkpoint(path, stage, task)
+            theirs, ours = _seed_of(ckpt.get('upstream', [])), _seed_of(upstream)
+            if theirs != ours:      # a second seed must not overwrite the first one's checkpoint (seed_tag)
+                raise StageError(f'{path} was trained with --seed {theirs}, this run has --seed {ours}: give it its '
+                                 f'own --run folder (or --force to replace it)')
+            if ckpt.get('key') == key:
+                status = 'done' if ckpt.get('done') else 'resume'
+            elif can_extend(ckpt, config, upstream, extendable, n_steps):
+                status = 'resume'
+                print(f'[{stage}] {path}: extending, {describe_change(ckpt.get("config", {}), config)}')
+            else:
+                print(f'[{stage}] {path}: re-running, settings changed: '
+                      f'{describe_change(ckpt.get("config", {}), config)}')
+        if status == 'done':
+            print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
+            return ckpt
+        start = 0
+        if status == 'resume':
+            for name, obj in objects.items():
+                obj.load_state_dict(ckpt[name])
+            torch.set_rng_state(ckpt['rng']['torch'])
+            if rng is not None and 'numpy' in ckpt['rng']:
+                rng.bit_generator.state = ckpt['rng']['numpy']
+            start = ckpt['step']
+            print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
+        log = MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
 
-    wall0 = float(ckpt.get('wall_s', 0.0)) if status == 'resume' else 0.0    # wall-clock of earlier runs
+        wall0 = float(ckpt.get('wall_s', 0.0)) if status == 'resume' else 0.0    # wall-clock of earlier runs
 
-    def save(step: int, metrics: dict, done: bool) -> dict:
-        out = {'stage': stage, 'task': task, 'step': step, 'done': done, 'key': key, 'config': config,
-               'wall_s': wall0 + time.time() - t0,
-               'upstream': list(upstream), 'metrics': metrics, 'extra': extra or {},
-               'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng is not None else {})}}
-        out.update({name: obj.state_dict() for name, obj in objects.items()})
-        atomic_torch_save(out, path)
-        log.flush()
-        return out
+        def save(step: int, metrics: dict, done: bool) -> dict:
+            out = {'stage': stage, 'task': task, 'step': step, 'done': done, 'key': key, 'config': config,
+                   'wall_s': wall0 + time.time() - t0,
+                   'upstream': list(upstream), 'metrics': metrics, 'extra': extra or {},
+                   'rng': {'torch': torch.get_rng_state(),
+                           **({'numpy': rng.bit_generator.state} if rng is not None else {})}}
+            out.update({name: obj.state_dict() for name, obj in objects.items()})
+            atomic_torch_save(out, path)
+            log.flush()
+            return out
 
-    metrics, t0 = {}, time.time()
-    bar = tqdm(range(start, n_steps), desc=f'{stage}{"/" + task if task else ""}', disable=quiet,
-               initial=start, total=n_steps, mininterval=2.0, dynamic_ncols=True)
-    for step in bar:
-        metrics = step_fn(step)
-        check_finite(stage, step + 1, metrics, path)
-        if (step + 1) % log_every == 0 or step + 1 == n_steps:
-            log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
-        if 'loss' in metrics:
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
-        if snapshot_every and (step + 1) % snapshot_every == 0:
-            atomic_torch_save({'stage': stage, 'task': task, 'step': step + 1, 'key': key, 'config': config,
-                               'model': objects['model'].state_dict(), 'extra': extra or {}},
-                              os.path.join(os.path.splitext(path)[0] + '_snapshots', f'step{step + 1}.pt'))
-        if (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
-            save(step + 1, metrics, done=False)
-    if start >= n_steps and ckpt is not None:
-        return save(start, ckpt.get('metrics', {}), done=True)
-    return save(n_steps, metrics, done=True)
+        metrics, t0 = {}, time.time()
+        bar = tqdm(range(start, n_steps), desc=f'{stage}{"/" + task if task else ""}', disable=quiet,
+                   initial=start, total=n_steps, mininterval=2.0, dynamic_ncols=True)
+        for step in bar:
+            metrics = step_fn(step)
+            check_finite(stage, step + 1, metrics, path)
+            if (step + 1) % log_every == 0 or step + 1 == n_steps:
+                log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
+            if 'loss' in metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+            if snapshot_every and (step + 1) % snapshot_every == 0:
+                atomic_torch_save({'stage': stage, 'task': task, 'step': step + 1, 'key': key, 'config': config,
+                                   'model': objects['model'].state_dict(), 'extra': extra or {}},
+                                  os.path.join(os.path.splitext(path)[0] + '_snapshots', f'step{step + 1}.pt'))
+            if (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
+                save(step + 1, metrics, done=False)
+        if start >= n_steps and ckpt is not None:
+            return save(start, ckpt.get('metrics', {}), done=True)
+        return save(n_steps, metrics, done=True)
 
 
 # ----------------------------------------------------------------------------------------------------

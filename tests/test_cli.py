@@ -190,6 +190,29 @@ def test_rerun_with_new_settings_keeps_old_metrics_until_its_first_checkpoint(tm
     assert [r['loss'] for r in read_csv(str(tmp_path / 'x_metrics.csv'))] == ['2'] * 4
 
 
+def test_second_writer_of_a_checkpoint_stops_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    """While one process trains into x.pt, a second train_loop on x.pt stops with a one-line error naming the
+    first (it would otherwise overwrite that process's progress), and touches neither file. Once the holder is
+    killed (-9: no cleanup code runs), the kernel has dropped the lock and training goes on."""
+    sys.path.insert(0, ROOT)
+    import train
+    lin, path = torch.nn.Linear(2, 2), str(tmp_path / 'x.pt')
+    kw = dict(stage='demo', task=None, path=path, config={'lr': 1}, upstream=[], objects={'model': lin},
+              n_steps=4, ckpt_every=2, quiet=True, step_fn=lambda s: {'loss': 1.0})
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, train\nwith train.writer_lock(sys.argv[1]):\n'
+                               '    print("held", flush=True); time.sleep(60)', path],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(train.StageError, match=rf'x\.pt: pid {holder.pid} is writing this checkpoint'):
+            train.train_loop(**kw)
+        assert not os.path.exists(path) and not os.path.exists(str(tmp_path / 'x_metrics.csv'))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.train_loop(**kw)['done']
+
+
 def test_another_seed_refuses_to_overwrite_a_checkpoint_and_seed_0_keeps_old_keys(tmp_path):
     """wm.pt / reward.pt do not name the seed in their path: --seed 1 on a run with a seed-0 checkpoint is
     an error that names both seeds and leaves the checkpoint as it was; --force replaces it. Seed 0 adds
