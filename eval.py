@@ -798,8 +798,10 @@ def _dppo_cell(run: str, task: str, seed: str, diwa: list, base: list) -> str:
     return f'{steps / 1e3:.0f}k' if steps is not None else f'> {ran / 1e3:.0f}k (cap)'
 
 
-def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer') -> str:
-    """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants)."""
+def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer',
+                 readme: str | None = None) -> str:
+    """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants); with
+    `readme`, also its generated block (update_readme): Table I, the figures and the wall-clock."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -821,6 +823,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     main = [r for r in rows if r['variant'] == 'main']
 
     # ---- Table I
+    head = md[2:4]                    # what produced it (not the title): the README's block starts with it
+    table_i = len(md)
     md += ['## Table I: base vs. DiWA', '',
            '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | DPPO sim. steps to match DiWA '
            '| paper base | paper DiWA | paper DPPO steps |',
@@ -863,6 +867,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
                + f' (paper: {PAPER_TABLE_I[report_task][2]}); final DPPO policy in the evaluation: '
                + (f"{100 * float(dppo_eval['success']):.0f}%" if dppo_eval else '–')
                + f'; wall-clock {dppo["wall_s"] / 60:.0f} min. DiWA: 0 simulator steps.', '']
+    block = head + md[table_i:]
     # ---- Fig. 3
     fig3 = {}
     for r in main:
@@ -959,6 +964,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
                f"| {r['imagined_false_alarm']:.3f} | {_num(r.get('imagined_false_window'))} |"
                for r in rw] + ['']
     # ---- wall-clock
+    wall = len(md)
     md += ['## Wall-clock (this machine, as run)', '', '| stage | runs | total |', '|---|---|---|']
     totals = {}
     for root in runs.values():
@@ -981,7 +987,35 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     write_rows(os.path.join(out_dir, 'results.csv'), rows or [{'variant': ''}])
     path = os.path.join(out_dir, 'results.md')
     data.atomic_write(path, lambda fh: fh.write('\n'.join(md).encode()))
+    if readme:
+        figures = [line for line in md if line.startswith('![')]
+        update_readme(readme, out_dir, block + ['## Figures', ''] + [x for f in figures for x in (f, '')] + md[wall:])
     return path
+
+
+README_BEGIN, README_END = '<!-- report:begin -->', '<!-- report:end -->'
+
+
+def update_readme(readme: str, out_dir: str, lines: list) -> bool:
+    """Replace what lies between README_BEGIN and README_END in `readme` with `lines` (markdown of results.md,
+    headings one level down, links made relative to the README), so that the README shows the report's numbers
+    without anyone copying them by hand. A README without both markers is left alone (-> False)."""
+    import data
+    if not os.path.isfile(readme):
+        return False
+    text = open(readme, encoding='utf-8').read()
+    if README_BEGIN not in text or README_END not in text.split(README_BEGIN, 1)[1]:
+        return False
+    rel = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(readme)) or '.').replace(os.sep, '/')
+    fix = lambda line: ('#' + line if line.startswith('#') else
+                        line.replace('](figures/', f']({rel}/figures/'))
+    body = '\n'.join([README_BEGIN, f'<!-- written by eval.py --report from {rel}/results.md: do not edit by hand -->',
+                      *map(fix, lines), README_END])
+    before, rest = text.split(README_BEGIN, 1)
+    new = before + body + rest.split(README_END, 1)[1]
+    if new != text:
+        data.atomic_write(readme, lambda fh: fh.write(new.encode('utf-8')))
+    return True
 
 
 def _collect_wall(run: str) -> float:
@@ -1022,13 +1056,16 @@ def main(argv=None) -> int:
                    help='only rewrite results.md / results.csv / figures from the run folder (train.py --stage '
                         'report runs the missing experiments first)')
     p.add_argument('--report-dir', default='results', help='where --report writes')
+    p.add_argument('--readme', default='README.md',
+                   help="README whose <!-- report:begin/end --> block gets Table I, the figures and the wall-clock "
+                        "('' for none)")
     p.add_argument('--report-task', choices=TASKS, default='open_drawer', help='the task of the variants / DPPO')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds the report averages over')
     p.add_argument('--inherit', nargs='+', default=[], metavar='RUN', help='parent run folder(s) (train.py --inherit)')
     args = p.parse_args(argv)
     if args.report:
         args.run = args.run or os.path.join('runs', args.preset)
-        print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task))
+        print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme))
         return 0
     tasks = list(TASKS) if args.task == ['all'] else args.task
     bad = [t for t in tasks if t not in TASKS]

@@ -869,7 +869,7 @@ def stage_report(args, device) -> str:
     t0 = time.time()
 
     def report():
-        path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task)
+        path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme)
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
     def pretrain(a, task: str, seed: int, reward: bool = True):
@@ -953,6 +953,9 @@ def make_parser() -> argparse.ArgumentParser:
                         'settings match a finished parent checkpoint are skipped (variants and ablations)')
     p.add_argument('--report-dir', default='results',
                    help='--stage report writes results.md, results.csv and figures/ here')
+    p.add_argument('--readme', default='README.md',
+                   help="--stage report also rewrites this README's <!-- report:begin/end --> block (Table I, the "
+                        "figures, the wall-clock); '' for none")
     p.add_argument('--report-task', choices=TASKS, default='open_drawer',
                    help='--stage report: the task of the ablations / variants and of the DPPO baseline')
     p.add_argument('--dppo-cap', type=int, default=40,

@@ -495,6 +495,34 @@ def test_report_drops_figures_whose_data_are_gone(tmp_path):
     assert not stale.exists() and 'fig2_s6_variants.png' not in md and '## Table I' in md
 
 
+def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
+    """The README's <!-- report:begin/end --> block gets results.md's Table I and wall-clock (headings one level
+    down, figure links relative to the README); the text around it is kept byte for byte, a second report
+    with nothing new leaves the file unchanged, and a README without the markers is not touched."""
+    import eval as E
+    run_, out = tmp_path / 'run', tmp_path / 'results'
+    run_.mkdir()
+    E.write_rows(str(run_ / 'results.csv'), [{
+        'task': 'open_drawer', 'policy': p, 'seed': 0, 'episodes': 10, 'successes': int(10 * s), 'success': s,
+        'ci_low': 0.0, 'ci_high': 1.0, 'mean_steps': 72, 'sim_steps_finetune': 0, 'preset': 'test', 'env': 'desk',
+        'ckpt_key': 'k', 'commit': 'c', 'wall_s': 1.0} for p, s in [('base', 0.2), ('diwa', 0.5)]])
+    readme = tmp_path / 'README.md'
+    before, after = '# Project\n\n## Results\nhand-written intro\n', '\nhand-written analysis\n## License\n'
+    readme.write_text(before + E.README_BEGIN + '\nold numbers\n' + E.README_END + after)
+    E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
+    text = readme.read_text()
+    assert text.startswith(before + E.README_BEGIN) and text.endswith(E.README_END + after)
+    block = text[len(before):-len(after)]
+    assert 'old numbers' not in block and '\n### Table I: base vs. DiWA\n' in block and '### Wall-clock' in block
+    assert '| open_drawer | 20.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) | +30.0 |' in block
+    assert '](figures/' not in block and 'DiWA on the built-in desk' not in block    # no title, links fixed
+    E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
+    assert readme.read_text() == text
+    plain = tmp_path / 'PLAIN.md'
+    plain.write_text('no markers\n')
+    assert not E.update_readme(str(plain), str(out), ['x']) and plain.read_text() == 'no markers\n'
+
+
 @pytest.mark.parametrize('stage, flags, n_steps', [
     ('bc', ['--bc.epochs', '300'], None),
     ('reward', ['--reward.epochs', '200'], None),
