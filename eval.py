@@ -999,14 +999,17 @@ README_BEGIN, README_END = '<!-- report:begin -->', '<!-- report:end -->'
 def update_readme(readme: str, out_dir: str, lines: list) -> bool:
     """Replace what lies between README_BEGIN and README_END in `readme` with `lines` (markdown of results.md,
     headings one level down, links made relative to the README), so that the README shows the report's numbers
-    without anyone copying them by hand. A README without both markers is left alone (-> False)."""
+    without anyone copying them by hand. A README without both markers, or outside which out_dir lies (a report
+    written elsewhere, e.g. by the tests, is not this README's), is left alone (-> False)."""
     import data
     if not os.path.isfile(readme):
+        return False
+    rel = os.path.relpath(os.path.abspath(out_dir), os.path.dirname(os.path.abspath(readme))).replace(os.sep, '/')
+    if rel == '..' or rel.startswith('../'):
         return False
     text = open(readme, encoding='utf-8').read()
     if README_BEGIN not in text or README_END not in text.split(README_BEGIN, 1)[1]:
         return False
-    rel = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(readme)) or '.').replace(os.sep, '/')
     fix = lambda line: ('#' + line if line.startswith('#') else
                         line.replace('](figures/', f']({rel}/figures/'))
     body = '\n'.join([README_BEGIN, f'<!-- written by eval.py --report from {rel}/results.md: do not edit by hand -->',

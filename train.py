@@ -850,6 +850,22 @@ def variant_args(args, name: str) -> argparse.Namespace:
     return out
 
 
+def _report_inputs(run: str) -> list:
+    """(path, size, mtime) of every file write_report reads from `run` and its variants (checkpoints, metrics,
+    results.csv, reports, figures; not the play data or logs): equal lists mean an identical report."""
+    out = []
+    for d, dirs, files in os.walk(run):
+        dirs[:] = sorted(x for x in dirs if x not in ('data', 'logs'))
+        for f in sorted(files):
+            if f.endswith(('.pt', '.csv', '.json', '.png')):
+                try:
+                    st = os.stat(os.path.join(d, f))
+                except FileNotFoundError:       # replaced or removed while we walked: counts as a change
+                    continue
+                out.append((os.path.join(d, f), st.st_size, st.st_mtime_ns))
+    return out
+
+
 def stage_report(args, device) -> str:
     """The paper's experiments on the built-in desk (README, results.md): everything missing is run, in an order
     that gives a useful partial report early; what is done is skipped (checkpoint keys, results.csv rows), so
@@ -868,8 +884,14 @@ def stage_report(args, device) -> str:
     ecfg = build_config(E.EvalConfig, E.PRESETS, args.preset, args, 'eval')
     t0 = time.time()
 
-    def report():
+    written = {}
+
+    def report():       # rewritten when a file it reads has changed (~7 s of checkpoint loading), so a re-run
+        sig = _report_inputs(args.run)          # with everything done takes seconds
+        if written.get('sig') == sig:
+            return
         path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme)
+        written['sig'] = sig
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
     def pretrain(a, task: str, seed: int, reward: bool = True):

@@ -455,11 +455,14 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     assert any(r['policy'].startswith('diwa@') for r in rows)          # Fig. 3: the snapshots were evaluated
     ckpts = {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
              for dp, _, fs in os.walk(d) for f in fs if f.endswith(('.pt', '.csv'))}
+    readme = open(os.path.join(ROOT, 'README.md')).read()
     t0 = time.time()
-    run(*args)
+    second = run(*args).stdout
     assert time.time() - t0 < 120
     assert {f: os.path.getmtime(f) for f in ckpts} == ckpts                # nothing re-ran
-    assert open(os.path.join(out, 'results.md')).read() == md                # the same report
+    assert open(os.path.join(out, 'results.md')).read() == md                # the same report,
+    assert second.count('results.md updated') == 1, second                   # written once, not after every unit
+    assert open(os.path.join(ROOT, 'README.md')).read() == readme            # a report outside the repo: not its README
 
 
 def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
@@ -521,6 +524,10 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     plain = tmp_path / 'PLAIN.md'
     plain.write_text('no markers\n')
     assert not E.update_readme(str(plain), str(out), ['x']) and plain.read_text() == 'no markers\n'
+    inner = tmp_path / 'docs' / 'README.md'             # results/ lies outside docs/: not this README's report
+    inner.parent.mkdir()
+    inner.write_text(E.README_BEGIN + E.README_END)
+    assert not E.update_readme(str(inner), str(out), ['x']) and inner.read_text() == E.README_BEGIN + E.README_END
 
 
 @pytest.mark.parametrize('stage, flags, n_steps', [
