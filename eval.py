@@ -817,7 +817,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     s0 = seeds[0]                     # the seed of the variants, DPPO and Fig. 3's base point
     episodes = '/'.join(sorted({r['episodes'] for r in rows}, key=int)) or '–'
     md = [f'# DiWA on the built-in desk: results of `python train.py --stage report --preset {preset}`', '',
-          f'Written by `eval.py` from `{run}` (commits: {", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
+          f'Written by `eval.py` from `{run}` (preset `{preset}`; commits: '
+          f'{", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
           f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
           f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Paper numbers: CALVIN D.', '']
     main = [r for r in rows if r['variant'] == 'main']
