@@ -127,15 +127,16 @@ def remove_stale_temps(path: str) -> None:
 def writer_lock(path: str):
     """One writer per checkpoint. Two processes resuming the same checkpoint (a report and a hand-started
     stage, say) would each overwrite the other's progress; the second one stops instead, naming the first.
-    The lock is flock() on <path>.lock: the kernel drops it when its holder exits, even on kill -9, so it never
-    goes stale. (On a system without fcntl, no lock is taken.)"""
+    The lock is flock() on .<name>.lock beside the checkpoint: the kernel drops it when its holder exits, even on
+    kill -9, so it never goes stale. (On a system without fcntl, no lock is taken.)"""
     try:
         import fcntl
     except ImportError:     # Windows
         yield
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fh = open(path + '.lock', 'a+')
+    head, name = os.path.split(path)
+    fh = open(os.path.join(head, f'.{name}.lock'), 'a+')
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -296,16 +297,16 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     """
     from tqdm import tqdm
 
+    key = config_key(config, upstream)
+    for other in ([] if force or os.path.isfile(path) else inherited or []):
+        if os.path.isfile(other):
+            theirs = load_checkpoint(other, stage, task)
+            if theirs.get('key') == key and theirs.get('done'):
+                print(f'[{stage}] {other}: inherited (same settings): skipped')
+                return theirs
     with writer_lock(path):     # a second writer of the same checkpoint stops here, naming the first
-        key = config_key(config, upstream)
         status, ckpt = 'fresh', None
         remove_stale_temps(path)
-        for other in ([] if force or os.path.isfile(path) else inherited or []):
-            if os.path.isfile(other):
-                theirs = load_checkpoint(other, stage, task)
-                if theirs.get('key') == key and theirs.get('done'):
-                    print(f'[{stage}] {other}: inherited (same settings): skipped')
-                    return theirs
         if os.path.isfile(path) and not force:
             ckpt = load_checkpoint(path, stage, task)
             theirs, ours = _seed_of(ckpt.get('upstream', [])), _seed_of(upstream)
