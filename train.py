@@ -273,6 +273,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def finished(stage: str, task: str | None, path: str, config: dict, upstream: list, force: bool = False,
+             inherited: list | None = None) -> dict | None:
+    """The checkpoint that train_loop would skip to, or None: `path` finished with the same key (settings and
+    inputs), or, while `path` does not exist, such a checkpoint in a run it inherits from. Stages ask before
+    their set-up (datasets, start pools, simulator processes), so that re-running finished work takes seconds."""
+    if force:
+        return None
+    key = config_key(config, upstream)
+    for p in [path] if os.path.isfile(path) else list(inherited or []):
+        if os.path.isfile(p):
+            ckpt = load_checkpoint(p, stage, task)
+            if ckpt.get('key') == key and ckpt.get('done'):
+                print(f'[{stage}] {p}: ' + (f'already done ({ckpt["step"]} steps, same settings)' if p == path
+                                             else 'inherited (same settings)') + ': skipped')
+                return ckpt
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The one training loop every learned stage shares: resume, periodic atomic checkpoints, NaN guard,
 # metrics.csv, progress bar. Stages differ only in what `step_fn` does (an update_* of their module).
@@ -298,12 +316,9 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     from tqdm import tqdm
 
     key = config_key(config, upstream)
-    for other in ([] if force or os.path.isfile(path) else inherited or []):
-        if os.path.isfile(other):
-            theirs = load_checkpoint(other, stage, task)
-            if theirs.get('key') == key and theirs.get('done'):
-                print(f'[{stage}] {other}: inherited (same settings): skipped')
-                return theirs
+    done = finished(stage, task, path, config, upstream, force, inherited)
+    if done is not None:
+        return done
     with writer_lock(path):     # a second writer of the same checkpoint stops here, naming the first
         status, ckpt = 'fresh', None
         remove_stale_temps(path)
@@ -661,6 +676,11 @@ def stage_reward(args, device, task: str) -> dict:
     print_config('reward', cfg)
     seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
+    where = out_path(args, task, 'reward.pt')
+    upstream = [wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args)
+    done = finished('reward', task, config=dataclasses.asdict(cfg), upstream=upstream, force=args.force, **where)
+    if done is not None:
+        return done
     b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined,
                                      margin=cfg.neg_margin)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
@@ -679,9 +699,7 @@ def stage_reward(args, device, task: str) -> dict:
                          neg[torch.randint(0, len(neg), (cfg.batch - half,), generator=gen)]])
         return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
 
-    ckpt = train_loop(stage='reward', task=task, **out_path(args, task, 'reward.pt'),
-                      config=dataclasses.asdict(cfg),
-                      upstream=[wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args),
+    ckpt = train_loop(stage='reward', task=task, **where, config=dataclasses.asdict(cfg), upstream=upstream,
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
                       ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
                       extra={'feat_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
@@ -779,37 +797,43 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     counters = P.new_counters()
     gen = torch.Generator(device=device).manual_seed(seed)
     upstream = [wm_ckpt['key'], bc_ckpt['key']]
-    name = f"{'dppo' if simulator else 'diwa'}_s{seed}"
-    if simulator:
-        import env
-        rng = np.random.default_rng(seed)
-        sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
-        step = lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg, counters,
-                                           rng, gen, device)
-    else:
-        if cfg.reward == 'decoder':      # Fig. 2: the task's test on scene states decoded by a hybrid WM
-            import reward as R
-            try:
-                clf = R.DecodedStateReward(wm, task)
-            except ValueError as e:
-                raise StageError(f"{find(args, 'wm.pt')}: {e}") from None
-        else:                            # §III.C: the latent success classifier
-            clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
-            upstream.append(rw_ckpt['key'])
-        pool = start_pool(args, wm, task, device, where=cfg.start_states)
-        step = lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters, gen)
-    extra = {'cond_dim': wm.feat_dim, 'bc_config': bc_ckpt['config'], 'alpha_bc': P.alpha_bc_for(task, cfg)}
-    try:
-        ckpt = train_loop(stage=stage, task=task, path=os.path.join(args.run, task, f'{name}.pt'),
-                          config=dataclasses.asdict(cfg), upstream=upstream + [seed],
-                          objects={'model': actor, 'critic': critic, 'optim_actor': opts['actor'],
-                                   'optim_critic': opts['critic'], 'scaler': scaler, 'state': StateBox(counters, gen)},
-                          step_fn=step, n_steps=cfg.iterations,
-                          ckpt_every=args.ckpt_every or max(1, cfg.iterations // 10), force=args.force,
-                          extra=extra, snapshot_every=max(1, cfg.iterations // args.snapshots) if args.snapshots else 0)
-    finally:
+    if not simulator and cfg.reward == 'decoder':     # Fig. 2: the task's test on scene states decoded by a hybrid WM
+        import reward as R
+        try:
+            clf = R.DecodedStateReward(wm, task)
+        except ValueError as e:
+            raise StageError(f"{find(args, 'wm.pt')}: {e}") from None
+    elif not simulator:                                 # §III.C: the latent success classifier
+        clf, rw_ckpt = load_reward(args, task, wm.feat_dim, device)
+        upstream.append(rw_ckpt['key'])
+    path = os.path.join(args.run, task, f"{'dppo' if simulator else 'diwa'}_s{seed}.pt")
+    ckpt = finished(stage, task, path, dataclasses.asdict(cfg), upstream + [seed], args.force)
+    if ckpt is None:                                    # not done yet: start pool or simulators, then train
         if simulator:
-            sims.close()
+            import env
+            rng = np.random.default_rng(seed)
+            sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=seed,
+                                    image_size=wm.cfg.image_size)
+            step = lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg,
+                                               counters, rng, gen, device)
+        else:
+            pool = start_pool(args, wm, task, device, where=cfg.start_states)
+            step = lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg,
+                                          counters, gen)
+        extra = {'cond_dim': wm.feat_dim, 'bc_config': bc_ckpt['config'], 'alpha_bc': P.alpha_bc_for(task, cfg)}
+        try:
+            ckpt = train_loop(stage=stage, task=task, path=path, config=dataclasses.asdict(cfg),
+                              upstream=upstream + [seed],
+                              objects={'model': actor, 'critic': critic, 'optim_actor': opts['actor'],
+                                       'optim_critic': opts['critic'], 'scaler': scaler,
+                                       'state': StateBox(counters, gen)},
+                              step_fn=step, n_steps=cfg.iterations,
+                              ckpt_every=args.ckpt_every or max(1, cfg.iterations // 10), force=args.force,
+                              extra=extra,
+                              snapshot_every=max(1, cfg.iterations // args.snapshots) if args.snapshots else 0)
+        finally:
+            if simulator:
+                sims.close()
     state = ckpt['state']['counters']
     print(f"[{stage}/{task}] seed {seed}: {state.get('iteration')} iterations, {state.get('imagined_steps')} imagined "
           f"steps, {state.get('sim_steps')} simulator steps")
@@ -944,6 +968,7 @@ def stage_report(args, device) -> str:
                 print(f'[report] DPPO on {task}: skipped, DiWA does not beat the base policy (nothing to match)')
                 continue
             stage_dppo(ca, device, task, first)
+            E.evaluate_checkpoints(ca, device, task, ecfg, policies=['dppo'])    # a re-run then finds it done
             report()
     return os.path.join(args.report_dir, 'results.md')
 
