@@ -785,24 +785,21 @@ def diwa_beats_base(run: str, task: str, seeds) -> bool:
     return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
 
-def _dppo_cell(run: str, task: str, seed: str, diwa: list, base: list) -> str:
-    """Table I's DPPO column: simulator steps DPPO (seed `seed`) needs to match DiWA's mean real success,
-    '> cap' when its rollouts never got there, '0' when DiWA does not beat the base policy (it is matched
-    before DPPO starts), '–' when DPPO was not run on the task."""
+def _dppo_cell(dppo: dict, diwa: list, base: list) -> str:
+    """Table I's DPPO column: simulator steps DPPO (`dppo`: _ckpt_facts of its checkpoint) needs to match
+    DiWA's mean real success, '> cap' when its rollouts never got there, '0' when DiWA does not beat the base
+    policy (it is matched before DPPO starts), '–' when DPPO was not run on the task."""
     if base and diwa and np.mean(diwa) <= np.mean(base):
         return '0 (DiWA ≤ base)'
-    dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{seed}.pt'))
     if not dppo or not diwa:
         return '–'
     steps, ran = dppo_steps_to_match(dppo['metrics_csv'], float(np.mean(diwa)))
     return f'{steps / 1e3:.0f}k' if steps is not None else f'> {ran / 1e3:.0f}k (cap)'
 
 
-def _dppo_end_cell(run: str, rows: list, task: str, seed: str) -> str:
-    """Table I: DPPO's final policy evaluated as DiWA's is (deterministic, 100 episodes) and the simulator steps
-    it had used; '–' before both exist."""
-    dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{seed}.pt'))
-    row = _latest(rows, task=task, policy='dppo').get(seed)
+def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
+    """Table I: DPPO's final policy evaluated as DiWA's is (`row`: its latest results.csv row; deterministic,
+    100 episodes) and the simulator steps it had used; '–' before both exist."""
     if not dppo or not row:
         return '–'
     return f"{100 * float(row['success']):.0f} ({int(dppo['counters'].get('sim_steps', 0)) / 1e3:.0f}k)"
@@ -849,10 +846,12 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         facts = [_ckpt_facts(os.path.join(run, task, f'diwa_s{s}.pt')) for s in seeds]
         walls = [f['wall_s'] / 60 for f in facts if f]
         sim = sum(int(f['counters'].get('sim_steps', 0)) for f in facts if f)
+        dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{s0}.pt'))
         md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
                   f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
-                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(run, task, s0, d, b)} | '
-                  f'{_dppo_end_cell(run, main, task, s0)} | {" | ".join(PAPER_TABLE_I[task])} |')
+                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(dppo, d, b)} | '
+                  f'{_dppo_end_cell(dppo, _latest(main, task=task, policy="dppo").get(s0))} | '
+                  f'{" | ".join(PAPER_TABLE_I[task])} |')
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
     done = [t for t, v in deltas.items() if v[2]]

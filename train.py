@@ -336,7 +336,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
             else:
                 print(f'[{stage}] {path}: re-running, settings changed: '
                       f'{describe_change(ckpt.get("config", {}), config)}')
-        if status == 'done':
+        if status == 'done':            # finished by another writer since finished() looked
             print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
             return ckpt
         start = 0
@@ -909,14 +909,15 @@ def stage_report(args, device) -> str:
     ecfg = build_config(E.EvalConfig, E.PRESETS, args.preset, args, 'eval')
     t0 = time.time()
 
-    written = {}
+    last_inputs = None
 
     def report():       # rewritten when a file it reads has changed (~7 s of checkpoint loading), so a re-run
-        sig = _report_inputs(args.run)          # with everything done takes seconds
-        if written.get('sig') == sig:
+        nonlocal last_inputs                    # with everything done takes seconds
+        inputs = _report_inputs(args.run)
+        if inputs == last_inputs:
             return
         path = E.write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme)
-        written['sig'] = sig
+        last_inputs = inputs
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
     def pretrain(a, task: str, seed: int, reward: bool = True):
