@@ -224,9 +224,10 @@ def already_done(results_paths: list, task: str, policy: str, seed: int, key: st
 def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str = 'desk', policies=None,
                          snapshots: bool = False) -> list:
     """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = bc.pt, diwa =
-    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet.
-    snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt) as policies
-    'diwa@<N>': real success along fine-tuning, Fig. 3."""
+    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet (policies: only
+    these names). snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt)
+    as policies 'diwa@<N>', real success along fine-tuning (Fig. 3), and those kept along DPPO as 'dppo@<N>',
+    with the simulator steps DPPO had taken by then (Table I: steps to match DiWA, evaluated alike)."""
     import train as TR
     wm, wm_ckpt = TR.load_world_model(args, device)
     results_path = os.path.join(args.run, 'results.csv')
@@ -239,19 +240,26 @@ def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str
         if ck.get('done'):
             actor = TR.load_finetuned_actor(ck, policy_pre, device)
             candidates[name] = (ck, actor, ck['config']['K_ft'])
-    folder = os.path.join(args.run, task, f'diwa_s{args.seed}_snapshots')
-    if snapshots and os.path.isdir(folder):
+    for kind in ('diwa', 'dppo'):          # the weights kept along fine-tuning / along DPPO, when asked for
+        folder = os.path.join(args.run, task, f'{kind}_s{args.seed}_snapshots')
+        if not snapshots or kind not in candidates or (policies and kind not in policies) or not os.path.isdir(folder):
+            continue
+        final = candidates[kind][0]
         for f in sorted(os.listdir(folder), key=lambda f: int(''.join(filter(str.isdigit, f)) or 0)):
-            ck = TR.load_checkpoint(os.path.join(folder, f), 'finetune', task)
-            if 'diwa' not in candidates or ck['key'] != candidates['diwa'][0]['key']:
+            ck = TR.load_checkpoint(os.path.join(folder, f), ckpt_path_stage(kind), task)
+            if ck['key'] != final['key']:
                 continue                                      # left by an earlier run with other settings
             ck['key'] = f"{ck['key']}@{ck['step']}"          # one row per snapshot in results.csv
-            candidates[f"diwa@{ck['step']}"] = (ck, TR.load_finetuned_actor(ck, policy_pre, device),
-                                                ck['config']['K_ft'])
+            # a snapshot keeps only weights: its simulator steps (DPPO) are read from the run's metrics
+            sim = metric_at(os.path.join(args.run, task, f'{kind}_s{args.seed}_metrics.csv'), ck['step'],
+                            'charts/sim_steps')
+            ck['state'] = {'counters': {'sim_steps': int(sim) if sim is not None else 0}}
+            candidates[f"{kind}@{ck['step']}"] = (ck, TR.load_finetuned_actor(ck, policy_pre, device),
+                                                  ck['config']['K_ft'])
     rows = []
     starts = task_starts(task, cfg.episodes, args.seed)
     for name, (ck, actor, K_ft) in candidates.items():
-        if policies and name not in policies:
+        if policies and name.split('@')[0] not in policies:     # 'dppo' also names its snapshots 'dppo@<N>'
             continue
         if already_done(known, task, name, args.seed, ck['key'], cfg.episodes, env_kind):
             print(f'[eval] {task} {name} seed {args.seed}: up to date in {results_path}: skipped')
@@ -754,6 +762,29 @@ def _final_metric(csv_path: str, name: str, last: int = 10, first: bool = False)
     return float(np.mean([float(r[name]) for r in rows])) if rows else float('nan')
 
 
+def metric_at(csv_path: str, step: int, name: str):
+    """The value of metric `name` logged at iteration `step` of a metrics csv, or None."""
+    row = next((r for r in read_results(csv_path) if r.get('step') == str(step)), None)
+    return float(row[name]) if row and row.get(name) not in (None, '') else None
+
+
+def dppo_evaluated_steps_to_match(rows: list, task: str, seed, target: float):
+    """When DPPO's policy, evaluated as DiWA's is (deterministic; results.csv rows of its snapshots 'dppo@<N>'
+    and of its final 'dppo'), first reaches `target` (DiWA's success). The snapshots are a grid (5 along the
+    run by default), so the answer is an interval: -> (lo, hi, last), DPPO got there after more than lo and at
+    most hi simulator steps (lo: the evaluated policy before, 0 for the first), hi None when no evaluated
+    policy reaches it; last: the steps of the last one evaluated (0 when none is)."""
+    pts = sorted((int(r['sim_steps_finetune'] or 0), float(r['success'])) for p, r in
+                 ((p, _latest(rows, task=task, policy=p).get(str(seed))) for p in {r['policy'] for r in rows})
+                 if r and p.split('@')[0] == 'dppo')
+    if not pts:
+        return 0, None, 0
+    hit = next((i for i, (_, success) in enumerate(pts) if success >= target), None)
+    if hit is None:
+        return pts[-1][0], None, pts[-1][0]
+    return (pts[hit - 1][0] if hit else 0), pts[hit][0], pts[-1][0]
+
+
 def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
     """Simulator steps after which DPPO's success in its own (exploring) rollouts, averaged over `window`
     iterations, first reaches `target` (DiWA's success in the simulator). -> (steps or None, steps run)."""
@@ -768,7 +799,7 @@ def dppo_steps_to_match(csv_path: str, target: float, window: int = 5):
     return (int(steps[hit[0] + window - 1]) if hit.size else None), int(steps[-1])
 
 
-REPORT_FIGURES = ('fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png')
+REPORT_FIGURES = ('fig3_finetuning_curves.png', 'figS5_dppo_vs_diwa.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png')
 
 
 def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
@@ -785,16 +816,21 @@ def diwa_beats_base(run: str, task: str, seeds) -> bool:
     return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
 
-def _dppo_cell(dppo: dict, diwa: list, base: list) -> str:
-    """Table I's DPPO column: simulator steps DPPO (`dppo`: _ckpt_facts of its checkpoint) needs to match
-    DiWA's mean real success, '> cap' when its rollouts never got there, '0' when DiWA does not beat the base
-    policy (it is matched before DPPO starts), '–' when DPPO was not run on the task."""
+def _dppo_cell(dppo: dict, diwa: list, base: list, evaluated: tuple = (0, None, 0)) -> str:
+    """Table I's DPPO column: simulator steps DPPO needs to match DiWA's mean real success, read from its
+    policies evaluated as DiWA's is (`evaluated`: dppo_evaluated_steps_to_match, an interval 'lo-hi') and, in
+    brackets, from its own exploring training rollouts (`dppo`: _ckpt_facts of its checkpoint); '> N' when it
+    never got there within the N steps it ran, '0' when DiWA does not beat the base policy (it is matched
+    before DPPO starts), '–' when DPPO was not run on the task."""
     if base and diwa and np.mean(diwa) <= np.mean(base):
         return '0 (DiWA ≤ base)'
     if not dppo or not diwa:
         return '–'
+    k = lambda steps: f'{steps / 1e3:.0f}k' if steps else '0'
     steps, ran = dppo_steps_to_match(dppo['metrics_csv'], float(np.mean(diwa)))
-    return f'{steps / 1e3:.0f}k' if steps is not None else f'> {ran / 1e3:.0f}k (cap)'
+    lo, hi, last = evaluated
+    ev = f'{k(lo)}-{k(hi)}' if hi is not None else (f'> {k(last)}' if last else '–')
+    return f"{ev} (rollouts {k(steps) if steps is not None else f'> {k(ran)}'})"
 
 
 def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
@@ -834,8 +870,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     head = md[2:4]                    # what produced it (not the title): the README's block starts with it
     table_i = len(md)
     md += ['## Table I: base vs. DiWA', '',
-           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | DPPO sim. steps to match DiWA '
-           '| DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
+           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | DPPO sim. steps to match DiWA: '
+           'evaluated (its rollouts) | DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
     deltas = {}
     for task in TASKS:
@@ -849,7 +885,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{s0}.pt'))
         md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
                   f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
-                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | {_dppo_cell(dppo, d, b)} | '
+                  f'{f"{np.mean(walls):.0f} min" if walls else "–"} | '
+                  f'{_dppo_cell(dppo, d, b, dppo_evaluated_steps_to_match(main, task, s0, np.mean(d)) if d else (0, None, 0))} | '
                   f'{_dppo_end_cell(dppo, _latest(main, task=task, policy="dppo").get(s0))} | '
                   f'{" | ".join(PAPER_TABLE_I[task])} |')
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
@@ -864,19 +901,26 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     else:
         summary += 'no DiWA result yet.'
     md += ['', summary, '',
-           f'DPPO (seed {s0}) counts its steps to match DiWA on its own training rollouts, which explore (the sampling '
-           'std is clipped from below, `--ft.min_std`); evaluated deterministically like DiWA, the same policy does '
-           'better, which is why a task can read "> cap" next to a high evaluated success.', '']
+           f'DPPO (seed {s0}): between how many simulator steps its policy, evaluated like DiWA\'s (deterministic, '
+           'the same episodes), first reaches DiWA\'s mean success. Its policy is kept at 5 points along the run, '
+           'hence an interval (from 0: within its first stretch). In brackets, the same read on its own training '
+           'rollouts (mean of 5 iterations), which sample with noise (the std is clipped from below, '
+           '`--ft.min_std`): that helps where noise breaks a hesitation and hurts where it spoils a precise '
+           'motion, so the two can differ either way. "> N": not within the N steps it ran.', '']
     # DPPO
     dppo = _ckpt_facts(os.path.join(run, report_task, f'dppo_s{s0}.pt'))
     diwa_real = np.mean(deltas[report_task][1]) if deltas[report_task][1] else None
     if dppo and diwa_real is not None:
         steps, ran = dppo_steps_to_match(dppo['metrics_csv'], diwa_real)
+        lo, hi, last = dppo_evaluated_steps_to_match(main, report_task, s0, diwa_real)
         dppo_eval = _latest(main, task=report_task, policy='dppo').get(s0)
         md += [f'DPPO on {report_task} (seed {s0}, the same PPO in the simulator, reward = the simulator\'s success test): '
-               + (f'its rollouts reach DiWA\'s {100 * diwa_real:.1f}% after **{steps:,} simulator steps**'
-                  if steps is not None else f'its rollouts did not reach DiWA\'s {100 * diwa_real:.1f}% within the cap '
-                                            f'of {ran:,} simulator steps')
+               + (f'evaluated like DiWA, its policy reaches DiWA\'s {100 * diwa_real:.1f}% after **more than {lo:,} and '
+                  f'at most {hi:,} simulator steps**' if hi is not None else
+                  f'evaluated like DiWA, its policy has not reached DiWA\'s {100 * diwa_real:.1f}% after {last:,} '
+                  'simulator steps' if last else 'its snapshots are not evaluated yet')
+               + ('; its exploring rollouts reach it after ' + (f'{steps:,} steps' if steps is not None else
+                                                                 f'more than the {ran:,} steps it ran'))
                + f' (paper: {PAPER_TABLE_I[report_task][2]}); final DPPO policy in the evaluation: '
                + (f"{100 * float(dppo_eval['success']):.0f}%" if dppo_eval else '–')
                + f'; wall-clock {dppo["wall_s"] / 60:.0f} min. DiWA: 0 simulator steps.', '']
@@ -899,6 +943,39 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         plt.close()
         md += ['## Fig. 3: success in the simulator during fine-tuning', '',
                '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
+    # ---- Fig. S.5: DPPO's evaluated success against its simulator steps; DiWA (0 steps) as a band
+    curves = {}
+    for task in TASKS:
+        for p in {r['policy'] for r in main if r['task'] == task and r['policy'].split('@')[0] == 'dppo'}:
+            r = _latest(main, task=task, policy=p).get(s0)
+            if r:
+                curves.setdefault(task, {})[int(r['sim_steps_finetune'] or 0)] = float(r['success'])
+    if curves:
+        tasks = [t for t in TASKS if t in curves]
+        cols = min(4, len(tasks))
+        fig, axes = plt.subplots((len(tasks) + cols - 1) // cols, cols, figsize=(3 * cols, 2.6 * ((len(tasks) + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax in axes.flat[len(tasks):]:
+            ax.axis('off')
+        for ax, task in zip(axes.flat, tasks):
+            b, d, _ = deltas[task]
+            base = _latest(main, task=task, policy='base').get(s0)
+            xs = ([0] if base else []) + sorted(curves[task])
+            ys = ([float(base['success'])] if base else []) + [curves[task][x] for x in sorted(curves[task])]
+            ax.plot(np.array(xs) / 1e3, 100 * np.array(ys), marker='o', color='C2', label='DPPO (evaluated)')
+            if d:
+                m, sd = 100 * np.mean(d), 100 * np.std(d)
+                ax.axhspan(m - sd, m + sd, color='C0', alpha=0.25), ax.axhline(m, color='C0', label='DiWA (0 steps)')
+            ax.set_title(task, fontsize=8), ax.set_ylim(-3, 103), ax.grid(alpha=0.3), ax.tick_params(labelsize=7)
+            ax.set_xlabel('simulator steps (k)', fontsize=7), ax.set_ylabel('success (%)', fontsize=7)
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle('Fig. S.5 analogue: DPPO on world-model latents vs. DiWA', fontsize=9)
+        plt.tight_layout(), plt.savefig(os.path.join(out_dir, 'figures', 'figS5_dppo_vs_diwa.png'), dpi=120)
+        plt.close()
+        md += [f'## Fig. S.5: DPPO in the simulator vs. DiWA (seed {s0})', '',
+               'DPPO\'s policy at its 5 snapshots and at its end, evaluated like DiWA\'s, against the simulator steps it '
+               'had taken (0: the base policy); DiWA\'s mean ± std over seeds as a band, at 0 simulator steps.', '',
+               '![Fig. S.5](figures/figS5_dppo_vs_diwa.png)', '']
     # ---- imagined vs. real, per task: where the dream already calls the base policy a success, PPO has no signal
     rows_ir, pct = [], lambda x: '–' if x is None or np.isnan(x) else f'{100 * x:.0f}'
     for task in [t for t in TASKS if any(r['task'] == t for r in main)]:

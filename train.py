@@ -901,7 +901,7 @@ def stage_report(args, device) -> str:
       3. every task with the first seed: DiWA, its evaluation incl. the snapshots (Fig. 3)
       4. the variants on --report-task, first seed: alpha_BC 0 / 0.5 (Fig. S.6), Gaussian policy
          (Table S.6), hybrid world model with classifier / decoded-state reward (Fig. 2)
-      5. DPPO on --report-task (steps to match DiWA, Table I)
+      5. DPPO on --report-task, its evaluation incl. the snapshots (steps to match DiWA, Table I, Fig. S.5)
       6. the other seeds of every task (Table I's mean ± std)
       7. DPPO on the other tasks where DiWA beats the base policy, --dppo-cap iterations each (Table I's DPPO
          column: steps to match DiWA, or '> cap')"""
@@ -955,7 +955,7 @@ def stage_report(args, device) -> str:
         task_unit(va, args.report_task, first, reward=va.__dict__.get('ft.reward') != 'decoder')
     sa = argparse.Namespace(**{**vars(args), 'seed': first})
     stage_dppo(sa, device, args.report_task, first)
-    E.evaluate_checkpoints(sa, device, args.report_task, ecfg)
+    E.evaluate_checkpoints(sa, device, args.report_task, ecfg, policies=['dppo'], snapshots=True)
     report()
     for seed in rest:
         for task in args.tasks:
@@ -969,7 +969,7 @@ def stage_report(args, device) -> str:
                 print(f'[report] DPPO on {task}: skipped, DiWA does not beat the base policy (nothing to match)')
                 continue
             stage_dppo(ca, device, task, first)
-            E.evaluate_checkpoints(ca, device, task, ecfg, policies=['dppo'])    # a re-run then finds it done
+            E.evaluate_checkpoints(ca, device, task, ecfg, policies=['dppo'], snapshots=True)  # and its snapshots
             report()
     return os.path.join(args.report_dir, 'results.md')
 

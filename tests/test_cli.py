@@ -4,6 +4,7 @@ stage resumes, and the same seed gives the same metrics."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -446,14 +447,20 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith(f'| {TASK} |')).split('|')
     # Table I's DPPO column: steps to match DiWA, or 0 where DiWA does not beat the base policy
     base_pct, diwa_pct = (float(row[i].split('±')[0]) for i in (2, 3))
-    assert (row[7].strip() == '0 (DiWA ≤ base)') if diwa_pct <= base_pct else row[7].strip().endswith(('k', 'k (cap)')), row
+    # (first on DPPO's evaluated snapshots, then on its rollouts)
+    assert (row[7].strip() == '0 (DiWA ≤ base)') if diwa_pct <= base_pct else \
+        re.fullmatch(r'((0|\d+k)-\d+k|> \d+k) \(rollouts (> )?\d+k\)', row[7].strip()), row
     ir = next(line for line in md.split('## Imagined vs. real')[1].splitlines() if line.startswith(f'| {TASK} |'))
     assert all(0 <= float(c) <= 100 for c in ir.split('|')[2:5]), ir   # imagined first / last 10 it., real base
-    for fig in ['fig3_finetuning_curves.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
+    for fig in ['fig3_finetuning_curves.png', 'figS5_dppo_vs_diwa.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
         assert os.path.getsize(os.path.join(out, 'figures', fig)) > 5_000, fig
     rows = read_csv(os.path.join(out, 'results.csv'))
     assert {r['variant'] for r in rows} >= {'main', 'alpha_bc_0', 'hybrid_decoder'}
     assert any(r['policy'].startswith('diwa@') for r in rows)          # Fig. 3: the snapshots were evaluated
+    # Fig. S.5 / Table I: DPPO's snapshots too, each with the simulator steps DPPO had taken by then
+    snaps = sorted((int(r['policy'][5:]), int(r['sim_steps_finetune'])) for r in rows if r['policy'].startswith('dppo@'))
+    assert snaps and all(0 < a[1] < b[1] for a, b in zip(snaps, snaps[1:])), snaps
+    assert snaps[-1][1] == dppo['sim_steps'], (snaps, dppo)
     ckpts = {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
              for dp, _, fs in os.walk(d) for f in fs if f.endswith(('.pt', '.csv'))}
     readme = open(os.path.join(ROOT, 'README.md')).read()
@@ -485,6 +492,22 @@ def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
     md = open(E.write_report(run_, str(tmp_path / 'out'), 'test', seeds=[0])).read()
     led = next(line for line in md.splitlines() if line.startswith('| turn_on_led |')).split('|')
     assert led[7].strip() == '0 (DiWA ≤ base)', led
+
+
+def test_dppo_steps_to_match_read_on_its_evaluated_snapshots():
+    """Table I: the interval of simulator steps in which DPPO's evaluated policy (snapshots and final, by steps,
+    the latest row of each) first reaches DiWA's success; hi None when none does; (0, None, 0) unevaluated."""
+    import eval as E
+    row = lambda policy, success, sim, seed=0: {'task': 'close_drawer', 'policy': policy, 'seed': str(seed),
+                                                'success': str(success), 'sim_steps_finetune': str(sim)}  # as read
+    rows = [row('dppo', 1.0, 144000), row('dppo@16', 0.95, 57600), row('dppo@8', 0.5, 28800),
+            row('dppo@16', 0.9, 57600),                                   # a later row of the same snapshot counts
+            row('dppo@8', 0.99, 28800, seed=1), row('diwa@8', 1.0, 0)]    # another seed, another policy: ignored
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.85) == (28800, 57600, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.92) == (57600, 144000, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.5) == (0, 28800, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows[:4], 'close_drawer', 0, 1.01) == (144000, None, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'open_drawer', 0, 0.5) == (0, None, 0)
 
 
 def test_report_drops_figures_whose_data_are_gone(tmp_path):
