@@ -768,15 +768,20 @@ def metric_at(csv_path: str, step: int, name: str):
     return float(row[name]) if row and row.get(name) not in (None, '') else None
 
 
+def dppo_points(rows: list, task: str, seed) -> list:
+    """DPPO's policies evaluated as DiWA's is (deterministic; the latest results.csv row of each of its snapshots
+    'dppo@<N>' and of its final 'dppo') on `task`, `seed`: [(simulator steps it had taken, success)], by steps."""
+    return sorted((int(r['sim_steps_finetune'] or 0), float(r['success'])) for r in
+                  (_latest(rows, task=task, policy=p).get(str(seed)) for p in {r['policy'] for r in rows}
+                   if p.split('@')[0] == 'dppo') if r)
+
+
 def dppo_evaluated_steps_to_match(rows: list, task: str, seed, target: float):
-    """When DPPO's policy, evaluated as DiWA's is (deterministic; results.csv rows of its snapshots 'dppo@<N>'
-    and of its final 'dppo'), first reaches `target` (DiWA's success). The snapshots are a grid (5 along the
-    run by default), so the answer is an interval: -> (lo, hi, last), DPPO got there after more than lo and at
-    most hi simulator steps (lo: the evaluated policy before, 0 for the first), hi None when no evaluated
-    policy reaches it; last: the steps of the last one evaluated (0 when none is)."""
-    pts = sorted((int(r['sim_steps_finetune'] or 0), float(r['success'])) for p, r in
-                 ((p, _latest(rows, task=task, policy=p).get(str(seed))) for p in {r['policy'] for r in rows})
-                 if r and p.split('@')[0] == 'dppo')
+    """When DPPO's evaluated policy (dppo_points) first reaches `target` (DiWA's success). The snapshots are a
+    grid (5 along the run by default), so the answer is an interval: -> (lo, hi, last), DPPO got there after
+    more than lo and at most hi simulator steps (lo: the evaluated policy before, 0 for the first), hi None when
+    no evaluated policy reaches it; last: the steps of the last one evaluated (0 when none is)."""
+    pts = dppo_points(rows, task, seed)
     if not pts:
         return 0, None, 0
     hit = next((i for i, (_, success) in enumerate(pts) if success >= target), None)
@@ -944,25 +949,19 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         md += ['## Fig. 3: success in the simulator during fine-tuning', '',
                '![Fig. 3](figures/fig3_finetuning_curves.png)', '']
     # ---- Fig. S.5: DPPO's evaluated success against its simulator steps; DiWA (0 steps) as a band
-    curves = {}
-    for task in TASKS:
-        for p in {r['policy'] for r in main if r['task'] == task and r['policy'].split('@')[0] == 'dppo'}:
-            r = _latest(main, task=task, policy=p).get(s0)
-            if r:
-                curves.setdefault(task, {})[int(r['sim_steps_finetune'] or 0)] = float(r['success'])
-    if curves:
-        tasks = [t for t in TASKS if t in curves]
-        cols = min(4, len(tasks))
-        fig, axes = plt.subplots((len(tasks) + cols - 1) // cols, cols, figsize=(3 * cols, 2.6 * ((len(tasks) + cols - 1) // cols)),
-                                 squeeze=False)
+    curves = {t: dppo_points(main, t, s0) for t in TASKS}
+    tasks = [t for t in TASKS if curves[t]]
+    if tasks:
+        cols, rows_ = min(4, len(tasks)), (len(tasks) + 3) // 4
+        fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.6 * rows_), squeeze=False)
         for ax in axes.flat[len(tasks):]:
             ax.axis('off')
         for ax, task in zip(axes.flat, tasks):
-            b, d, _ = deltas[task]
+            d = deltas[task][1]
             base = _latest(main, task=task, policy='base').get(s0)
-            xs = ([0] if base else []) + sorted(curves[task])
-            ys = ([float(base['success'])] if base else []) + [curves[task][x] for x in sorted(curves[task])]
-            ax.plot(np.array(xs) / 1e3, 100 * np.array(ys), marker='o', color='C2', label='DPPO (evaluated)')
+            pts = ([(0, float(base['success']))] if base else []) + curves[task]
+            xs, ys = np.array(pts).T
+            ax.plot(xs / 1e3, 100 * ys, marker='o', color='C2', label='DPPO (evaluated)')
             if d:
                 m, sd = 100 * np.mean(d), 100 * np.std(d)
                 ax.axhspan(m - sd, m + sd, color='C0', alpha=0.25), ax.axhline(m, color='C0', label='DiWA (0 steps)')
