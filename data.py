@@ -549,6 +549,8 @@ class CollectConfig:
                                 # and a retry: README, the turn_on_led failure)
     p_retry: float = 0.3        # probability that a task's first attempt is abandoned part-way and started over
                                 # (env.ScriptedSkill p_retry: README, the shallow LED press)
+    drawer_tol_max: float = 0.006  # open_drawer closes on the knob within a tolerance drawn from [6 mm, this]
+                                # (env.ScriptedSkill; 0.006 = always 6 mm, no draw: README, open_drawer's base)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -595,7 +597,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
                                    noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
                                    p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0,
                                    hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss,
-                                   p_retry=cfg.p_retry)
+                                   p_retry=cfg.p_retry, drawer_tol_max=cfg.drawer_tol_max)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
@@ -674,7 +676,9 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
     spath, ppath = out / 'collect_config.json', out / 'collect_progress.json'
     if spath.is_file():
-        old = json.loads(spath.read_text())
+        # a setting added after the folder was written reads as its default (the behaviour the code had then)
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in settings}
+        old = {**defaults, **json.loads(spath.read_text())}
         diff = [f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:

@@ -597,6 +597,8 @@ def sample_task_start(task, rng):
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (README)
+DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer). The operator of the play data
+                           # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] (README: open_drawer)
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
 # The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
@@ -626,6 +628,9 @@ class ScriptedSkill:
       p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
                   beside the button, where nothing happens) and then does the task: play data that shows the
                   world model and the classifier what a miss looks like (README: the turn_on_led failure)
+      drawer_tol_max  open_drawer: the hand closes on the knob once within a tolerance drawn per attempt from
+                  [DRAWER_GRASP_TOL, drawer_tol_max] (no draw when equal): an operator who does not always creep
+                  the last millimetres before closing (README: why open_drawer's base policy was 12%)
       p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
                   reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
                   pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
@@ -635,7 +640,7 @@ class ScriptedSkill:
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
                  noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
-                 p_retry=0.0):
+                 p_retry=0.0, drawer_tol_max=DRAWER_GRASP_TOL):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -646,6 +651,7 @@ class ScriptedSkill:
         self.hesitate_max, self.p_miss = max(3, int(hesitate_max)), float(p_miss)
         self.drift, self.hesitating = np.zeros(6), 0
         self.p_retry, self.retry_at, self.s0 = float(p_retry), None, None
+        self.drawer_tol_max = float(drawer_tol_max)
 
     def _detour(self, tcp, phases, P):
         """Prepend a via point between the TCP and the first waypoint, pushed sideways at random. Its height
@@ -672,8 +678,10 @@ class ScriptedSkill:
             tip_y = k[1] - 0.0375
             if task == 'open_drawer':        # grasp the knob's tip from above, pull along -y
                 g = np.array([k[0], tip_y + 0.02, k[2]])
+                tol = (DRAWER_GRASP_TOL if self.drawer_tol_max <= DRAWER_GRASP_TOL   # no draw: same rng stream
+                       else self.rng.uniform(DRAWER_GRASP_TOL, self.drawer_tol_max))
                 return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, 1, 0.03), P(g + (0, 0, 0.1), 1, 0.015),
-                        P(g, 1, 0.006), P(g, -1, wait=6),
+                        P(g, 1, tol), P(g, -1, wait=6),
                         P(g + (0, -0.17, 0), -1, until=lambda x: x[1] > min(q + 0.15, DRAWER_MAX - 0.01)),
                         P(None, 1, wait=4), P('up', 1, 0.02)]
             g = np.array([k[0], tip_y - 0.03, k[2] - 0.005])  # push the knob's tip along +y

@@ -392,6 +392,11 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
     # other settings in the same folder are refused, naming the settings file
     with pytest.raises(DataError, match=r'collect_config.json: .*action_noise'):
         data.collect(data.CollectConfig(**{**data.PRESETS['test'], 'action_noise': 0.5}), out)
+    # a folder written before a setting existed reads it as its default: it still resumes
+    settings = json.loads((out / 'collect_config.json').read_text())
+    del settings['drawer_tol_max']
+    (out / 'collect_config.json').write_text(json.dumps(settings))
+    assert data.collect(cfg, out)['frames'] == rep['frames']
 
 
 def test_data_key_depends_on_contents_not_pickle_bytes(tmp_path):

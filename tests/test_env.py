@@ -340,6 +340,25 @@ def test_clean_skills_draw_no_style_randomness():
     assert a.random() == b.random()
 
 
+def test_drawer_grasp_tolerance_is_drawn_per_attempt_and_still_opens(desk):
+    """drawer_tol_max (the play data's operator, README: open_drawer): the knob is grasped once the hand is
+    within a tolerance drawn from [DRAWER_GRASP_TOL, drawer_tol_max]; the drawer still opens."""
+    tols = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        robot_obs, scene_obs = E.sample_task_start('open_drawer', rng)
+        obs = desk.reset(robot_obs, scene_obs)
+        skill, start = E.ScriptedSkill('open_drawer', rng, drawer_tol_max=0.015), desk.get_info()
+        for _ in range(200):
+            obs, _, _, info = desk.step(skill.act(obs))
+            if skill.done:
+                break
+        tols.append(skill.phases[2]['tol'])     # above the knob, down to it (this tolerance), close, pull
+        assert skill.phases[3]['grip'] == -1 and skill.phases[2]['grip'] == 1
+        assert skill.done and E.task_success('open_drawer', start, info), seed
+    assert all(E.DRAWER_GRASP_TOL <= t <= 0.015 for t in tols) and len(set(tols)) == 3
+
+
 def test_task_success_batch_matches_task_success():
     """The vectorised success test (decoded-state reward, Fig. 2) agrees with the per-frame one."""
     rng = np.random.default_rng(0)
