@@ -556,6 +556,10 @@ class CollectConfig:
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
 
 
+# Settings added to CollectConfig after play data had been collected, with the value that reproduces the older
+# code: a collect_config.json that lacks one was written with that value (collect() resumes such folders).
+ADDED_SETTINGS = {'drawer_tol_max': 0.006}
+
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
@@ -676,9 +680,8 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
     spath, ppath = out / 'collect_config.json', out / 'collect_progress.json'
     if spath.is_file():
-        # a setting added after the folder was written reads as its default (the behaviour the code had then)
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in settings}
-        old = {**defaults, **json.loads(spath.read_text())}
+        # a setting added after the folder was written reads as the value that gives the code's behaviour then
+        old = {**ADDED_SETTINGS, **json.loads(spath.read_text())}
         diff = [f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:
