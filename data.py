@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 
 def images_to_tensor(images, device='cpu') -> torch.Tensor:
     """uint8 (..., H, W, 3) numpy/tensor -> float32 (..., 3, H, W) in [-1, 1] (S.4), converted on `device`."""
-    x = torch.as_tensor(images).to(device)
+    with warnings.catch_warnings():  # read-only (memory-mapped) arrays: x is only read here, never written
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        x = torch.as_tensor(images).to(device)
     if x.dtype != torch.uint8:
         raise DataError(f'images must be uint8 in [0, 255], got {x.dtype}')
     return x.movedim(-1, -3).float() / 127.5 - 1.0
