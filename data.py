@@ -549,9 +549,9 @@ class CollectConfig:
     p_hesitate: float = 0.2     # probability of a hesitation after each phase of a task ...
     hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
     p_miss: float = 0.5         # probability that an LED task starts with a press beside the button (a miss
-                                # and a retry: README, the turn_on_led failure)
+                                # and a retry: FINDINGS.md, the turn_on_led failure)
     p_retry: float = 0.3        # probability that a task's first attempt is abandoned part-way and started over
-                                # (env.ScriptedSkill p_retry: README, the shallow LED press)
+                                # (env.ScriptedSkill p_retry: FINDINGS.md, the shallow LED press)
     drawer_tol_max: float = 0.006  # open_drawer closes on the knob within a tolerance drawn from [6 mm, this]
                                 # (env.ScriptedSkill; 0.006 = always 6 mm, no draw: README, open_drawer's base)
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned

@@ -80,7 +80,7 @@ class FinetuneConfig:
     reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
     success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
     reward_binary: bool = False  # reward = 1[p > threshold] (reference code) instead of the probability (paper)
-    latent_sample: bool = True  # imagined z_{t+1} sampled from the prior (DreamerV2) or its mode (README: the deadlock)
+    latent_sample: bool = True  # imagined z_{t+1} sampled from the prior (DreamerV2) or its mode (FINDINGS.md: what limits)
     sim_workers: int = 2  # DPPO baseline only: simulator processes
 
 
@@ -91,7 +91,7 @@ PRESETS = {
     # 2 quiet cores (python bench.py finetune), so 150 iterations take ~11 min.  Larger actor lr: ~5x fewer
     # iterations than the paper. success_threshold 0.8: with 0.5, states the classifier is unsure about end the
     # imagined episode as a success, and the policy learns to reach them (open_drawer seed 0: real success
-    # 78% -> 64%); with 0.8, 78/71/71% -> 91/82/81% over seeds 0/1/2 (README, the second deviation).
+    # 78% -> 64%); with 0.8, 78/71/71% -> 91/82/81% over seeds 0/1/2 (FINDINGS.md, the second deviation).
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
                 critic_hidden=128, sim_workers=2, success_threshold=0.8),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,

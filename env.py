@@ -596,7 +596,7 @@ def sample_task_start(task, rng):
 
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
-SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (README)
+SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (FINDINGS.md)
 DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer). The operator of the play data
                            # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] (README: open_drawer)
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
@@ -627,14 +627,14 @@ class ScriptedSkill:
       p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
       p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
                   beside the button, where nothing happens) and then does the task: play data that shows the
-                  world model and the classifier what a miss looks like (README: the turn_on_led failure)
+                  world model and the classifier what a miss looks like (FINDINGS.md: the turn_on_led failure)
       drawer_tol_max  open_drawer: the hand closes on the knob once within a tolerance drawn per attempt from
                   [DRAWER_GRASP_TOL, drawer_tol_max] (no draw when equal): an operator who does not always creep
-                  the last millimetres before closing (README: why open_drawer's base policy was 12%)
+                  the last millimetres before closing (README: why open_drawer's base was 12%)
       p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
                   reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
                   pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
-                  the new state: play data that shows what an unfinished attempt looks like (README)
+                  the new state: play data that shows what an unfinished attempt looks like (FINDINGS.md)
     All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 

@@ -416,7 +416,7 @@ def press_predictability(splits: list, k: int = 5) -> dict:
 
 @torch.no_grad()
 def press_report(args, device, samples: int = 3, late_starts=(6, 0, -2)) -> dict:
-    """Does the world model know whether a button press switched the LED (the LED tasks, README)? Every press
+    """Does the world model know whether a button press switched the LED (the LED tasks, FINDINGS.md)? Every press
     of the held-out play (button_presses) is filtered from its first frame alone, as imagined episodes start, and
     imagined open loop along its recorded actions (sampled latents, `samples` times); the LED is read at the
     window's end (part_reader: the scene decoder, or a ridge probe on the vision latents) and compared with the

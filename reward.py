@@ -11,7 +11,7 @@ the success probability of the next latent, R_psi(z_t, a_t) := C_psi(z_{t+1}) in
 
 With RewardConfig.imagined (cpu/test presets; not in the paper) every training frame is added a second time as
 the world model imagines it open loop from its sequence's first frame, with the recorded frame's label: the
-policy is only ever rewarded on such imagined latents (train.py reward_dataset, README).
+policy is only ever rewarded on such imagined latents (train.py reward_dataset, FINDINGS.md).
 
 The paper defines the reward as the success *probability*; the reference code thresholds it (argmax, a
 0/1 reward). We follow the paper: `success_prob` is the reward, `precision_recall` thresholds only for

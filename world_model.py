@@ -45,19 +45,19 @@ class WMConfig:
     hybrid: bool = False        # Fig. 2 hybrid WM: also encode and decode the scene state (scene_obs)
     proprio_dim: int = 18       # proprioception size (data.robot_obs_to_proprio)
     proprio_scaled: bool = False  # proprio enters the encoder scaled to ~[-1,1] and is decoded as a Gaussian of
-                                  # std _PROPRIO_STD (1 cm for the gripper) instead of unit variance (README)
+                                  # std _PROPRIO_STD (1 cm for the gripper) instead of unit variance (FINDINGS.md)
     proprio_pos_std: float = 0.01  # with proprio_scaled: that std on the gripper xyz (m), replacing _PROPRIO_STD's
     scene_dim: int = 24         # CALVIN scene_obs size
     action_dim: int = 7         # relative action size
     target_input: bool = False  # also feed the GRU the controller's stored TCP target (m), which CALVIN's relative
                                 # controller integrates from the actions; imagination integrates it exactly
-                                # (target_step). Not in DreamerV2 / the paper: README, the LED tasks
+                                # (target_step). Not in DreamerV2 / the paper: FINDINGS.md, the LED tasks
     kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
     kl_balance: float = 0.8     # Tab. S.2 delta: share of the KL gradient that trains the prior (see kl_balance)
     unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
     event_frac: float = 0.0     # share of each batch's sequences drawn around a light switching (data.
                                 # light_switch_frames). 0 = DreamerV2's uniform sampling. Not in the paper:
-                                # an experiment for the LED tasks, which did not help (README)
+                                # an experiment for the LED tasks, which did not help (FINDINGS.md)
     reset_prob: float = 0.01    # Tab. S.2 zeta: per-step probability of resetting the RSSM state in training
     lr: float = 3e-4            # Tab. S.2: AdamW learning rate
     eps: float = 1e-5           # Tab. S.2: Adam epsilon
@@ -80,7 +80,7 @@ PRESETS = {
     # Paper preset on the same CPU: ~50 frames/s (50 s/step), peak RSS 7.9 GiB.
     # proprio_scaled: at this small size the unit-variance proprio decoder left the gripper position in the
     # latent to a few cm, and the cloned policies waited next to the knobs; scaled (one exploratory run on the
-    # earlier desk, seed 1), DiWA's gain on open_drawer went from +11 to +35 (README: what limits DiWA here).
+    # earlier desk, seed 1), DiWA's gain on open_drawer went from +11 to +35 (FINDINGS.md: what limits DiWA here).
     # The paper preset keeps DreamerV2's unit variance.
     'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
                 batch=8, seq_len=32, steps=10000, proprio_scaled=True),
@@ -98,7 +98,7 @@ _SCENE_SCALE = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.3, 0.3, 0.3, math
 # With proprio_scaled, the encoder sees (p - offset) / range, roughly [-1, 1] on the desk, and the decoder's
 # Gaussian has std _PROPRIO_STD instead of 1: with unit variance a 2 cm error of the gripper position costs
 # 0.0004 nats against ~150 for the images, so nothing asks the latent to know where the gripper is to the
-# centimetre a knob needs (README: what limits DiWA here).
+# centimetre a knob needs (FINDINGS.md: what limits DiWA here).
 _PROPRIO_OFFSET = [0.0, -0.13, 0.53] + [0.0, 1.0, 0.0, 1.0, 0.0, 0.0] + [0.04] + \
                   [0.03, -0.65, 1.02, 1.82, -1.98, -0.93, 1.77] + [0.0]
 _PROPRIO_RANGE = [0.3, 0.2, 0.15] + [0.2] * 6 + [0.04] + [1.0] * 7 + [1.0]

@@ -241,7 +241,7 @@ def test_training_lowers_loss_on_moving_square():
     assert after < 0.5 * before, (before, after)
 
 
-# ---------------------------------------------------------------- target_input (README: the LED tasks)
+# ---------------------------------------------------------------- target_input (FINDINGS.md: the LED tasks)
 
 def consistent_targets(batch):
     """Stored targets as the controller keeps them: the measured TCP at the first frame (a reset), then
