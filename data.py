@@ -536,7 +536,7 @@ class CollectConfig:
     p_task: float = 0.85        # probability that a play segment is a scripted task (else a reach or a pause)
     p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
     p_home: float = 0.5         # probability of a reach back near the rest pose after a task segment
-    action_noise: float = 0.25  # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
+    action_noise: float = 0.3   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
     speed_min: float = 0.7      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
     speed_max: float = 1.0      # (slow and fast operators)
     gain_min: float = 0.35      # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
@@ -546,14 +546,18 @@ class CollectConfig:
     noise_corr: float = 0.7     # AR(1) coefficient of the action noise (0 = iid jitter)
     p_via: float = 0.4          # probability that a task first swings through a random via point
     via_scale: float = 0.08     # how far (m) that via point lies off the straight line
-    p_hesitate: float = 0.2     # probability of a hesitation after each phase of a task ...
-    hesitate_max: int = 12      # ... of 3 to hesitate_max steps holding still
+    p_hesitate: float = 0.25    # probability of a hesitation after each phase of a task ...
+    hesitate_max: int = 15      # ... of 3 to hesitate_max steps holding still
     p_miss: float = 0.5         # probability that an LED task starts with a press beside the button (a miss
                                 # and a retry: FINDINGS.md, the turn_on_led failure)
     p_retry: float = 0.3        # probability that a task's first attempt is abandoned part-way and started over
                                 # (env.ScriptedSkill p_retry: FINDINGS.md, the shallow LED press)
-    drawer_tol_max: float = 0.006  # open_drawer closes on the knob within a tolerance drawn from [6 mm, this]
-                                # (env.ScriptedSkill; 0.006 = always 6 mm, no draw: README, open_drawer's base)
+    drawer_tol_max: float = 0.010  # open_drawer closes on the knob within a tolerance drawn from [6 mm, this]
+                                # (env.ScriptedSkill; 0.006 = always 6 mm, no draw: FINDINGS.md, open_drawer)
+    # Until session 19 the operator was milder: action_noise 0.25, p_hesitate 0.2, hesitate_max 12 and
+    # drawer_tol_max 0.006 (the play data of results/results.md). Session 19 made desk-v3b's operator
+    # (results/desk_v3b/) the default: 5 of 8 base policies in the paper's 30-75% band instead of 2, and
+    # open_drawer no longer stalls at the knob (FINDINGS.md, "A stronger operator becomes the default").
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -567,11 +571,12 @@ PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
     # test: 350-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
-    # says so): a brisk operator, and a seed whose two episodes do (seed 11: two in training, one in validation)
+    # says so): a brisk operator, and a seed whose two episodes do (seed 11: two in training, one in validation);
+    # the 6 mm drawer grasp keeps the test data what it was before session 19's operator
     'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'seed': 11,
              'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0, 'p_retry': 0.0,
-             'speed_min': 0.6, 'gain_min': 0.3},
+             'speed_min': 0.6, 'gain_min': 0.3, 'drawer_tol_max': 0.006},
 }
 
 

@@ -1138,6 +1138,8 @@ def main(argv=None) -> int:
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = torch default)')
     p.add_argument('--scripted', action='store_true', help='run the scripted skills through the evaluation loop')
+    p.add_argument('--snapshots', action='store_true', help='also evaluate the weights kept along fine-tuning and '
+                   "along DPPO ('diwa@<step>', 'dppo@<step>' in results.csv: Fig. 3, Fig. S.5)")
     p.add_argument('--wm-report', action='store_true', help='world-model open-loop errors and Fig. S.7')
     p.add_argument('--reward-report', action='store_true', help='reward classifier on held-out and imagined latents')
     p.add_argument('--press-report', action='store_true',
@@ -1190,7 +1192,8 @@ def main(argv=None) -> int:
                 for name in args.policy or ['base']:
                     imagination_gap(args, device, task, cfg, name)
             if not (args.scripted or args.wm_report or args.reward_report or args.gap_report or args.press_report):
-                evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy)
+                evaluate_checkpoints(args, device, task, cfg, env_kind=args.env, policies=args.policy,
+                                     snapshots=args.snapshots)
     except TR.user_errors() as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

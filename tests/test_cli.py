@@ -405,6 +405,22 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
         assert f'[gap/{TASK}] {policy} seed 0: simulator' in proc.stdout
 
 
+def test_eval_snapshots_flag_evaluates_the_weights_kept_along_fine_tuning(run_dir):
+    """eval.py --snapshots (Fig. 3 outside --stage report): one results.csv row per kept snapshot, named
+    'diwa@<step>' after its file; a second call finds them all up to date."""
+    kept = sorted(int(f[4:-3]) for f in os.listdir(os.path.join(run_dir, TASK, 'diwa_s0_snapshots')))
+    assert kept
+    cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--preset', 'test', '--run', run_dir, '--task', TASK,
+           '--policy', 'diwa', '--snapshots']
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_csv(os.path.join(run_dir, 'results.csv'))
+    assert sorted(int(r['policy'][5:]) for r in rows if r['policy'].startswith('diwa@')) == kept
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count('up to date') == len(kept) + 1
+    assert len(read_csv(os.path.join(run_dir, 'results.csv'))) == len(rows)
+
+
 def test_options_added_later_keep_old_keys_at_their_old_behaviour():
     """A setting in train.LATER_FIELDS at its default (the earlier behaviour) leaves a checkpoint's key as it
     was without it; any other value changes the key and is named as the change."""
