@@ -183,7 +183,8 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 # Settings added after checkpoints with the earlier behaviour existed: at these values (that behaviour) they are
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
 LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'target_input': False,
-                'event_frac': 0.0}
+                'event_frac': 0.0, 'play_frac': 0.125,
+                'drop_relapses': False, 'imagined_samples': 1}
 
 
 def _comparable(config: dict) -> dict:
@@ -627,10 +628,11 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
 
 
 def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int,
-                   imagined: bool = False) -> torch.Tensor:
+                   imagined: int = 0) -> torch.Tensor:
     """Latents of play frames where the task is still possible, i.e. certainly not its success state
     (Table S.4: 'distant/unsuccessful frames'). Filtered over 32-frame play snippets; the first 8 frames of a
-    snippet are context only. imagined=True adds the same frames imagined open loop from the snippet's first."""
+    snippet are context only. imagined=n adds the same frames n times more, each imagined open loop from the
+    snippet's first frame with its own sampled latents."""
     import data
     import env
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
@@ -639,31 +641,41 @@ def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, see
     rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
     possible = torch.as_tensor(np.vectorize(lambda r: env.task_possible(task, split['scene_obs'][r]))(rows[:, 8:]))
     feats = [featurize_rows(wm, split, rows, device)[:, 8:][possible]]    # (N, F)
-    if imagined:
+    for _ in range(int(imagined)):
         feats.append(featurize_rows(wm, split, rows, device, imagined=True)[:, 8:][possible])
     return torch.cat(feats)
 
 
-def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagined: bool = False,
-                   margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagined: int = 0,
+                   margin: int = 0, play_frac: float = 0.125,
+                   drop_relapses: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
-    plus play frames where the task is possible as extra negatives. imagined=True (RewardConfig.imagined) adds
-    every one of these frames a second time as the world model imagines it from the sequence's first frame
-    along the recorded actions, with the recorded frame's label. The `margin` demo frames just before a
-    window's first success are left out (RewardConfig.neg_margin: Table S.4's negatives are *distant* frames)."""
+    plus play frames where the task is possible as extra negatives. imagined=n (RewardConfig.imagined and
+    .imagined_samples) adds every one of these frames n times more as the world model imagines it from the
+    sequence's first frame along the recorded actions (each time with its own sampled latents), with the
+    recorded frame's label. The `margin` demo frames just before a window's first success are left out
+    (RewardConfig.neg_margin: Table S.4's negatives are *distant* frames).
+    drop_relapses leaves out the post-success frames where the test no longer holds (RewardConfig.drop_relapses:
+    a drawer bouncing back after the push; episodes end at their first success, so such states are never judged).
+    play_frac: play snippets (32 frames, the last 24 scored) drawn per demo success frame (RewardConfig.play_frac;
+    the held-out set of eval.py --reward-report keeps the default, so its figures compare across settings)."""
     demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
     success = demos['success']
     first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
     offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it
-    valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & success.any(1, keepdim=True))
+    done = success.any(1, keepdim=True)                               # (W, 1) windows that reach success
+    valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & done)
+    if drop_relapses:
+        valid &= ~((offset > 0) & ~success & done)
     feat, label = [demos['feat'][valid]], [demos['success'][valid].long()]
     if imagined:
         import data
         split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
         rows, _ = window_rows(split['episodes'], demos['windows'].numpy(), args.post_success_frames)
-        feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
-        label.append(label[0])
-    n_seq = max(8, int(label[0].sum()) // 8)
+        for _ in range(int(imagined)):
+            feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
+            label.append(label[0])
+    n_seq = max(8, int(int(label[0].sum()) * play_frac))
     neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'),
                          imagined=imagined)
     return torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
@@ -681,8 +693,10 @@ def stage_reward(args, device, task: str) -> dict:
     done = finished('reward', task, config=dataclasses.asdict(cfg), upstream=upstream, force=args.force, **where)
     if done is not None:
         return done
-    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training', imagined=cfg.imagined,
-                                     margin=cfg.neg_margin)
+    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training',
+                                     imagined=cfg.imagined_samples if cfg.imagined else 0,
+                                     margin=cfg.neg_margin, play_frac=cfg.play_frac,
+                                     drop_relapses=cfg.drop_relapses)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')

@@ -158,6 +158,40 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
         dropped += sum(valid[t] for t in range(max(0, first - 3), first))
     f2, y2 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=3)
     assert dropped > 0 and len(f0) - len(f2) == dropped and int(y2.sum()) == int(y0.sum())
+    # imagined=n: n imagined copies of every frame, each with its own sampled latents
+    f3, y3 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=2)
+    assert len(f3) == 3 * len(f0) and int(y3.sum()) == 3 * int(y0.sum())
+    assert (f3[n_demo:2 * n_demo] - f3[2 * n_demo:3 * n_demo]).abs().mean() > 1e-4
+    # play_frac: more play snippets, the same demo frames
+    f4, y4 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', play_frac=1.0)
+    assert len(f4) > len(f0) and torch.equal(f4[:n_demo], f0[:n_demo]) and int(y4.sum()) == int(y0.sum())
+
+
+def test_reward_data_drops_post_success_relapses_only(run_dir, monkeypatch):
+    """RewardConfig.drop_relapses: post-success frames where the test fails again are left out; with it off they
+    are negatives. A relapse is written into the cached demo labels (the test desk's demos have none)."""
+    sys.path.insert(0, ROOT)
+    import train
+    args = train.parse_args(['--stage', 'reward', '--preset', 'test', '--run', run_dir, '--task', TASK])
+    device = torch.device('cpu')
+    wm, wm_ckpt = train.load_world_model(args, device)
+    demos = dict(train.demo_latents(args, wm, wm_ckpt, TASK, device))
+    success = demos['success'].clone()
+    first = success.float().argmax(1)
+    rows = [w for w in range(len(success)) if first[w] + 3 < success.shape[1] and demos['valid'][w, first[w] + 3]]
+    assert rows, 'the test demos need post-success frames'
+    for w in rows:
+        success[w, first[w] + 2: first[w] + 4] = False              # two frames after the first success fail again
+    demos['success'] = success
+    relapses = sum(int(demos['valid'][w, first[w] + 2: first[w] + 4].sum()) for w in rows)
+    monkeypatch.setattr(train, 'demo_latents', lambda *a, **k: demos)
+    f0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
+    f1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', drop_relapses=True)
+    assert relapses > 0 and len(f0) - len(f1) == relapses and int(y0.sum()) == int(y1.sum())
+    # the frames before the first success are kept in both
+    f2, _ = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=2, drop_relapses=True)
+    assert len(f1) - len(f2) == sum(int(demos['valid'][w, max(0, int(first[w]) - 2):first[w]].sum())
+                                    for w in range(len(success)))
 
 
 def test_nan_loss_stops_with_stage_step_and_term(tmp_path):
