@@ -49,7 +49,7 @@ class RewardConfig:
     # With `imagined`: how many imagined copies of each frame, each with its own sampled latents. 4 makes the
     # classifier score more imagined ends of held-out demos a success (open_drawer 0.62 -> 0.88), but where the
     # dream cannot tell success (the LED) it also rewards what is only a press: turn_on_led's DiWA fell to 21%
-    # (66% with 1; FINDINGS.md, "The reward classifier's criteria"). So 1 everywhere.
+    # (59% with 1, seed 0; FINDINGS.md, "The reward classifier's criteria"). So 1 everywhere.
     imagined_samples: int = 1
     # Tab. S.4's negatives are 'distant/unsuccessful frames': the neg_margin demo frames (one action chunk) just
     # before a window's first success are neither positives nor negatives, in training and in the held-out

@@ -675,7 +675,7 @@ def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagin
         for _ in range(int(imagined)):
             feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
             label.append(label[0])
-    n_seq = max(8, int(int(label[0].sum()) * play_frac))
+    n_seq = max(8, int(label[0].sum().item() * play_frac))
     neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'),
                          imagined=imagined)
     return torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
