@@ -347,7 +347,8 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     _check_cfg(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
-    relative = getattr(reward_clf, 'relative', False)  # reward tested against z_0 (decoded-state reward, Fig. 2)
+    relative = getattr(reward_clf, 'relative', False)  # reward tested against z_0 (decoded-state reward, Fig. 2;
+    #                                                    RewardConfig.start_conditioned)
     start_feat = wm.feature(state) if relative else None
     ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
     feats, chains, rewards, dones, succs, values = [], [], [], [], [], []

@@ -550,7 +550,7 @@ def imagined_window_scores(wm, clf, split: dict, windows: np.ndarray, device, se
         if rows.shape[1] < 2:
             continue
         feat = W.open_loop_features(wm, batch, context=1, horizon=rows.shape[1] - 1, sample=True)[0]  # (T, F)
-        out.append(clf.success_prob(feat).cpu().numpy())
+        out.append(clf.success_prob(feat, feat[:1].expand_as(feat)).cpu().numpy())   # z_0: the filtered frame s
     return out
 
 
@@ -568,9 +568,9 @@ def reward_report(args, device, task: str, samples: int = 4) -> dict:
     thr = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft').success_threshold
     wm, wm_ckpt = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
-    feat, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation', margin=clf.cfg.neg_margin,
-                                    drop_relapses=clf.cfg.drop_relapses)
-    pr = R.precision_recall(clf, feat.to(device), label.to(device))
+    feat, start, label = TR.reward_dataset(args, wm, wm_ckpt, task, device, 'validation', margin=clf.cfg.neg_margin,
+                                           drop_relapses=clf.cfg.drop_relapses, relative=clf.relative)
+    pr = R.precision_recall(clf, feat.to(device), label.to(device), start=start.to(device))
     val = data.load_split(os.path.join(TR.data_root(args), 'validation'), wm.cfg.image_size)
     # held-out demos, each followed for the same post-success frames as the classifier's positives
     win = val['windows'][val['window_tasks'] == task]
@@ -629,11 +629,12 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
         actor = TR.load_finetuned_actor(ck, policy_pre, device)
         fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
     factory = policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)
-    relative = getattr(clf, 'relative', False)         # the decoded-state reward compares with the start
+    # the decoded-state reward and a start-conditioned classifier compare with the episode's first latent
+    relative = getattr(clf, 'relative', False)
     starts, acts, post_p = {k: [] for k in wm.state_keys}, [], []
 
     def make_agent(B):                                  # the evaluation's agent, recording start states and actions
-        agent, steps = factory(B), []
+        agent, steps, first = factory(B), [], {}
         acts.append(steps)
         post_p.append(torch.zeros(B))
 
@@ -643,9 +644,10 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
                 s0, _ = wm.obs_step(wm.initial(B), torch.zeros(B, 7, device=device), x, sample=False)
                 for k in starts:
                     starts[k].append(s0[k])
-            if not relative:                            # (4) the classifier on the posterior of the real frames
-                with torch.no_grad():
-                    post_p[-1].copy_(torch.maximum(post_p[-1], clf.success_prob(feat[:B]).cpu()))
+                first['feat'] = feat[:B]
+            with torch.no_grad():                       # (4) the classifier on the posterior of the real frames
+                p = clf.success_prob(feat[:B], first['feat']) if relative else clf.success_prob(feat[:B])
+                post_p[-1].copy_(torch.maximum(post_p[-1], p.float().cpu()))
             a = agent(t, obs, feat)
             steps.append(np.asarray(a, dtype=np.float32))
             return a
@@ -655,7 +657,7 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
                         seed=args.seed)['success']
     start_state = {k: torch.cat(v) for k, v in starts.items()}
     h0 = start_state['h']
-    posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy() if not relative else None
+    posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy()
     torch.manual_seed(args.seed)                       # the world model's latent samples: the same figures on a re-run
     n, gen = len(real), torch.Generator(device=h0.device).manual_seed(args.seed)
     Ta, T = P.action_horizon(policy_pre), fcfg.max_episode_steps * P.action_horizon(policy_pre)
@@ -689,8 +691,8 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
            'imagined_on_real_failure': f(closed[~real].mean() if (~real).any() else np.nan),
            'replay_on_real_success': f(replayed[real].mean() if real.any() else np.nan),
            'replay_on_real_failure': f(replayed[~real].mean() if (~real).any() else np.nan),
-           'posterior_on_real_success': f(posterior[real].mean() if real.any() and posterior is not None else np.nan),
-           'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() and posterior is not None else np.nan),
+           'posterior_on_real_success': f(posterior[real].mean() if real.any() else np.nan),
+           'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
            'wall_s': round(time.time() - t0, 1)}
     print(f"[gap/{task}] {policy} seed {args.seed}: simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
           f"{repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "

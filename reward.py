@@ -64,6 +64,12 @@ class RewardConfig:
     # bouncing back a few centimetres after the push) are neither positives nor negatives either: episodes, in the
     # simulator and in imagination, end at their first success, so such states are never judged.
     drop_relapses: bool = False
+    # Not in the paper (Eq. 13-14 classify z alone): the classifier also sees the episode's first latent z_0,
+    # C_psi(z_t, z_t - z_0). The success tests are relative to the window's start (a slider moved 15 cm), which
+    # one frame does not show: a door 11 cm along may be a finished push from further left or a paused one.
+    # In imagination z_0 is the latent the episode started from (dream_ppo passes it, as to the decoded-state
+    # reward); in training, the filtered first frame of the demo window or play snippet.
+    start_conditioned: bool = False
 
 
 PRESETS = {
@@ -105,29 +111,38 @@ class RewardClassifier(nn.Module):
     def __init__(self, feat_dim, cfg):
         super().__init__()
         self.feat_dim, self.cfg = feat_dim, cfg
-        self.f_psi = nn.Sequential(nn.Linear(feat_dim, cfg.embed_dim), nn.ReLU(),
+        # start_conditioned: dream_ppo passes the episode's first latent (as to DecodedStateReward)
+        self.relative = bool(getattr(cfg, 'start_conditioned', False))
+        in_dim = 2 * feat_dim if self.relative else feat_dim
+        self.f_psi = nn.Sequential(nn.Linear(in_dim, cfg.embed_dim), nn.ReLU(),
                                    nn.Linear(cfg.embed_dim, cfg.embed_dim))
         self.g_psi = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 2))
 
-    def embed(self, feat):
-        """f_psi: (B, F) -> (B, E)."""
+    def embed(self, feat, start=None):
+        """f_psi: (B, F) [and the episode's first latents (B, F) if start_conditioned] -> (B, E)."""
         assert feat.dim() == 2 and feat.shape[1] == self.feat_dim, \
             f'reward classifier expects (B, {self.feat_dim}) world-model latents, got {tuple(feat.shape)}'
+        if self.relative:
+            assert start is not None and start.shape == feat.shape, \
+                f'a start-conditioned classifier needs the first latents z_0 {tuple(feat.shape)}, got ' \
+                f'{None if start is None else tuple(start.shape)}'
+            feat = torch.cat([feat, feat - start], 1)                       # (B, 2F): z_t and its change
         return self.f_psi(feat)
 
-    def forward(self, feat):
-        """(B, F) -> logits (B, 2); class 1 = success."""
-        return self.g_psi(self.embed(feat))
+    def forward(self, feat, start=None):
+        """(B, F) [, (B, F)] -> logits (B, 2); class 1 = success."""
+        return self.g_psi(self.embed(feat, start))
 
     @torch.no_grad()
-    def success_prob(self, feat):
-        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)"""
-        return self(feat).softmax(dim=1)[:, 1]
+    def success_prob(self, feat, start=None):
+        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)
+        `start` (B, F), the episode's first latents, is read only by a start-conditioned classifier."""
+        return self(feat, start).softmax(dim=1)[:, 1]
 
 
-def reward_loss(clf, feat, labels):
+def reward_loss(clf, feat, labels, start=None):
     """Eq. 14: L_reward = L_NT-Xent + L_CE. -> (loss, dict of parts)."""
-    emb = clf.embed(feat)
+    emb = clf.embed(feat, start)
     logits = clf.g_psi(emb)
     l_con, l_ce = nt_xent(emb, labels, clf.cfg.tau), F.cross_entropy(logits, labels)
     acc = (logits.argmax(1) == labels).float().mean()
@@ -148,12 +163,12 @@ def make_optimizer(clf, cfg):
     return torch.optim.Adam(clf.parameters(), lr=cfg.lr)
 
 
-def update_reward(clf, opt, feat, labels):
-    """One optimisation step on a (class-balanced) batch. feat (B,F), labels (B,) long -> metrics."""
+def update_reward(clf, opt, feat, labels, start=None):
+    """One optimisation step on a (class-balanced) batch. feat (B,F), labels (B,) long [, start (B,F)] -> metrics."""
     assert labels.dtype == torch.long and bool(((labels == 0) | (labels == 1)).all()), \
         'labels must be a long tensor of 0 (not success) / 1 (success)'
     clf.train()
-    loss, parts = reward_loss(clf, feat, labels)
+    loss, parts = reward_loss(clf, feat, labels, start)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -161,10 +176,11 @@ def update_reward(clf, opt, feat, labels):
 
 
 @torch.no_grad()
-def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096):
+def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096, start=None):
     """Evaluation only: success predicted where C_psi(z) >= threshold. -> precision, recall, accuracy, f1."""
     clf.eval()
-    prob = torch.cat([clf.success_prob(feat[i:i + chunk]) for i in range(0, len(feat), chunk)])
+    prob = torch.cat([clf.success_prob(feat[i:i + chunk]) if start is None else
+                      clf.success_prob(feat[i:i + chunk], start[i:i + chunk]) for i in range(0, len(feat), chunk)])
     pred, true = prob >= threshold, labels.bool()
     tp, fp, fn = (pred & true).sum().item(), (pred & ~true).sum().item(), (~pred & true).sum().item()
     precision = tp / max(tp + fp, 1)

@@ -184,7 +184,7 @@ def load_checkpoint(path: str, stage: str | None = None, task: str | None = None
 # left out of the key, so that adding an option does not make every finished checkpoint stale.
 LATER_FIELDS = {'proprio_scaled': False, 'latent_sample': True, 'proprio_pos_std': 0.01, 'target_input': False,
                 'event_frac': 0.0, 'play_frac': 0.125,
-                'drop_relapses': False, 'imagined_samples': 1}
+                'drop_relapses': False, 'imagined_samples': 1, 'start_conditioned': False}
 
 
 def _comparable(config: dict) -> dict:
@@ -628,28 +628,39 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
 
 
 def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int,
-                   imagined: int = 0) -> torch.Tensor:
+                   imagined: int = 0, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of play frames where the task is still possible, i.e. certainly not its success state
     (Table S.4: 'distant/unsuccessful frames'). Filtered over 32-frame play snippets; the first 8 frames of a
     snippet are context only. imagined=n adds the same frames n times more, each imagined open loop from the
-    snippet's first frame with its own sampled latents."""
+    snippet's first frame with its own sampled latents. -> (feat (N, F), start (N, F)): each frame's latent and
+    its snippet's first latent (z_0 of a start-conditioned classifier). relative=True (RewardConfig.start_conditioned)
+    also leaves out the frames where the test holds relative to the snippet's first frame (a slider pushed 15 cm
+    within the snippet and still short of its end)."""
     import data
     import env
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
     rng = np.random.default_rng(seed)
     starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
     rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
-    possible = torch.as_tensor(np.vectorize(lambda r: env.task_possible(task, split['scene_obs'][r]))(rows[:, 8:]))
-    feats = [featurize_rows(wm, split, rows, device)[:, 8:][possible]]    # (N, F)
-    for _ in range(int(imagined)):
-        feats.append(featurize_rows(wm, split, rows, device, imagined=True)[:, 8:][possible])
-    return torch.cat(feats)
+    scene = split['scene_obs']
+    keep = np.vectorize(lambda r: env.task_possible(task, scene[r]))(rows[:, 8:])
+    if relative:
+        keep &= ~np.array([[env.task_success(task, {'scene_obs': scene[r[0]]}, {'scene_obs': scene[t]}) for t in r[8:]]
+                           for r in rows], bool)
+    keep = torch.as_tensor(keep)
+    feats, firsts = [], []
+    for i in range(1 + int(imagined)):                                    # recorded, then n imagined copies
+        f = featurize_rows(wm, split, rows, device, imagined=i > 0)       # (n_seq, 32, F)
+        feats.append(f[:, 8:][keep])
+        firsts.append(f[:, :1].expand(-1, 24, -1)[keep])
+    return torch.cat(feats), torch.cat(firsts)
 
 
 def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagined: int = 0,
-                   margin: int = 0, play_frac: float = 0.125,
-                   drop_relapses: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feat (N, F), label (N,)): demo frames labelled by the success test relative to the window start,
+                   margin: int = 0, play_frac: float = 0.125, drop_relapses: bool = False,
+                   relative: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feat (N, F), start (N, F), label (N,)): demo frames labelled by the success test relative to the window
+    start, each with the latent of its sequence's first frame (z_0 of a start-conditioned classifier),
     plus play frames where the task is possible as extra negatives. imagined=n (RewardConfig.imagined and
     .imagined_samples) adds every one of these frames n times more as the world model imagines it from the
     sequence's first frame along the recorded actions (each time with its own sampled latents), with the
@@ -658,7 +669,8 @@ def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagin
     drop_relapses leaves out the post-success frames where the test no longer holds (RewardConfig.drop_relapses:
     a drawer bouncing back after the push; episodes end at their first success, so such states are never judged).
     play_frac: play snippets (32 frames, the last 24 scored) drawn per demo success frame (RewardConfig.play_frac;
-    the held-out set of eval.py --reward-report keeps the default, so its figures compare across settings)."""
+    the held-out set of eval.py --reward-report keeps the default, so its figures compare across settings).
+    relative: see play_negatives."""
     demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
     success = demos['success']
     first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
@@ -667,18 +679,22 @@ def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagin
     valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & done)
     if drop_relapses:
         valid &= ~((offset > 0) & ~success & done)
-    feat, label = [demos['feat'][valid]], [demos['success'][valid].long()]
+    def first(f):                                                     # (W, T, F) -> each frame's z_0, (N, F)
+        return f[:, :1].expand_as(f)[valid]
+
+    feat, start, label = [demos['feat'][valid]], [first(demos['feat'])], [demos['success'][valid].long()]
     if imagined:
         import data
         split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
         rows, _ = window_rows(split['episodes'], demos['windows'].numpy(), args.post_success_frames)
         for _ in range(int(imagined)):
-            feat.append(featurize_rows(wm, split, rows, device, imagined=True)[valid])
-            label.append(label[0])
+            f = featurize_rows(wm, split, rows, device, imagined=True)
+            feat.append(f[valid]), start.append(first(f)), label.append(label[0])
     n_seq = max(8, int(label[0].sum().item() * play_frac))
-    neg = play_negatives(args, wm, task, device, split_name, n_seq, seed=args.seed + (split_name != 'training'),
-                         imagined=imagined)
-    return torch.cat(feat + [neg]), torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)])
+    neg, neg_start = play_negatives(args, wm, task, device, split_name, n_seq, imagined=imagined, relative=relative,
+                                    seed=args.seed + (split_name != 'training'))
+    return (torch.cat(feat + [neg]), torch.cat(start + [neg_start]),
+            torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)]))
 
 
 def stage_reward(args, device, task: str) -> dict:
@@ -693,10 +709,10 @@ def stage_reward(args, device, task: str) -> dict:
     done = finished('reward', task, config=dataclasses.asdict(cfg), upstream=upstream, force=args.force, **where)
     if done is not None:
         return done
-    b_feat, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training',
-                                     imagined=cfg.imagined_samples if cfg.imagined else 0,
-                                     margin=cfg.neg_margin, play_frac=cfg.play_frac,
-                                     drop_relapses=cfg.drop_relapses)
+    b_feat, b_start, b_label = reward_dataset(args, wm, wm_ckpt, task, device, 'training',
+                                              imagined=cfg.imagined_samples if cfg.imagined else 0,
+                                              margin=cfg.neg_margin, play_frac=cfg.play_frac,
+                                              drop_relapses=cfg.drop_relapses, relative=cfg.start_conditioned)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')
@@ -711,7 +727,8 @@ def stage_reward(args, device, task: str) -> dict:
         half = cfg.batch // 2
         idx = torch.cat([pos[torch.randint(0, len(pos), (half,), generator=gen)],
                          neg[torch.randint(0, len(neg), (cfg.batch - half,), generator=gen)]])
-        return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device))
+        return R.update_reward(clf, opt, b_feat[idx].to(device), b_label[idx].to(device),
+                               b_start[idx].to(device) if clf.relative else None)
 
     ckpt = train_loop(stage='reward', task=task, **where, config=dataclasses.asdict(cfg), upstream=upstream,
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,

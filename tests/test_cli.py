@@ -145,25 +145,35 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
     assert post.shape == imag.shape == (2, 40, wm.feat_dim)
     assert torch.allclose(post[:, 0, :H], imag[:, 0, :H])          # h_0 comes from the same fresh state
     assert (post[:, 10:] - imag[:, 10:]).abs().mean() > 1e-3         # then the prior drifts off the posterior
-    f0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
-    f1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=True)
+    f0, st0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
+    f1, st1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=True)
     assert len(f1) == 2 * len(f0) and int(y1.sum()) == 2 * int(y0.sum())
     n_demo = int(train.demo_latents(args, wm, wm_ckpt, TASK, device)['valid'].sum())
     assert torch.equal(f1[:n_demo], f0[:n_demo]) and torch.equal(y1[n_demo:2 * n_demo], y0[:n_demo])
+    # every frame comes with its sequence's first latent z_0 (a start-conditioned classifier's input): for the demo
+    # frames, the filtered first frame of their window (naive loop); the imagined copies start from the same h_0
+    demos = train.demo_latents(args, wm, wm_ckpt, TASK, device)
+    expect = [demos['feat'][w, 0] for w in range(len(demos['feat'])) for t in range(demos['feat'].shape[1])
+              if demos['valid'][w, t]]
+    assert st0.shape == f0.shape and st1.shape == f1.shape and torch.equal(st0[:n_demo], torch.stack(expect))
+    assert torch.allclose(st1[n_demo:2 * n_demo, :H], st0[:n_demo, :H])
+    # relative=True (start_conditioned) keeps the demo frames and drops only play frames
+    f5, st5, y5 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', relative=True)
+    assert torch.equal(f5[:n_demo], f0[:n_demo]) and len(f5) <= len(f0) and int(y5.sum()) == int(y0.sum())
     # neg_margin: the `margin` frames before each window's first success are dropped, nothing else (naive loop)
     demos = train.demo_latents(args, wm, wm_ckpt, TASK, device)
     dropped = 0
     for succ, valid in zip(demos['success'].tolist(), demos['valid'].tolist()):
         first = succ.index(True)
         dropped += sum(valid[t] for t in range(max(0, first - 3), first))
-    f2, y2 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=3)
+    f2, st2, y2 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=3)
     assert dropped > 0 and len(f0) - len(f2) == dropped and int(y2.sum()) == int(y0.sum())
     # imagined=n: n imagined copies of every frame, each with its own sampled latents
-    f3, y3 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=2)
+    f3, st3, y3 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', imagined=2)
     assert len(f3) == 3 * len(f0) and int(y3.sum()) == 3 * int(y0.sum())
     assert (f3[n_demo:2 * n_demo] - f3[2 * n_demo:3 * n_demo]).abs().mean() > 1e-4
     # play_frac: more play snippets, the same demo frames
-    f4, y4 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', play_frac=1.0)
+    f4, st4, y4 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', play_frac=1.0)
     assert len(f4) > len(f0) and torch.equal(f4[:n_demo], f0[:n_demo]) and int(y4.sum()) == int(y0.sum())
 
 
@@ -185,11 +195,11 @@ def test_reward_data_drops_post_success_relapses_only(run_dir, monkeypatch):
     demos['success'] = success
     relapses = sum(int(demos['valid'][w, first[w] + 2: first[w] + 4].sum()) for w in rows)
     monkeypatch.setattr(train, 'demo_latents', lambda *a, **k: demos)
-    f0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
-    f1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', drop_relapses=True)
+    f0, st0, y0 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training')
+    f1, st1, y1 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', drop_relapses=True)
     assert relapses > 0 and len(f0) - len(f1) == relapses and int(y0.sum()) == int(y1.sum())
     # the frames before the first success are kept in both
-    f2, _ = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=2, drop_relapses=True)
+    f2, st2, _ = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', margin=2, drop_relapses=True)
     assert len(f1) - len(f2) == sum(int(demos['valid'][w, max(0, int(first[w]) - 2):first[w]].sum())
                                     for w in range(len(success)))
 

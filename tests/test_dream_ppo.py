@@ -224,6 +224,31 @@ def test_rollout_episode_ends_and_restarts():
     assert b['values'].shape == (8, cfg.n_envs) and b['imagined_steps'] == 7 * cfg.n_envs * 4
 
 
+def test_rollout_gives_a_relative_reward_its_episode_start():
+    """A relative reward (the decoded-state reward, a start-conditioned classifier) is called with the latent its
+    episode started from, also after an episode ended and restarted from a fresh draw."""
+    wm, pre, actor, critic, _ = make_setup()
+
+    class Relative(ToyReward):
+        relative = True
+
+        def success_prob(self, feat, start):
+            starts.append(start.clone())
+            return (torch.rand(len(feat), generator=g) < 0.1).float()   # episodes end at random decisions
+    starts, g = [], torch.Generator().manual_seed(0)
+    cfg = replace(TEST, n_steps=12, max_episode_steps=5)
+    b = dp.imagine_rollout(wm, pre, actor, critic, Relative(wm.feat_dim), toy_pool(wm), cfg)
+    Ta = len(starts) // cfg.n_steps
+    first = torch.zeros(cfg.n_envs, dtype=torch.long)                  # the decision each episode started at
+    for t in range(cfg.n_steps):
+        for n in range(cfg.n_envs):
+            for c in range(Ta):
+                assert torch.equal(starts[t * Ta + c][n], b['feat'][first[n], n]), (t, n, c)
+            if b['dones'][t, n]:
+                first[n] = t + 1
+    assert b['dones'][:-1].any()                                        # some episodes did restart
+
+
 @pytest.mark.parametrize('latent_sample', [True, False])
 def test_rollout_samples_latents_or_takes_the_prior_mode(latent_sample, monkeypatch):
     """latent_sample=False imagines with the prior's mode: every world-model step is called with sample=False."""

@@ -90,6 +90,34 @@ def test_classifier_learns_separable_toy_problem():
     assert pr['accuracy'] > 0.9 and pr['precision'] > 0.75 and pr['recall'] > 0.85, pr
 
 
+def test_start_conditioned_classifier_learns_a_relative_test():
+    """RewardConfig.start_conditioned: C(z_t, z_t - z_0). Success = moved more than 0.5 along a direction from
+    wherever the episode started, which z_t alone cannot tell (starts spread over [-1, 1]); with z_0 it can."""
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randn(n, 8, generator=g)
+        start[:, 0] = 2 * torch.rand(n, generator=g) - 1
+        moved = torch.rand(n, generator=g)
+        feat = start + 0.05 * torch.randn(n, 8, generator=g)
+        feat[:, 0] = start[:, 0] + moved
+        return feat, start, (moved > 0.5).long()
+    accuracy = {}
+    for conditioned in (False, True):
+        torch.manual_seed(0)
+        cfg = R.RewardConfig(**{**R.PRESETS['test'], 'batch': 32, 'start_conditioned': conditioned})
+        clf = R.RewardClassifier(8, cfg)
+        assert clf.relative == conditioned and clf.f_psi[0].in_features == (16 if conditioned else 8)
+        opt, (feat, start, labels), g = R.make_optimizer(clf, cfg), data(2000, 0), torch.Generator().manual_seed(0)
+        for _ in range(600):
+            idx = R.balanced_indices(labels, cfg.batch, g)
+            R.update_reward(clf, opt, feat[idx], labels[idx], start[idx] if conditioned else None)
+        tf, ts, tl = data(2000, 1)
+        accuracy[conditioned] = R.precision_recall(clf, tf, tl, start=ts if conditioned else None)['accuracy']
+    assert accuracy[True] > 0.9 and accuracy[True] > accuracy[False] + 0.1, accuracy
+    with pytest.raises(AssertionError, match='first latents'):
+        clf.success_prob(tf)                                             # a start-conditioned one needs z_0
+
+
 def test_precision_recall_by_hand():
     clf = R.RewardClassifier(1, R.RewardConfig(**R.PRESETS['test']))
     clf.success_prob = lambda feat: feat[:, 0]                # probability = the feature itself
