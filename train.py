@@ -634,8 +634,9 @@ def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, see
     snippet are context only. imagined=n adds the same frames n times more, each imagined open loop from the
     snippet's first frame with its own sampled latents. -> (feat (N, F), start (N, F)): each frame's latent and
     its snippet's first latent (z_0 of a start-conditioned classifier). relative=True (RewardConfig.start_conditioned)
-    also leaves out the frames where the test holds relative to the snippet's first frame (a slider pushed 15 cm
-    within the snippet and still short of its end)."""
+    takes instead every frame where the test fails relative to the snippet's first frame: a classifier that sees
+    z_0 can be told that a closed drawer is no success when it was closed at the start (an absolute one cannot:
+    that is where a close_drawer demo ends)."""
     import data
     import env
     split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
@@ -643,10 +644,11 @@ def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, see
     starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
     rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
     scene = split['scene_obs']
-    keep = np.vectorize(lambda r: env.task_possible(task, scene[r]))(rows[:, 8:])
-    if relative:
-        keep &= ~np.array([[env.task_success(task, {'scene_obs': scene[r[0]]}, {'scene_obs': scene[t]}) for t in r[8:]]
-                           for r in rows], bool)
+    if relative:        # every frame where the test fails relative to the snippet's start
+        keep = ~np.array([[env.task_success(task, {'scene_obs': scene[r[0]]}, {'scene_obs': scene[t]}) for t in r[8:]]
+                          for r in rows], bool)
+    else:
+        keep = np.vectorize(lambda r: env.task_possible(task, scene[r]))(rows[:, 8:])
     keep = torch.as_tensor(keep)
     feats, firsts = [], []
     for i in range(1 + int(imagined)):                                    # recorded, then n imagined copies

@@ -157,11 +157,10 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
               if demos['valid'][w, t]]
     assert st0.shape == f0.shape and st1.shape == f1.shape and torch.equal(st0[:n_demo], torch.stack(expect))
     assert torch.allclose(st1[n_demo:2 * n_demo, :H], st0[:n_demo, :H])
-    # relative=True (start_conditioned) keeps the demo frames and drops only play frames
+    # relative=True (start_conditioned) changes only the play negatives
     f5, st5, y5 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', relative=True)
-    assert torch.equal(f5[:n_demo], f0[:n_demo]) and len(f5) <= len(f0) and int(y5.sum()) == int(y0.sum())
+    assert torch.equal(f5[:n_demo], f0[:n_demo]) and torch.equal(y5[:n_demo], y0[:n_demo]) and int(y5.sum()) == int(y0.sum())
     # neg_margin: the `margin` frames before each window's first success are dropped, nothing else (naive loop)
-    demos = train.demo_latents(args, wm, wm_ckpt, TASK, device)
     dropped = 0
     for succ, valid in zip(demos['success'].tolist(), demos['valid'].tolist()):
         first = succ.index(True)
@@ -175,6 +174,39 @@ def test_reward_data_adds_imagined_latents_with_the_recorded_labels(run_dir):
     # play_frac: more play snippets, the same demo frames
     f4, st4, y4 = train.reward_dataset(args, wm, wm_ckpt, TASK, device, 'training', play_frac=1.0)
     assert len(f4) > len(f0) and torch.equal(f4[:n_demo], f0[:n_demo]) and int(y4.sum()) == int(y0.sum())
+
+
+def test_play_negatives_relative_to_the_snippet_start(run_dir, monkeypatch):
+    """play_negatives(relative=True): every frame where the test fails against the snippet's first frame, each with
+    that first frame's latent; relative=False: the frames where the task is possible."""
+    sys.path.insert(0, ROOT)
+    import env
+    import train
+    args = train.parse_args(['--stage', 'reward', '--preset', 'test', '--run', run_dir, '--task', TASK])
+    device = torch.device('cpu')
+    wm, _ = train.load_world_model(args, device)
+
+    def negatives(relative, success=None, possible=None):
+        if success is not None:
+            monkeypatch.setattr(env, 'task_success', lambda task, s0, s1: success(s0['scene_obs'], s1['scene_obs']))
+        if possible is not None:
+            monkeypatch.setattr(env, 'task_possible', lambda task, s: possible(s))
+        return train.play_negatives(args, wm, TASK, device, 'training', n_seq=6, seed=0, relative=relative)
+
+    f, z0 = negatives(True, success=lambda s0, s1: False)            # nothing succeeds: all 6 x 24 scored frames
+    assert f.shape == z0.shape == (6 * 24, wm.feat_dim)
+    blocks = z0.view(6, 24, -1)
+    assert torch.equal(blocks, blocks[:, :1].expand_as(blocks))      # one z_0 per snippet ...
+    assert not torch.equal(blocks[0, 0], f[0])                       # ... its first frame, before the scored ones
+    assert len(negatives(True, success=lambda s0, s1: True)[0]) == 0
+    assert len(negatives(False, possible=lambda s: False)[0]) == 0   # the absolute classifier's: possible frames
+    # each scored frame is tested against its snippet's first frame, and exactly those that fail are kept
+    calls = []
+    f2, _ = negatives(True, success=lambda s0, s1: calls.append((np.array(s0), np.array(s1))) or len(calls) % 3 == 0)
+    assert len(calls) == 6 * 24 and len(f2) == sum(1 for i in range(len(calls)) if (i + 1) % 3)
+    for b in range(6):
+        s0 = [c[0] for c in calls[24 * b:24 * (b + 1)]]
+        assert all(np.array_equal(x, s0[0]) for x in s0)              # one start per snippet
 
 
 def test_reward_data_drops_post_success_relapses_only(run_dir, monkeypatch):
