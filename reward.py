@@ -68,7 +68,11 @@ class RewardConfig:
     # C_psi(z_t, z_t - z_0). The success tests are relative to the window's start (a slider moved 15 cm), which
     # one frame does not show: a door 11 cm along may be a finished push from further left or a paused one.
     # In imagination z_0 is the latent the episode started from (dream_ppo passes it, as to the decoded-state
-    # reward); in training, the filtered first frame of the demo window or play snippet.
+    # reward); in training, the filtered first frame of the demo window or play snippet, whose negatives are then
+    # every frame failing the test against that first frame (train.play_negatives). Off in every preset: it cut the
+    # imagined false alarms (close_drawer 0.105 -> 0.018) and held imagined successes better (open_drawer's demo
+    # ends 0.62 -> 0.92), but turn_on_led's DiWA fell to 12% (59%, base 37%; FINDINGS.md, "A classifier that
+    # sees the episode's start").
     start_conditioned: bool = False
 
 

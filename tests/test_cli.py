@@ -481,6 +481,30 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
         assert f'[gap/{TASK}] {policy} seed 0: simulator' in proc.stdout
 
 
+def test_start_conditioned_classifier_trains_finetunes_and_reports(run_dir, tmp_path):
+    """--reward.start_conditioned: a classifier of (z_t, z_t - z_0) is trained on the inherited run, DiWA is
+    fine-tuned on it (dream_ppo passes each episode's first latent), and eval.py's reward and gap reports score
+    with it, including the classifier on the real frames' latents."""
+    d = str(tmp_path / 'start')
+    common = ['--preset', 'test', '--run', d, '--inherit', run_dir, '--task', TASK]
+    run('--stage', 'reward', *common, '--reward.start_conditioned', 'true')
+    ckpt = torch.load(os.path.join(d, TASK, 'reward.pt'), weights_only=True)
+    feat_dim = ckpt['extra']['feat_dim']
+    assert ckpt['config']['start_conditioned'] and ckpt['model']['f_psi.0.weight'].shape[1] == 2 * feat_dim
+    run('--stage', 'finetune', *common, '--reward.start_conditioned', 'true')
+    for flags in (['--reward-report'], ['--gap-report', '--policy', 'diwa']):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *common, *flags], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(d, TASK, 'reward_report.json')) as fh:
+        rep = json.load(fh)
+    with open(os.path.join(d, TASK, 'gap_diwa_s0.json')) as fh:
+        gap = json.load(fh)
+    assert all(0.0 <= rep[k] <= 1.0 for k in ('precision', 'recall', 'imagined_final_success', 'imagined_false_alarm'))
+    posterior = [gap[k] for k in ('posterior_on_real_success', 'posterior_on_real_failure') if gap[k] is not None]
+    assert posterior and all(0.0 <= p <= 1.0 for p in posterior)     # scored on the real frames, against z_0
+
+
 def test_eval_snapshots_flag_evaluates_the_weights_kept_along_fine_tuning(run_dir):
     """eval.py --snapshots (Fig. 3 outside --stage report): one results.csv row per kept snapshot, named
     'diwa@<step>' after its file; a second call finds them all up to date."""
