@@ -681,17 +681,18 @@ def reward_dataset(args, wm, wm_ckpt, task: str, device, split_name: str, imagin
     valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & done)
     if drop_relapses:
         valid &= ~((offset > 0) & ~success & done)
-    def first(f):                                                     # (W, T, F) -> each frame's z_0, (N, F)
+
+    def z0_of(f):                                                     # (W, T, F) -> each frame's z_0, (N, F)
         return f[:, :1].expand_as(f)[valid]
 
-    feat, start, label = [demos['feat'][valid]], [first(demos['feat'])], [demos['success'][valid].long()]
+    feat, start, label = [demos['feat'][valid]], [z0_of(demos['feat'])], [demos['success'][valid].long()]
     if imagined:
         import data
         split = data.load_split(os.path.join(data_root(args), split_name), wm.cfg.image_size)
         rows, _ = window_rows(split['episodes'], demos['windows'].numpy(), args.post_success_frames)
         for _ in range(int(imagined)):
             f = featurize_rows(wm, split, rows, device, imagined=True)
-            feat.append(f[valid]), start.append(first(f)), label.append(label[0])
+            feat.append(f[valid]), start.append(z0_of(f)), label.append(label[0])
     n_seq = max(8, int(label[0].sum().item() * play_frac))
     neg, neg_start = play_negatives(args, wm, task, device, split_name, n_seq, imagined=imagined, relative=relative,
                                     seed=args.seed + (split_name != 'training'))
