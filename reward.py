@@ -71,8 +71,8 @@ class RewardConfig:
     # reward); in training, the filtered first frame of the demo window or play snippet, whose negatives are then
     # every frame failing the test against that first frame (train.play_negatives). Off in every preset: it cut the
     # imagined false alarms (close_drawer 0.105 -> 0.018) and held imagined successes better (open_drawer's demo
-    # ends 0.62 -> 0.92), but turn_on_led's DiWA fell to 12% (59%, base 37%; FINDINGS.md, "A classifier that
-    # sees the episode's start").
+    # ends 0.62 -> 0.92), but turn_on_led's DiWA fell to 12 / 49% over seeds 0 / 1 (59 / 82% on the default;
+    # FINDINGS.md, "A classifier that sees the episode's start").
     start_conditioned: bool = False
 
 
