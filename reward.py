@@ -14,6 +14,9 @@ world model imagines it open loop from its sequence's first frame (RewardConfig.
 with its own sampled latents), with the recorded frame's label: the policy is only ever rewarded on such imagined
 latents (train.py reward_dataset, FINDINGS.md).
 
+With RewardConfig.start_conditioned (an option, off in every preset; not in the paper) the classifier reads
+C_psi(z_t, z_t - z_0), z_0 the latent its episode started from: the success tests are relative to the start.
+
 The paper defines the reward as the success *probability*; the reference code thresholds it (argmax, a
 0/1 reward). We follow the paper: `success_prob` is the reward, `precision_recall` thresholds only for
 evaluation.
@@ -25,6 +28,7 @@ Glossary (paper symbol -> variable -> shape)
     success label          labels    (B,) long in {0, 1}
     tau                    tau       float (0.5, Tab. S.4)
     C_psi(z) = R_psi       prob      (B,)
+    z_0 (first latent)     start     (B, F)    read only with start_conditioned
 """
 from dataclasses import dataclass
 
