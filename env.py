@@ -985,27 +985,38 @@ def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size:
 
 # ---------------------------------------------------------------- command line: skills table, renders
 
-def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True, **style):
+def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True, speed_range=None,
+                 gain_range=None, **style):
     """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}
-    `style`: extra ScriptedSkill arguments (noise, noise_corr, p_via, ...; --operator uses the play data's)."""
+    `style`: extra ScriptedSkill arguments (noise, noise_corr, p_via, ...; --operator uses the play data's);
+    speed_range / gain_range: draw each episode's speed and gain from these (low, high), as the play data does.
+    Besides the success within max_steps it prints the share that succeeds within a CALVIN annotation window
+    (64 frames: a play-data demo that takes longer is clipped to its last 64 frames, data.run_episode) and within
+    an evaluation episode (72 steps, eval.EvalConfig): a demonstrator slower than these shows the cloned policy
+    demos that start mid-task, and the evaluation asks the policy to be faster than the operator it copies."""
     env = DeskEnv(cameras=False, seed=seed)
     rng, rates = np.random.default_rng(seed), {}
     for task in tasks:
-        wins, steps = 0, []
+        steps = []                                 # steps to the first success (max_steps + 1 = none)
         for _ in range(episodes):
             robot_obs, scene_obs = sample_task_start(task, rng)
             obs = env.reset(robot_obs, scene_obs)
-            start, skill = env.get_info(), ScriptedSkill(task, rng, **style)
+            drawn = {k: rng.uniform(*r) for k, r in (('speed', speed_range), ('gain', gain_range)) if r is not None}
+            start, skill = env.get_info(), ScriptedSkill(task, rng, **style, **drawn)
+            steps.append(max_steps + 1)
             for t in range(max_steps):
                 obs, _, _, info = env.step(skill.act(obs))
                 if task_success(task, start, info):      # CALVIN's evaluation stops at the first success
-                    wins += 1
-                    steps.append(t + 1)
+                    steps[-1] = t + 1
                     break
-        rates[task] = wins / episodes
+        steps = np.array(steps)
+        won = steps <= max_steps
+        rates[task] = float(won.mean())
         if verbose:
-            print(f'{task:20s} {wins:4d}/{episodes}  success {100 * wins / episodes:5.1f}%  '
-                  f'mean steps {np.mean(steps) if steps else float("nan"):5.1f}', flush=True)
+            print(f'{task:20s} {won.sum():4d}/{episodes}  success {100 * won.mean():5.1f}%  '
+                  f'mean steps {steps[won].mean() if won.any() else float("nan"):5.1f}  '
+                  f'within 64: {100 * (steps <= 64).mean():5.1f}%  within 72: {100 * (steps <= 72).mean():5.1f}%',
+                  flush=True)
     env.close()
     return rates
 
@@ -1036,19 +1047,30 @@ if __name__ == '__main__':
     ap.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks for --check-skills')
     ap.add_argument('--operator', action='store_true',
                     help="--check-skills with the play data's operator style (data.CollectConfig: noise, drift, "
-                         'detours, hesitations; mid speed and gain)')
+                         'detours, hesitations, misses, retries; speed and gain drawn per episode)')
+    ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                    help='--operator with these CollectConfig fields changed, e.g. --set action_noise=0.15')
     ap.add_argument('--render', metavar='DIR', help='write PNGs of both cameras for a few desk states to DIR')
     ap.add_argument('--size', type=int, default=64, help='static camera resolution for --render')
     ap.add_argument('--seed', type=int, default=0)
     args = ap.parse_args()
     if args.check_skills:
         style = {}
-        if args.operator:
+        if args.operator or args.set:
+            import dataclasses
             from data import CollectConfig
-            c = CollectConfig()
+            defaults, changes = dataclasses.asdict(CollectConfig()), {}
+            for item in args.set:
+                key, _, value = item.partition('=')
+                if key not in defaults or not value:
+                    ap.error(f'--set {item!r}: expected KEY=VALUE with KEY a CollectConfig field ({", ".join(defaults)})')
+                kind = type(defaults[key])
+                changes[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+            c = CollectConfig(**changes)
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
-                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss,
-                         p_retry=c.p_retry, speed=(c.speed_min + c.speed_max) / 2, gain=(c.gain_min + c.gain_max) / 2)
+                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss, p_retry=c.p_retry,
+                         drawer_tol_max=c.drawer_tol_max, speed_range=(c.speed_min, c.speed_max),
+                         gain_range=(c.gain_min, c.gain_max))
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
         render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)

@@ -441,3 +441,15 @@ def test_near_rest_matches_the_evaluation_start_poses():
     far = poses.copy()
     far[:, 0] += 0.2
     assert not E.near_rest(far).any()
+
+
+def test_check_skills_reports_the_share_within_a_window_and_an_episode(capsys):
+    """check_skills' table: the clean LED press (~34 steps) fits a 64-frame CALVIN window and a 72-step episode;
+    a slow operator (speed drawn per episode from [0.25, 0.26]: a quarter of the clean skill's) still presses the
+    button, but only after 70-80 steps: neither within a window nor within an episode."""
+    rates = E.check_skills(episodes=2, tasks=['turn_on_led'])
+    line = capsys.readouterr().out
+    assert rates == {'turn_on_led': 1.0} and 'within 64: 100.0%' in line and 'within 72: 100.0%' in line
+    E.check_skills(episodes=2, max_steps=300, tasks=['turn_on_led'], speed_range=(0.25, 0.26), gain_range=(0.5, 0.5))
+    line = capsys.readouterr().out
+    assert '2/2' in line and 'within 64:   0.0%' in line and 'within 72:   0.0%' in line
