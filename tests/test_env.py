@@ -359,6 +359,23 @@ def test_drawer_grasp_tolerance_is_drawn_per_attempt_and_still_opens(desk):
     assert all(E.DRAWER_GRASP_TOL <= t <= 0.015 for t in tols) and len(set(tols)) == 3
 
 
+def test_close_drawer_pushes_from_within_push_tol_and_still_closes(desk):
+    """push_tol (the play data's operator, FINDINGS.md "How fast is the operator"): close_drawer starts pushing once
+    the hand is within push_tol of the point in front of the knob; the clean skill keeps DRAWER_PUSH_TOL (6 mm)."""
+    assert E.ScriptedSkill('close_drawer', np.random.default_rng(0)).push_tol == E.DRAWER_PUSH_TOL == 0.006
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        robot_obs, scene_obs = E.sample_task_start('close_drawer', rng)
+        obs = desk.reset(robot_obs, scene_obs)
+        skill, start = E.ScriptedSkill('close_drawer', rng, push_tol=0.015), desk.get_info()
+        for _ in range(200):
+            obs, _, _, info = desk.step(skill.act(obs))
+            if skill.done:
+                break
+        assert skill.phases[2]['tol'] == 0.015 and skill.phases[3]['until'] is not None   # down to it, then push
+        assert skill.done and E.task_success('close_drawer', start, info), seed
+
+
 def test_task_success_batch_matches_task_success():
     """The vectorised success test (decoded-state reward, Fig. 2) agrees with the per-frame one."""
     rng = np.random.default_rng(0)
