@@ -599,8 +599,8 @@ SAFE_Z = 0.60                                    # travel height: fingertips abo
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (FINDINGS.md)
 DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer). The operator of the play data
                            # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] (README: open_drawer)
-DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes (the clean
-                           # skill's; the play data's operator pushes from within push_tol: FINDINGS.md, close_drawer)
+DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes; the operator
+                           # may draw it per attempt from [DRAWER_PUSH_TOL, push_tol_max] (FINDINGS.md, close_drawer)
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
 # The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
@@ -633,9 +633,10 @@ class ScriptedSkill:
       drawer_tol_max  open_drawer: the hand closes on the knob once within a tolerance drawn per attempt from
                   [DRAWER_GRASP_TOL, drawer_tol_max] (no draw when equal): an operator who does not always creep
                   the last millimetres before closing (README: why open_drawer's base was 12%)
-      push_tol    close_drawer: the hand starts pushing once within this distance of the point in front of the
-                  knob (a push needs no grasp; creeping to 6 mm with a drifting hand made the operator slower than
-                  an evaluation episode: FINDINGS.md, "How fast is the operator")
+      push_tol_max  close_drawer: the hand starts pushing once within a tolerance drawn per attempt from
+                  [DRAWER_PUSH_TOL, push_tol_max] of the point in front of the knob (no draw when equal): a push needs
+                  no grasp, and always creeping to 6 mm with a drifting hand made the operator slower than an
+                  evaluation episode (FINDINGS.md, "How fast is the operator")
       p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
                   reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
                   pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
@@ -645,7 +646,7 @@ class ScriptedSkill:
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
                  noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
-                 p_retry=0.0, drawer_tol_max=DRAWER_GRASP_TOL, push_tol=DRAWER_PUSH_TOL):
+                 p_retry=0.0, drawer_tol_max=DRAWER_GRASP_TOL, push_tol_max=DRAWER_PUSH_TOL):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -656,7 +657,7 @@ class ScriptedSkill:
         self.hesitate_max, self.p_miss = max(3, int(hesitate_max)), float(p_miss)
         self.drift, self.hesitating = np.zeros(6), 0
         self.p_retry, self.retry_at, self.s0 = float(p_retry), None, None
-        self.drawer_tol_max, self.push_tol = float(drawer_tol_max), float(push_tol)
+        self.drawer_tol_max, self.push_tol_max = float(drawer_tol_max), float(push_tol_max)
 
     def _detour(self, tcp, phases, P):
         """Prepend a via point between the TCP and the first waypoint, pushed sideways at random. Its height
@@ -690,8 +691,10 @@ class ScriptedSkill:
                         P(g + (0, -0.17, 0), -1, until=lambda x: x[1] > min(q + 0.15, DRAWER_MAX - 0.01)),
                         P(None, 1, wait=4), P('up', 1, 0.02)]
             g = np.array([k[0], tip_y - 0.03, k[2] - 0.005])  # push the knob's tip along +y
+            tol = (DRAWER_PUSH_TOL if self.push_tol_max <= DRAWER_PUSH_TOL   # no draw: same rng stream
+                   else self.rng.uniform(DRAWER_PUSH_TOL, self.push_tol_max))
             return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, -1, 0.03), P(g + (0, 0, 0.1), -1, 0.015),
-                    P(g, -1, self.push_tol), P((g[0], -0.265 - 0.02, g[2]), -1, until=lambda x: x[1] < max(q - 0.15, 0.01)),
+                    P(g, -1, tol), P((g[0], -0.265 - 0.02, g[2]), -1, until=lambda x: x[1] < max(q - 0.15, 0.01)),
                     P('back', -1, 0.02)]
         if task in ('move_slider_left', 'move_slider_right'):
             k = door_knob_pos(s[0])
@@ -1074,7 +1077,7 @@ if __name__ == '__main__':
             c = CollectConfig(**changes)
             style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
                          p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss, p_retry=c.p_retry,
-                         drawer_tol_max=c.drawer_tol_max, push_tol=c.push_tol, speed_range=(c.speed_min, c.speed_max),
+                         drawer_tol_max=c.drawer_tol_max, push_tol_max=c.push_tol_max, speed_range=(c.speed_min, c.speed_max),
                          gain_range=(c.gain_min, c.gain_max))
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:

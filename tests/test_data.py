@@ -394,7 +394,7 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
         data.collect(data.CollectConfig(**{**data.PRESETS['test'], 'action_noise': 0.5}), out)
     # a folder written before a setting existed reads it as its default: it still resumes
     settings = json.loads((out / 'collect_config.json').read_text())
-    del settings['drawer_tol_max'], settings['push_tol']
+    del settings['drawer_tol_max'], settings['push_tol_max']
     (out / 'collect_config.json').write_text(json.dumps(settings))
     assert data.collect(cfg, out)['frames'] == rep['frames']
 
