@@ -340,22 +340,28 @@ def test_clean_skills_draw_no_style_randomness():
     assert a.random() == b.random()
 
 
+def run_styled_skill(desk, task, seed, max_steps=200, **style):
+    """Run one styled ScriptedSkill from a random start of `task` until it is done -> (skill, success)."""
+    rng = np.random.default_rng(seed)
+    robot_obs, scene_obs = E.sample_task_start(task, rng)
+    obs = desk.reset(robot_obs, scene_obs)
+    skill, start = E.ScriptedSkill(task, rng, **style), desk.get_info()
+    for _ in range(max_steps):
+        obs, _, _, info = desk.step(skill.act(obs))
+        if skill.done:
+            break
+    return skill, skill.done and E.task_success(task, start, info)
+
+
 def test_drawer_grasp_tolerance_is_drawn_per_attempt_and_still_opens(desk):
     """drawer_tol_max (the play data's operator, README: open_drawer's base): the knob is grasped once the hand is
     within a tolerance drawn from [DRAWER_GRASP_TOL, drawer_tol_max]; the drawer still opens."""
     tols = []
     for seed in range(3):
-        rng = np.random.default_rng(seed)
-        robot_obs, scene_obs = E.sample_task_start('open_drawer', rng)
-        obs = desk.reset(robot_obs, scene_obs)
-        skill, start = E.ScriptedSkill('open_drawer', rng, drawer_tol_max=0.015), desk.get_info()
-        for _ in range(200):
-            obs, _, _, info = desk.step(skill.act(obs))
-            if skill.done:
-                break
+        skill, success = run_styled_skill(desk, 'open_drawer', seed, drawer_tol_max=0.015)
         tols.append(skill.phases[2]['tol'])     # above the knob, down to it (this tolerance), close, pull
         assert skill.phases[3]['grip'] == -1 and skill.phases[2]['grip'] == 1
-        assert skill.done and E.task_success('open_drawer', start, info), seed
+        assert success, seed
     assert all(E.DRAWER_GRASP_TOL <= t <= 0.015 for t in tols) and len(set(tols)) == 3
 
 
@@ -370,17 +376,9 @@ def test_close_drawer_push_tolerance_is_drawn_per_attempt_and_still_closes(desk)
     assert clean.phases[2]['tol'] == E.DRAWER_PUSH_TOL == 0.006 and a.random() == b.random()
     tols = []
     for seed in range(3):
-        rng = np.random.default_rng(seed)
-        robot_obs, scene_obs = E.sample_task_start('close_drawer', rng)
-        obs = desk.reset(robot_obs, scene_obs)
-        skill, start = E.ScriptedSkill('close_drawer', rng, push_tol_max=0.015), desk.get_info()
-        for _ in range(200):
-            obs, _, _, info = desk.step(skill.act(obs))
-            if skill.done:
-                break
+        skill, success = run_styled_skill(desk, 'close_drawer', seed, push_tol_max=0.015)
         tols.append(skill.phases[2]['tol'])      # above the knob, down in front of it (this tolerance), push
-        assert skill.phases[3]['until'] is not None
-        assert skill.done and E.task_success('close_drawer', start, info), seed
+        assert skill.phases[3]['until'] is not None and success, seed
     assert all(E.DRAWER_PUSH_TOL <= t <= 0.015 for t in tols) and len(set(tols)) == 3
 
 
