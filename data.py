@@ -608,11 +608,18 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
         kind = str(rng.choice(options))
     else:
         kind = 'pause' if rng.random() < cfg.p_pause else 'reach'
-    return kind, env.ScriptedSkill(kind, rng, noise=cfg.action_noise, speed=speed, gain=gain,
-                                   noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
-                                   p_hesitate=cfg.p_hesitate if kind in env.TASKS else 0.0,
-                                   hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss,
-                                   p_retry=cfg.p_retry, drawer_tol_max=cfg.drawer_tol_max, push_tol_max=cfg.push_tol_max)
+    style = operator_style(cfg)
+    if kind not in env.TASKS:
+        style['p_hesitate'] = 0.0                                   # pauses and reaches do not hesitate
+    return kind, env.ScriptedSkill(kind, rng, speed=speed, gain=gain, **style)
+
+
+def operator_style(cfg: CollectConfig) -> dict:
+    """env.ScriptedSkill's style arguments for the play data's operator (all but the per-segment speed and gain,
+    drawn from [speed_min, speed_max] and [gain_min, gain_max]); also `python env.py --check-skills --operator`."""
+    return dict(noise=cfg.action_noise, noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
+                p_hesitate=cfg.p_hesitate, hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss, p_retry=cfg.p_retry,
+                drawer_tol_max=cfg.drawer_tol_max, push_tol_max=cfg.push_tol_max)
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:

@@ -1066,19 +1066,18 @@ if __name__ == '__main__':
         style = {}
         if args.operator or args.set:
             import dataclasses
-            from data import CollectConfig
+            from data import CollectConfig, operator_style
             defaults, changes = dataclasses.asdict(CollectConfig()), {}
             for item in args.set:
                 key, _, value = item.partition('=')
-                if key not in defaults or not value:
-                    ap.error(f'--set {item!r}: expected KEY=VALUE with KEY a CollectConfig field ({", ".join(defaults)})')
-                kind = type(defaults[key])
-                changes[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+                kind = type(defaults.get(key))
+                try:
+                    changes[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+                except (TypeError, ValueError):
+                    ap.error(f'--set {item!r}: expected KEY=VALUE with KEY a CollectConfig field ({", ".join(defaults)}) '
+                             f'and VALUE of its type')
             c = CollectConfig(**changes)
-            style = dict(noise=c.action_noise, noise_corr=c.noise_corr, p_via=c.p_via, via_scale=c.via_scale,
-                         p_hesitate=c.p_hesitate, hesitate_max=c.hesitate_max, p_miss=c.p_miss, p_retry=c.p_retry,
-                         drawer_tol_max=c.drawer_tol_max, push_tol_max=c.push_tol_max, speed_range=(c.speed_min, c.speed_max),
-                         gain_range=(c.gain_min, c.gain_max))
+            style = dict(operator_style(c), speed_range=(c.speed_min, c.speed_max), gain_range=(c.gain_min, c.gain_max))
         check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
     if args.render:
         render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)
