@@ -223,17 +223,17 @@ def already_done(results_paths: list, task: str, policy: str, seed: int, key: st
 
 def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str = 'desk', policies=None,
                          snapshots: bool = False) -> list:
-    """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = bc.pt, diwa =
-    diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has no up-to-date row in results.csv yet (policies: only
-    these names). snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt)
+    """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = the seed's own BC
+    policy, bc.pt or bc_s<seed>.pt (train.bc_file), diwa = diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has
+    no up-to-date row in results.csv yet (policies: only these names).
+    snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt)
     as policies 'diwa@<N>', real success along fine-tuning (Fig. 3), and those kept along DPPO as 'dppo@<N>',
     with the simulator steps DPPO had taken by then (Table I: steps to match DiWA, evaluated alike)."""
     import train as TR
     wm, wm_ckpt = TR.load_world_model(args, device)
     results_path = os.path.join(args.run, 'results.csv')
     known = [results_path] + [os.path.join(r, 'results.csv') for r in getattr(args, 'inherit', None) or []]
-    base_path = TR.find(args, task, 'bc.pt')
-    policy_pre, bc_ckpt = TR.load_policy(base_path, task, wm.feat_dim, device)
+    policy_pre, bc_ckpt = TR.load_bc_policy(args, task, args.seed, wm.feat_dim, device)
     candidates = {'base': (bc_ckpt, None, 0)}
     for name, ckpt_path in TR.finetuned_checkpoints(args, task, args.seed).items():
         ck = TR.load_checkpoint(ckpt_path, ckpt_path_stage(name), task)
@@ -619,7 +619,7 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     fcfg = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft')
     wm, _ = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
-    policy_pre, _ = TR.load_policy(TR.find(args, task, 'bc.pt'), task, wm.feat_dim, device)
+    policy_pre, _ = TR.load_bc_policy(args, task, args.seed, wm.feat_dim, device)         # the seed's BC policy
     actor = policy_pre                                  # the base policy: its own copy in both roles
     if policy != 'base':
         path = TR.finetuned_checkpoints(args, task, args.seed).get(policy)

@@ -452,10 +452,31 @@ def load_world_model(args, device):
 
 
 def seed_tag(args) -> list:
-    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, bc.pt,
-    reward.pt). Seed 0 adds nothing, so keys written before the seed was keyed stay valid. train_loop refuses to
-    resume or overwrite a checkpoint of another seed: a second seed needs its own --run (or --force)."""
+    """--seed's part of a checkpoint key for stages whose output path does not name the seed (wm.pt, reward.pt;
+    also BC's, whose file names seeds > 0 only: bc_file). Seed 0 adds nothing, so keys written before the seed
+    was keyed stay valid. train_loop refuses to resume or overwrite a checkpoint of another seed: a second
+    world-model or classifier seed needs its own --run (or --force)."""
     return [f'seed={args.seed}'] if args.seed else []
+
+
+def seed_file(name: str, seed: int) -> str:
+    """A per-seed file name: `name` itself for seed 0 (the name runs made before there was one file per seed
+    use, so that their files stay valid), 'bc_s2.pt' for name 'bc.pt' and seed 2."""
+    stem, ext = os.path.splitext(name)
+    return f'{stem}_s{seed}{ext}' if seed else name
+
+
+def bc_file(seed: int) -> str:
+    """<task>/<this>: the policy behaviour-cloned with --seed `seed` (bc.pt, bc_s1.pt, ...). Each seed clones
+    its own: fine-tuning seed S starts from BC seed S, and results.csv's base row for seed S evaluates it, so
+    that Table I's mean over seeds also averages over BC seeds (one BC seed alone moves a base figure by tens
+    of points on this desk). The reward classifier stays one per task (reward.pt, --seed, default 0)."""
+    return seed_file('bc.pt', seed)
+
+
+def with_seed(args, seed: int) -> argparse.Namespace:
+    """A copy of `args` with --seed `seed` (--seeds runs a stage once per seed)."""
+    return argparse.Namespace(**{**vars(args), 'seed': seed})
 
 
 def _warm_start_tag(args) -> list:
@@ -551,10 +572,11 @@ def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'traini
     """Latents, action chunks and success labels of the task's expert windows (see the diagram above)."""
     import data
     import env
-    path = os.path.join(args.run, task, f'latents_{split_name}.pt')
+    name = seed_file(f'latents_{split_name}.pt', args.seed)    # the seed draws the demos: one cache per seed
+    path = os.path.join(args.run, task, name)
     key = config_key({'task': task, 'demos': args.demos, 'seed': args.seed, 'post': args.post_success_frames,
                       'split': split_name}, [wm_ckpt['key'], data_key(data_root(args))])
-    for cache in dict.fromkeys([path, find(args, task, f'latents_{split_name}.pt')]):   # ours, else a parent's
+    for cache in dict.fromkeys([path, find(args, task, name)]):           # ours, else a parent's
         if os.path.isfile(cache):
             cached = torch.load(cache, weights_only=True)
             if cached.get('key') == key:
@@ -580,7 +602,8 @@ def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'traini
 
 
 def stage_bc(args, device, task: str) -> dict:
-    """Pre-train the diffusion policy on the task's 50 demos in latent space: Eq. 12, Table S.3 (§III.B)."""
+    """Pre-train the diffusion policy on the task's 50 demos in latent space: Eq. 12, Table S.3 (§III.B).
+    --seed draws the demos and the initial weights; each seed writes its own file (bc_file)."""
     import diffusion_policy as D
     cfg = build_config(D.BCConfig, D.PRESETS, args.preset, args, 'bc')
     print_config('bc', cfg)
@@ -605,7 +628,7 @@ def stage_bc(args, device, task: str) -> dict:
         return D.update_bc(policy, opt, ema, {'actions': b_x0[idx], 'cond': b_cond[idx]},
                            epoch=step // steps_per_epoch, sched=sched)
 
-    return train_loop(stage='bc', task=task, **out_path(args, task, 'bc.pt'),
+    return train_loop(stage='bc', task=task, **out_path(args, task, bc_file(args.seed)),
                       config=dataclasses.asdict(cfg), upstream=[demos['key']] + seed_tag(args),
                       objects={'model': policy, 'optim': opt, 'sched': sched, 'ema': ema}, step_fn=step_fn,
                       n_steps=n_steps, ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
@@ -625,6 +648,15 @@ def load_policy(path: str, task: str, feat_dim: int, device, stage: str = 'bc'):
     policy = D.make_policy(cond_dim, cfg).to(device)
     policy.load_state_dict(ckpt['ema']['model'] if stage == 'bc' else ckpt['model'])
     return policy.eval().requires_grad_(False), ckpt
+
+
+def load_bc_policy(args, task: str, seed: int, feat_dim: int, device):
+    """pi_pre of BC seed `seed` (bc_file; this run's or a parent's): what fine-tuning seed `seed` starts from,
+    and the base policy of that seed's evaluation. -> (policy, ckpt)."""
+    path = find(args, task, bc_file(seed))
+    if not os.path.isfile(path):
+        raise StageError(f'{path}: no BC policy of seed {seed}; run --stage bc --task {task} --seed {seed} first')
+    return load_policy(path, task, feat_dim, device)
 
 
 def play_negatives(args, wm, task: str, device, split_name: str, n_seq: int, seed: int,
@@ -816,14 +848,15 @@ def load_finetuned_actor(ckpt: dict, policy_pre, device):
 
 def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) -> dict:
     """DiWA (Alg. 1): PPO on the diffusion policy inside the frozen world model, reward from the classifier,
-    0 simulator steps. With simulator=True: the DPPO baseline, the same update driven by the built-in desk."""
+    0 simulator steps. With simulator=True: the DPPO baseline, the same update driven by the built-in desk.
+    Seed `seed` fine-tunes BC seed `seed`'s policy (bc_file) and writes diwa_s<seed>.pt / dppo_s<seed>.pt."""
     import dream_ppo as P
     stage = 'dppo' if simulator else 'finetune'
     cfg = build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft')
     print_config(stage, cfg)
     seed_everything(seed)
     wm, wm_ckpt = load_world_model(args, device)
-    policy_pre, bc_ckpt = load_policy(find(args, task, 'bc.pt'), task, wm.feat_dim, device)
+    policy_pre, bc_ckpt = load_bc_policy(args, task, seed, wm.feat_dim, device)     # BC seed `seed`
     actor = P.make_actor(policy_pre)
     critic = P.make_critic(wm.feat_dim, cfg).to(device)
     opts = P.make_optimizers(actor, critic, cfg)
@@ -886,12 +919,12 @@ def stage_all(args, device, tasks: list) -> None:
         stage_collect(args)        # resumable: finished episodes are kept
     stage_wm(args, device)
     for task in tasks:
-        stage_bc(args, device, task)
-        stage_reward(args, device, task)
+        for seed in args.seeds:                 # one BC policy per seed (bc_file)
+            stage_bc(with_seed(args, seed), device, task)
+        stage_reward(args, device, task)        # one classifier per task (--seed)
         for seed in args.seeds:
             stage_finetune(args, device, task, seed)
-            run_args = argparse.Namespace(**{**vars(args), 'seed': seed})
-            E.evaluate_stage(run_args, device, task)
+            E.evaluate_stage(with_seed(args, seed), device, task)
 
 
 def variant_args(args, name: str) -> argparse.Namespace:
@@ -931,12 +964,12 @@ def stage_report(args, device) -> str:
     the command continues where a stopped run left off. results.md / results.csv / figures are rewritten after
     every piece of work.
       1. play data, world model, its open-loop report (Fig. S.7)
-      2. every task: BC, reward (+ its report), the base policy's evaluation (first seed)
+      2. every task: BC, reward (+ its report), the base policy's evaluation (BC and evaluation: first seed)
       3. every task with the first seed: DiWA, its evaluation incl. the snapshots (Fig. 3)
       4. the variants on --report-task, first seed: alpha_BC 0 / 0.5 (Fig. S.6), Gaussian policy
          (Table S.6), hybrid world model with classifier / decoded-state reward (Fig. 2)
       5. DPPO on --report-task, its evaluation incl. the snapshots (steps to match DiWA, Table I, Fig. S.5)
-      6. the other seeds of every task (Table I's mean ± std)
+      6. the other seeds of every task, each from its own BC policy (Table I's mean ± std)
       7. DPPO on the other tasks where DiWA beats the base policy, --dppo-cap iterations each (Table I's DPPO
          column: steps to match DiWA, or '> cap')"""
     import eval as E
@@ -955,18 +988,19 @@ def stage_report(args, device) -> str:
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
     def pretrain(a, task: str, seed: int, reward: bool = True):
-        stage_bc(a, device, task)
+        sa = with_seed(a, seed)
+        stage_bc(sa, device, task)                  # BC seed `seed`; the classifier below: --seed's, one per task
         if reward:
             stage_reward(a, device, task)
             rr = os.path.join(a.run, task, 'reward_report.json')
             rw = find(a, task, 'reward.pt')
             if rw.startswith(a.run) and (not os.path.isfile(rr) or os.path.getmtime(rr) < os.path.getmtime(rw)):
                 E.reward_report(a, device, task)
-        E.evaluate_checkpoints(argparse.Namespace(**{**vars(a), 'seed': seed}), device, task, ecfg, policies=['base'])
+        E.evaluate_checkpoints(sa, device, task, ecfg, policies=['base'])
 
     def task_unit(a, task: str, seed: int, snapshots: bool = False, reward: bool = True):
         pretrain(a, task, seed, reward)
-        sa = argparse.Namespace(**{**vars(a), 'seed': seed})
+        sa = with_seed(a, seed)
         stage_finetune(sa, device, task, seed)
         E.evaluate_checkpoints(sa, device, task, ecfg, snapshots=snapshots)
         report()
@@ -987,7 +1021,7 @@ def stage_report(args, device) -> str:
         va = variant_args(args, name)
         stage_wm(va, device)
         task_unit(va, args.report_task, first, reward=va.__dict__.get('ft.reward') != 'decoder')
-    sa = argparse.Namespace(**{**vars(args), 'seed': first})
+    sa = with_seed(args, first)
     stage_dppo(sa, device, args.report_task, first)
     E.evaluate_checkpoints(sa, device, args.report_task, ecfg, policies=['dppo'], snapshots=True)
     report()
@@ -1051,7 +1085,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="task(s) for bc/reward/finetune/dppo/eval/all ('all' = the 8; --stage all: open_drawer)")
     p.add_argument('--seed', type=int, default=0, help='seeds Python, NumPy, torch and the simulator')
     p.add_argument('--seeds', type=int, nargs='+', default=None,
-                   help='fine-tuning / evaluation seeds for finetune, dppo, eval and all (default: --seed)')
+                   help='seeds for bc (one policy each), finetune, dppo, eval and all (default: --seed)')
     p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     p.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads (0 = torch default); 1 is faster when other jobs share the cores')
@@ -1130,13 +1164,13 @@ def main(argv=None) -> int:
         elif args.stage == 'report':
             stage_report(args, device)
         for task in tasks if args.stage in ('bc', 'reward', 'finetune', 'dppo', 'eval') else []:
-            if args.stage == 'bc':
-                stage_bc(args, device, task)
-            elif args.stage == 'reward':
+            if args.stage == 'reward':
                 stage_reward(args, device, task)
-            for seed in args.seeds if args.stage in ('finetune', 'dppo', 'eval') else []:
-                seed_args = argparse.Namespace(**{**vars(args), 'seed': seed})
-                if args.stage == 'finetune':
+            for seed in args.seeds if args.stage in ('bc', 'finetune', 'dppo', 'eval') else []:
+                seed_args = with_seed(args, seed)
+                if args.stage == 'bc':
+                    stage_bc(seed_args, device, task)
+                elif args.stage == 'finetune':
                     stage_finetune(seed_args, device, task, seed)
                 elif args.stage == 'dppo':
                     stage_dppo(seed_args, device, task, seed)
