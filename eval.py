@@ -225,7 +225,8 @@ def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str
                          snapshots: bool = False) -> list:
     """Evaluate, for one task and seed, every finished policy checkpoint of the run (base = the seed's own BC
     policy, bc.pt or bc_s<seed>.pt (train.bc_file), diwa = diwa_s<seed>.pt, dppo = dppo_s<seed>.pt, ...) that has
-    no up-to-date row in results.csv yet (policies: only these names).
+    no up-to-date row in results.csv yet (policies: only these names); a fine-tuned one made from another BC
+    policy (e.g. from bc.pt, before each seed had its own) is left out until it is fine-tuned again.
     snapshots=True adds the weights kept during fine-tuning (diwa_s<seed>_snapshots/step<N>.pt)
     as policies 'diwa@<N>', real success along fine-tuning (Fig. 3), and those kept along DPPO as 'dppo@<N>',
     with the simulator steps DPPO had taken by then (Table I: steps to match DiWA, evaluated alike)."""
@@ -237,7 +238,10 @@ def evaluate_checkpoints(args, device, task: str, cfg: EvalConfig, env_kind: str
     candidates = {'base': (bc_ckpt, None, 0)}
     for name, ckpt_path in TR.finetuned_checkpoints(args, task, args.seed).items():
         ck = TR.load_checkpoint(ckpt_path, ckpt_path_stage(name), task)
-        if ck.get('done'):
+        if ck.get('done') and not TR.fine_tuned_from(ck, bc_ckpt):
+            print(f'[eval] {ckpt_path}: fine-tuned from another BC policy than {TR.bc_file(args.seed)}: not '
+                  f'evaluated (run --stage {ckpt_path_stage(name)} --seed {args.seed} again)')
+        elif ck.get('done'):
             actor = TR.load_finetuned_actor(ck, policy_pre, device)
             candidates[name] = (ck, actor, ck['config']['K_ft'])
     for kind in ('diwa', 'dppo'):          # the weights kept along fine-tuning / along DPPO, when asked for
@@ -619,13 +623,16 @@ def imagination_gap(args, device, task: str, cfg: EvalConfig, policy: str = 'bas
     fcfg = TR.build_config(P.FinetuneConfig, P.PRESETS, args.preset, args, 'ft')
     wm, _ = TR.load_world_model(args, device)
     clf, _ = TR.load_reward(args, task, wm.feat_dim, device)
-    policy_pre, _ = TR.load_bc_policy(args, task, args.seed, wm.feat_dim, device)         # the seed's BC policy
+    policy_pre, bc_ckpt = TR.load_bc_policy(args, task, args.seed, wm.feat_dim, device)   # the seed's BC policy
     actor = policy_pre                                  # the base policy: its own copy in both roles
     if policy != 'base':
         path = TR.finetuned_checkpoints(args, task, args.seed).get(policy)
         if path is None:
             raise TR.StageError(f'gap report: no {policy} checkpoint of {task}, seed {args.seed}, in {args.run}')
         ck = TR.load_checkpoint(path, ckpt_path_stage(policy), task)
+        if not TR.fine_tuned_from(ck, bc_ckpt):
+            raise TR.StageError(f'{path}: fine-tuned from another BC policy than {TR.bc_file(args.seed)}; run '
+                                f'--stage {ckpt_path_stage(policy)} --seed {args.seed} again')
         actor = TR.load_finetuned_actor(ck, policy_pre, device)
         fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
     factory = policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)

@@ -838,6 +838,12 @@ def finetuned_checkpoints(args, task: str, seed: int) -> dict:
             if os.path.isfile(os.path.join(args.run, task, v))}
 
 
+def fine_tuned_from(ckpt: dict, bc_ckpt: dict) -> bool:
+    """Whether a finetune/dppo checkpoint was fine-tuned from BC checkpoint `bc_ckpt` (its key is upstream). Only
+    then do the two make a policy: DiWA's runs pi_pre's first K - K' denoising steps, then pi_theta's."""
+    return bc_ckpt.get('key') in ckpt.get('upstream', [])
+
+
 def load_finetuned_actor(ckpt: dict, policy_pre, device):
     """The fine-tuned copy pi_theta stored in a finetune/dppo checkpoint (same architecture as pi_pre)."""
     import copy
