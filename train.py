@@ -218,6 +218,16 @@ def describe_change(old: dict, new: dict) -> str:
     return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
 
 
+def rerun_reason(ckpt: dict, config: dict, upstream: list, upstream_names: dict) -> str:
+    """Why train_loop starts `ckpt` over: 'settings changed: epochs 2 -> 3' and/or, for the entries of `upstream`
+    named in `upstream_names` ({key: name}) that `ckpt` was not built from, 'its BC policy (bc_s1.pt) changed'."""
+    reasons = [f'its {name} changed' for key, name in upstream_names.items()
+               if key in upstream and key not in ckpt.get('upstream', [])]
+    if _comparable(ckpt.get('config', {})) != _comparable(config) or not reasons:
+        reasons.insert(0, f"settings changed: {describe_change(ckpt.get('config', {}), config)}")
+    return ', '.join(reasons)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Metrics: one csv per stage output, rows appended as training goes; on resume, rows newer than the
 # checkpoint are dropped so that a killed run leaves a consistent history.
@@ -300,7 +310,7 @@ def finished(stage: str, task: str | None, path: str, config: dict, upstream: li
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
                extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0,
-               inherited: list | None = None, extendable: tuple = ()) -> dict:
+               inherited: list | None = None, extendable: tuple = (), upstream_names: dict | None = None) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
     objects: {'model': nn.Module, 'optim': Optimizer, ...} — everything with state_dict()/load_state_dict()
@@ -313,6 +323,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     over: when they are the only change and the checkpoint is at or below the new n_steps, training goes on
     from it under the new key. Only for stages whose schedule does not depend on n_steps (constant lr), so
     that 5000 + 5000 steps equal 10000 steps.
+    upstream_names: {upstream key: what it is} for the message when a changed input makes `path` start over.
     """
     from tqdm import tqdm
 
@@ -335,8 +346,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                 status = 'resume'
                 print(f'[{stage}] {path}: extending, {describe_change(ckpt.get("config", {}), config)}')
             else:
-                print(f'[{stage}] {path}: re-running, settings changed: '
-                      f'{describe_change(ckpt.get("config", {}), config)}')
+                print(f'[{stage}] {path}: re-running, {rerun_reason(ckpt, config, upstream, upstream_names or {})}')
         if status == 'done':            # finished by another writer since finished() looked
             print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
             return ckpt
@@ -870,6 +880,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     counters = P.new_counters()
     gen = torch.Generator(device=device).manual_seed(seed)
     upstream = [wm_ckpt['key'], bc_ckpt['key']]
+    names = {bc_ckpt['key']: f'BC policy ({bc_file(seed)})'}     # says so when it changed (train_loop)
     if not simulator and cfg.reward == 'decoder':     # Fig. 2: the task's test on scene states decoded by a hybrid WM
         import reward as R
         try:
@@ -902,7 +913,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
                                        'state': StateBox(counters, gen)},
                               step_fn=step, n_steps=cfg.iterations,
                               ckpt_every=args.ckpt_every or max(1, cfg.iterations // 10), force=args.force,
-                              extra=extra,
+                              extra=extra, upstream_names=names,
                               snapshot_every=max(1, cfg.iterations // args.snapshots) if args.snapshots else 0)
         finally:
             if simulator:
