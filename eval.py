@@ -881,19 +881,26 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     seeds = [str(s) for s in seeds]
     s0 = seeds[0]                     # the seed of the variants, DPPO and Fig. 3's base point
     episodes = '/'.join(sorted({r['episodes'] for r in rows}, key=int)) or '–'
+    main = [r for r in rows if r['variant'] == 'main']
+    # a run made when one BC policy served every seed: the base rows of all its seeds have one checkpoint key
+    bases = {t: _latest(main, task=t, policy='base') for t in TASKS}
+    shared = [t for t, b in bases.items() if len(b) > 1 and len({r['ckpt_key'] for r in b.values()}) == 1]
     md = [f'# DiWA on the built-in desk: results of `python train.py --stage report --preset {preset}`', '',
           f'Written by `eval.py` from `{run}` (preset `{preset}`; commits: '
           f'{", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
           f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
-          f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Paper numbers: CALVIN D.', '']
-    main = [r for r in rows if r['variant'] == 'main']
+          f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Each seed clones its own base '
+          'policy (BC seed S) and fine-tunes DiWA from it: the base column is the mean over seeds of each seed\'s '
+          'own BC policy, and Δ pairs each seed\'s DiWA with its own base. '
+          + (f'Not so for {", ".join(shared)}, from a run made before: one BC policy served all seeds (their base '
+             'rows are that policy on each seed\'s episodes). ' if shared else '') + 'Paper numbers: CALVIN D.', '']
 
     # ---- Table I
     head = md[2:4]                    # what produced it (not the title): the README's block starts with it
     table_i = len(md)
     md += ['## Table I: base vs. DiWA', '',
-           '| task | base | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | DPPO sim. steps to match DiWA: '
-           'evaluated (its rollouts) | DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
+           '| task | base (each seed\'s BC) | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | '
+           'DPPO sim. steps to match DiWA: evaluated (its rollouts) | DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
     deltas = {}
     for task in TASKS:

@@ -16,6 +16,8 @@ at start and stored in every checkpoint.
 
 Run folder (default runs/<preset>/):
     data/{training,validation}/   wm.pt   <task>/bc.pt   <task>/reward.pt   <task>/diwa_s<seed>.pt ...
+<task>/bc.pt is BC seed 0's policy, <task>/bc_s<seed>.pt another seed's: fine-tuning seed S (diwa_s<S>.pt,
+dppo_s<S>.pt) starts from BC seed S, and the base policy of seed S's evaluation is BC seed S.
 Checkpoints are plain dicts {'stage','task','step','done','key','config','model','optim',...}, written to a
 temp file and renamed, loaded with weights_only=True. 'key' is a hash of the stage's config and of the keys
 of the checkpoints it was built from: `--stage all` re-runs a stage exactly when its key changed.
