@@ -93,6 +93,37 @@ def test_changed_setting_reruns_and_says_which(run_dir, tmp_path):
     assert 'settings changed' in out.stdout and 'epochs' in out.stdout
 
 
+def test_each_seed_clones_fine_tunes_and_evaluates_its_own_bc_policy(run_dir, tmp_path):
+    """--stage bc --seeds 0 1 keeps bc.pt (seed 0, done) and writes bc_s1.pt beside it; the base of seed 1's
+    evaluation is bc_s1.pt, and a seed-1 fine-tuning made from bc.pt (as before each seed had its own) is not
+    evaluated with it but fine-tuned again from bc_s1.pt, with a message that says why."""
+    d = str(tmp_path / 'seeds')
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns('results.csv*'))
+    path = lambda name: os.path.join(d, TASK, name)
+    load = lambda name: torch.load(path(name), weights_only=True)
+    kept = {f: os.path.getmtime(path(f)) for f in ('bc.pt', 'latents_training.pt')}
+    bc0 = load('bc.pt')
+    legacy = load('diwa_s0.pt')                  # a seed-1 fine-tuning of a run made before: from bc.pt
+    legacy['upstream'][-1], legacy['key'] = 1, 'made-from-bc.pt'
+    torch.save(legacy, path('diwa_s1.pt'))
+    out = run('--stage', 'bc', '--task', TASK, '--preset', 'test', '--run', d, '--seeds', '0', '1').stdout
+    assert f'{path("bc.pt")}: already done' in out
+    assert {f: os.path.getmtime(path(f)) for f in kept} == kept            # seed 0's policy and demos untouched
+    bc1 = load('bc_s1.pt')
+    assert bc1['done'] and bc1['key'] != bc0['key'] and bc1['upstream'][-1] == 'seed=1'
+    assert os.path.isfile(path('latents_training_s1.pt'))                  # seed 1 draws its own 50 demos
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--preset', 'test', '--run', d,
+                           '--task', TASK, '--seed', '1'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'diwa_s1.pt: fine-tuned from another BC policy than bc_s1.pt: not evaluated' in proc.stdout
+    rows = read_csv(os.path.join(d, 'results.csv'))
+    assert [(r['policy'], r['seed'], r['ckpt_key']) for r in rows] == [('base', '1', bc1['key'])]
+    out = run('--stage', 'finetune', '--task', TASK, '--preset', 'test', '--run', d, '--seed', '1').stdout
+    assert f'{path("diwa_s1.pt")}: re-running, its BC policy (bc_s1.pt) changed\n' in out
+    diwa1 = load('diwa_s1.pt')
+    assert diwa1['done'] and diwa1['upstream'][1] == bc1['key'] and bc0['key'] not in diwa1['upstream']
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--stage', 'bc', '--task', 'fly_to_moon'], 'unknown task'),
     (['--stage', 'all', '--tasks', 'fly_to_moon'], 'unknown task'),
@@ -608,6 +639,21 @@ def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
     md = open(E.write_report(run_, str(tmp_path / 'out'), 'test', seeds=[0])).read()
     led = next(line for line in md.splitlines() if line.startswith('| turn_on_led |')).split('|')
     assert led[7].strip() == '0 (DiWA ≤ base)', led
+
+
+def test_report_names_tasks_whose_seeds_share_one_bc_policy(tmp_path):
+    """Table I's base is the mean over seeds of each seed's own BC policy; where the base rows of several seeds
+    have one checkpoint key (a run made when every seed fine-tuned bc.pt), the text says so for those tasks."""
+    import eval as E
+    row = lambda task, seed, key: {'task': task, 'policy': 'base', 'seed': seed, 'episodes': 10, 'successes': 5,
+                                   'success': 0.5, 'preset': 'test', 'env': 'desk', 'ckpt_key': key, 'commit': 'c'}
+    E.write_rows(os.path.join(tmp_path, 'results.csv'), [row('open_drawer', 0, 'a'), row('open_drawer', 1, 'a'),
+                                                         row('turn_on_led', 0, 'b'), row('turn_on_led', 1, 'c')])
+    md = open(E.write_report(str(tmp_path), str(tmp_path / 'out'), 'test', seeds=[0, 1])).read()
+    assert "base column is the mean over seeds of each seed's own BC policy" in md
+    assert "| task | base (each seed's BC) |" in md
+    note = md.split('Not so for ')[1].split('Paper numbers')[0]
+    assert note.startswith('open_drawer, from a run made before') and 'turn_on_led' not in note
 
 
 def test_dppo_steps_to_match_read_on_its_evaluated_snapshots():
