@@ -531,7 +531,8 @@ def test_start_conditioned_classifier_trains_finetunes_and_reports(run_dir, tmp_
         rep = json.load(fh)
     with open(os.path.join(d, TASK, 'gap_diwa_s0.json')) as fh:
         gap = json.load(fh)
-    assert all(0.0 <= rep[k] <= 1.0 for k in ('precision', 'recall', 'imagined_final_success', 'imagined_false_alarm'))
+    assert all(0.0 <= rep[k] <= 1.0 for k in ('precision', 'recall', 'imagined_final_success',
+                                          'imagined_success_frame', 'imagined_false_alarm'))
     posterior = [gap[k] for k in ('posterior_on_real_success', 'posterior_on_real_failure') if gap[k] is not None]
     assert posterior and all(0.0 <= p <= 1.0 for p in posterior)     # scored on the real frames, against z_0
 
