@@ -6,7 +6,7 @@ and 50 expert demonstrations per skill D_exp, which in CALVIN are annotated wind
 
   1. preprocesses observations the way S.4 says: images resized to 64x64 and scaled to [-1, 1], the TCP
      orientation turned from Euler angles into the continuous 6-D rotation of Zhou et al. [65];
-  2. reads and writes CALVIN's on-disk layout (REFERENCE §3), so that the same code trains on our play data
+  2. reads and writes CALVIN's on-disk layout (mees/calvin), so that the same code trains on our play data
      and on a real CALVIN download, and keeps a compact cache so training does not reopen 100k small files;
   3. samples world-model sequences and expert windows, and labels frames by the task's success test;
   4. collects human-like play on the built-in desk (env.py) with scripted skills, noise and random timing.
@@ -33,7 +33,9 @@ episodes with their windows) to resume an interrupted collection.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -45,6 +47,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+import env
+
+try:
+    import fcntl                    # one writer per checkpoint (writer_lock); absent on Windows
+except ImportError:
+    fcntl = None
 
 FRAME_SHAPES = {'actions': (7,), 'rel_actions': (7,), 'robot_obs': (15,), 'scene_obs': (24,)}
 IMAGE_KEYS = ('rgb_static', 'rgb_gripper')
@@ -156,8 +166,7 @@ def to_torch(batch: dict, device='cpu') -> dict:
     # The controller's stored TCP target when frame t was observed (the world model's target_input): CALVIN's
     # absolute 'actions' hold it after a_t was applied, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3]
     # (exact while the workspace clip is not hit; on the play data the largest difference from actions[t-1] is 6e-8).
-    from world_model import POS_SCALE
-    target = {'target': f32(np.asarray(batch['actions'])[..., :3] - POS_SCALE * np.asarray(batch['rel_actions'])[..., :3])} \
+    target = {'target': f32(np.asarray(batch['actions'])[..., :3] - env.POS_SCALE * np.asarray(batch['rel_actions'])[..., :3])} \
         if 'actions' in batch else {}
     return {'rgb_static': images_to_tensor(batch['rgb_static'], device),
             'rgb_gripper': images_to_tensor(batch['rgb_gripper'], device),
@@ -367,7 +376,6 @@ def _load_cache(cdir: Path, fingerprint: str, n: int, size: int):
 
 def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fingerprint: str, workers: int):
     """Read every listed frame once (N worker processes), write one .npy per array, meta.json last."""
-    from tqdm import tqdm
     N, tag = len(frame_ids), f'{TMP_TAG}{os.getpid()}'
     tmp = {k: cdir / f'{k}.npy{tag}' for k in CACHE_KEYS}
     try:
@@ -453,8 +461,9 @@ def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event
     """B sequences of L consecutive frames, start uniform over all valid starts (so every frame is equally
     likely), never crossing a segment boundary. With event_frac > 0, that share of the B sequences is instead
     drawn to contain a light switching (light_switch_frames: one such frame uniformly, then a start uniform
-    among the valid ones whose window holds it); WMConfig.event_frac says why. Returns (B, L, ...) arrays of
-    SEQ_KEYS, 'rows' (B, L) and 'is_first' (B, L) (True at t = 0: each sequence starts from a fresh RSSM state)."""
+    among the valid ones whose window holds it; FINDINGS.md, "The LED: does imagination know a press switched
+    it?"). Returns (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L) and 'is_first' (B, L) (True at t = 0: each
+    sequence starts from a fresh RSSM state)."""
     ep = data['episodes']
     n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
     if n_starts.sum() == 0:
@@ -496,7 +505,6 @@ def expert_windows(data: dict, task: str, n: int = 50, seed: int = 0) -> np.ndar
 def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
     """(T,) int64: 1 where `task`'s success test holds at frame t relative to the window's first frame, for
     t = start..end (rows). task defaults to the annotated task of that window."""
-    import env
     s, e = int(window[0]), int(window[1])
     if task is None:
         match = np.flatnonzero((data['windows'] == (s, e)).all(1))
@@ -527,42 +535,30 @@ def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
 @dataclass
 class CollectConfig:
     episodes: int = 250         # §IV.A: ~500k play transitions (6 h at 30 Hz) = episodes x episode_len
-    episode_len: int = 2000     # frames per episode (one continuous play segment, global frame ids e*L ..)
+    episode_len: int = 2000     # frames per episode, one continuous play segment (not in the paper)
     val_every: int = 10         # every val_every-th episode goes to validation/ (10%); 0 = none
     workers: int = 2            # collection processes, each with its own DeskEnv and its own episodes
-    image_size: int = 200       # static camera pixels (CALVIN dataset: 200; load_split resizes to 64, S.4)
-    gripper_size: int = 84      # gripper camera pixels (CALVIN dataset: 84)
+    image_size: int = 200       # static camera pixels (CALVIN's dataset: 200; load_split resizes to 64, S.4)
+    gripper_size: int = 84      # gripper camera pixels (CALVIN's dataset: 84)
     seed: int = 0               # episode e is generated from (seed, e) alone: the same data for any #workers
-    p_task: float = 0.85        # probability that a play segment is a scripted task (else a reach or a pause)
-    p_pause: float = 0.3        # share of pauses among the non-task segments (the rest are random reaches)
-    p_home: float = 0.5         # probability of a reach back near the rest pose after a task segment
-    action_noise: float = 0.3   # std of the Gaussian noise on the 6 arm action dims (the operator's jitter)
-    speed_min: float = 0.7      # each segment's top speed (action units) is drawn from [speed_min, speed_max]
-    speed_max: float = 1.0      # (slow and fast operators)
-    gain_min: float = 0.35      # ... and its proportional gain from [gain_min, gain_max] (how hard it homes in)
-    gain_max: float = 0.6       # (gentle and brisk operators)
-    # The operator's style (env.ScriptedSkill): a drifting hand, detours and hesitations, so that 50 demos
-    # are as varied as teleoperated ones and cloning them is good but imperfect (Table I: base 36-63%).
-    noise_corr: float = 0.7     # AR(1) coefficient of the action noise (0 = iid jitter)
-    p_via: float = 0.4          # probability that a task first swings through a random via point
-    via_scale: float = 0.08     # how far (m) that via point lies off the straight line
-    p_hesitate: float = 0.25    # probability of a hesitation after each phase of a task ...
-    hesitate_max: int = 15      # ... of 3 to hesitate_max steps holding still
-    p_miss: float = 0.5         # probability that an LED task starts with a press beside the button (a miss
-                                # and a retry: FINDINGS.md, the turn_on_led failure)
-    p_retry: float = 0.3        # probability that a task's first attempt is abandoned part-way and started over
-                                # (env.ScriptedSkill p_retry: FINDINGS.md, the shallow LED press)
-    drawer_tol_max: float = 0.010  # open_drawer closes on the knob within a tolerance drawn from [6 mm, this]
-                                # (env.ScriptedSkill; 0.006 = always 6 mm, no draw: FINDINGS.md, open_drawer)
-    push_tol_max: float = 0.015  # close_drawer pushes once within a tolerance drawn from [6 mm, this] of the point in
-                                # front of the knob; at a fixed 6 mm (desk-v3b) the operator crept there so long that
-                                # it finished within an evaluation episode's 72 steps only 33% of the time and the
-                                # cloned policy succeeded 23% (FINDINGS.md, "How fast ..." and "desk-v4")
-    # Until session 19 the operator was milder: action_noise 0.25, p_hesitate 0.2, hesitate_max 12 and
-    # drawer_tol_max 0.006 (the play data of results/results.md). Session 19 made desk-v3b's operator
-    # (results/desk_v3b/) the default: 5 of 8 base policies in the paper's 30-75% band instead of 2, and
-    # open_drawer no longer stalls at the knob (FINDINGS.md, "A stronger operator becomes the default").
-    # Session 23 made desk-v4's close_drawer push (push_tol_max 0.015; results/desk_v4/) the default.
+    # The scripted operator stands in for CALVIN's teleoperators, so that cloning 50 demos is good but imperfect.
+    p_task: float = 0.85  # not in the paper: share of segments that are tasks (FINDINGS.md, "The play data's operator")
+    p_pause: float = 0.3  # not in the paper: share of pauses among the rest (FINDINGS.md, "The play data's operator")
+    p_home: float = 0.5  # not in the paper: P(a reach home after a task) (FINDINGS.md, "The play data's operator")
+    action_noise: float = 0.3  # not in the paper: std of the arm-action noise (FINDINGS.md, "The play data's operator")
+    speed_min: float = 0.7  # not in the paper: lowest per-segment top speed (FINDINGS.md, "The play data's operator")
+    speed_max: float = 1.0  # not in the paper: highest per-segment top speed (FINDINGS.md, "The play data's operator")
+    gain_min: float = 0.35  # not in the paper: lowest per-segment P-gain (FINDINGS.md, "The play data's operator")
+    gain_max: float = 0.6  # not in the paper: highest per-segment P-gain (FINDINGS.md, "The play data's operator")
+    noise_corr: float = 0.7  # not in the paper: its AR(1) coefficient (FINDINGS.md, "The play data's operator")
+    p_via: float = 0.4  # not in the paper: P(a task takes a detour) (FINDINGS.md, "The play data's operator")
+    via_scale: float = 0.08  # not in the paper: size (m) of that detour (FINDINGS.md, "The play data's operator")
+    p_hesitate: float = 0.25  # not in the paper: P(a pause after a phase) (FINDINGS.md, "The play data's operator")
+    hesitate_max: int = 15  # not in the paper: longest such pause, steps (FINDINGS.md, "The play data's operator")
+    p_miss: float = 0.5  # not in the paper: P(an LED press misses first) (FINDINGS.md, "The play data's operator")
+    p_retry: float = 0.3  # not in the paper: P(a task is restarted) (FINDINGS.md, "The play data's operator")
+    drawer_tol_max: float = 0.010  # not in the paper: max grasp tolerance (m) (FINDINGS.md, "The play data's operator")
+    push_tol_max: float = 0.015  # not in the paper: max push tolerance (m) (FINDINGS.md, "The play data's operator")
     skill_timeout: int = 150    # frames after which an unfinished segment is abandoned
     max_window: int = 64        # longest annotation window in frames (CALVIN's windows are 64 frames)
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
@@ -570,14 +566,12 @@ class CollectConfig:
 
 # Settings added to CollectConfig after play data had been collected, with the value that reproduces the older
 # code: a collect_config.json that lacks one was written with that value (collect() resumes such folders).
-ADDED_SETTINGS = {'drawer_tol_max': 0.006, 'push_tol_max': 0.006}      # push_tol_max: session 22
 
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
-    # test: 350-frame episodes must hold a turn_on_led window in each split (tests/test_cli.py checks it and
-    # says so): a brisk operator, and a seed whose two episodes do (seed 11: two in training, one in validation);
-    # the 6 mm drawer grasp and push keep the test data what it was before sessions 19 and 23's operators
+    # test: 350-frame episodes that hold a turn_on_led window in each split (tests/test_cli.py checks it): a brisk
+    # operator and seed 11 (two windows in training, one in validation); a fixed 6 mm drawer grasp and push
     'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'seed': 11,
              'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0, 'p_retry': 0.0,
@@ -594,7 +588,6 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
     and DiWA's imagined episodes start there); otherwise env.ScriptedSkill of a task possible now (p_task), a
     pause or a random reach; each with its own random speed and gain and the operator's action noise.
     -> (kind, skill)"""
-    import env
     speed, gain = rng.uniform(cfg.speed_min, cfg.speed_max), rng.uniform(cfg.gain_min, cfg.gain_max)
     if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
         target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
@@ -626,7 +619,6 @@ def operator_style(cfg: CollectConfig) -> dict:
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
     """Play one episode on `desk`, write its frames, return its summary (windows in global frame ids)."""
-    import env
     rng = np.random.default_rng([cfg.seed, e])
     t_start = time.time()
     split = episode_split(cfg, e)
@@ -672,7 +664,6 @@ _DESK, _PARENT = None, None                         # one DeskEnv per worker pro
 
 def _worker_init(cfg: CollectConfig, parent: int | None = None) -> None:
     global _DESK, _PARENT
-    import env
     _DESK, _PARENT = env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True), parent
 
 
@@ -689,7 +680,6 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     are recorded in collect_progress.json and skipped; settings are stored in collect_config.json and a re-run
     with different ones is refused. Returns {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts'}."""
     global _DESK
-    from tqdm import tqdm
     for name in ('episodes', 'episode_len', 'workers', 'image_size', 'gripper_size', 'skill_timeout', 'max_window'):
         if getattr(cfg, name) < 1:
             raise ValueError(f'collect.{name} must be >= 1, got {getattr(cfg, name)}')
@@ -700,8 +690,7 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
     spath, ppath = out / 'collect_config.json', out / 'collect_progress.json'
     if spath.is_file():
-        # a setting added after the folder was written reads as the value that gives the code's behaviour then
-        old = {**ADDED_SETTINGS, **json.loads(spath.read_text())}
+        old = json.loads(spath.read_text())
         diff = [f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:
@@ -769,7 +758,6 @@ def write_indexes(out: Path, progress: dict, split: str) -> None:
 
 def summarize(progress: dict) -> dict:
     """Totals over finished episodes: frames, per-task window counts, scripted-skill attempts/successes."""
-    import env
     counts = {k: 0 for k in env.TASKS}
     attempts, success = {k: 0 for k in env.TASKS}, {k: 0 for k in env.TASKS}
     for s in progress.values():
@@ -784,20 +772,102 @@ def summarize(progress: dict) -> dict:
             'skill_success': success, 'dropped': sum(s['dropped'] for s in progress.values())}
 
 
-if __name__ == '__main__':
-    import argparse
-    ap = argparse.ArgumentParser(description='Summarise a CALVIN-layout split folder: frames, segments, windows per '
-                                             'task (builds the frame cache on first use).')
-    ap.add_argument('folder', help='a split folder, e.g. runs/cpu/data/training or calvin/task_D_D/validation')
-    ap.add_argument('--image-size', type=int, default=64, help='image size of the cache (S.4: 64)')
-    args = ap.parse_args()
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts on disk ({'stage', 'task', 'step', 'done', 'key', 'config', 'model', ...}),
+# written atomically, read back as data only (weights_only=True), checked against what the caller expects.
+# ----------------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save to <path>.tmp<pid>, fsync, rename: a kill at any moment leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale_temps(path) -> None:
+    """Delete <path>.tmp<pid> files left by a process killed inside save_checkpoint (the checkpoint itself is
+    intact: the rename never happened)."""
+    for tmp in glob.glob(glob.escape(str(path)) + '.tmp*'):
+        pid = tmp.rsplit('.tmp', 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f'/proc/{pid}'):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def writer_lock(path, error=None):
+    """One writer per checkpoint: a second process resuming the same one raises `error` (DataError), naming the
+    first. flock() on .<name>.lock beside it; the kernel drops the lock when its holder exits, even on kill -9."""
+    if fcntl is None:                           # Windows: no lock
+        yield
+        return
+    head, name = os.path.split(os.path.abspath(path))
+    os.makedirs(head, exist_ok=True)
+    with open(os.path.join(head, f'.{name}.lock'), 'a+') as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise (error or DataError)(f'{path}: {fh.read().strip() or "another process"} is writing this '
+                                       'checkpoint; wait for it to finish, or stop it') from None
+        fh.truncate(0)
+        fh.write(f'pid {os.getpid()}')
+        fh.flush()
+        yield                                   # leaving the with-block closes the file: the lock is released
+
+
+def load_checkpoint(path, stage: str | None = None, task: str | None = None) -> dict:
+    """Load a checkpoint as data (weights_only=True) and check it holds what the caller expects."""
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: checkpoint not found' + (f' (run --stage {stage} first)' if stage else ''))
     try:
-        d = load_split(args.folder, args.image_size)
-    except DataError as err:
-        raise SystemExit(f'error: {err}')
-    lengths = d['episodes'][:, 1] - d['episodes'][:, 0] + 1
-    print(f"{args.folder}: {len(d['frame_ids'])} frames in {len(lengths)} segments "
-          f"(length {lengths.min()}..{lengths.max()}), {len(d['windows'])} annotated windows")
-    for task in sorted(set(d['window_tasks'].tolist())):
-        w = d['windows'][d['window_tasks'] == task]
-        print(f'  {task:28s} {len(w):6d} windows, mean length {np.mean(w[:, 1] - w[:, 0] + 1):5.1f} frames')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled code ...
+        raise DataError(f'{path}: not a readable checkpoint ({type(e).__name__}: {_one_line(e)[:120]})') from None
+    if not isinstance(ckpt, dict) or 'stage' not in ckpt or 'model' not in ckpt:
+        raise DataError(f'{path}: not a diwa checkpoint (expected a dict with stage/model keys)')
+    if stage is not None and ckpt['stage'] != stage:
+        raise DataError(f"{path}: holds a '{ckpt['stage']}' checkpoint, expected '{stage}'")
+    if task is not None and ckpt.get('task') != task:
+        raise DataError(f"{path}: holds task '{ckpt.get('task')}', expected '{task}'")
+    return ckpt
+
+
+def config_from(cls, config: dict, path, stage: str):
+    """The settings `config` of a checkpoint as dataclass `cls`. A checkpoint written by another version of diwa
+    (a setting missing or unknown) is a one-line error that says how to rebuild it, never a silent upgrade."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = sorted(names - set(config)), sorted(set(config) - names)
+    if missing or unknown:
+        raise DataError(f"{path}: written by another version of diwa (settings missing: {', '.join(missing) or '-'}; "
+                        f"unknown: {', '.join(unknown) or '-'}); rebuild it with --stage {stage} --force")
+    return cls(**config)
+
+
+def dataset_key(root) -> str:
+    """Fingerprint of a dataset in CALVIN's layout: its segment list and annotation windows / tasks (cheap, no
+    frame reads). It hashes the *contents*, not the file bytes: pickle's bytes of equal annotations can differ."""
+    h = hashlib.sha1()
+    for split in ('training', 'validation'):
+        folder = os.path.join(root, split)
+        if not os.path.isfile(os.path.join(folder, 'ep_start_end_ids.npy')):
+            continue
+        episodes, (windows, tasks) = read_episodes(folder), read_annotations(folder)
+        h.update(np.ascontiguousarray(episodes, np.int64).tobytes())
+        h.update(np.ascontiguousarray(windows, np.int64).tobytes())
+        h.update('\n'.join(map(str, tasks)).encode())
+    return h.hexdigest()[:16]
+
+
+def window_rows(episodes: np.ndarray, windows: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (W, T) covering each window plus `extra` frames after it (clipped to its episode), and a
+    (W, T) mask of the rows that belong to the window proper or its extension."""
+    ep_end = np.array([episodes[(episodes[:, 0] <= s) & (s <= episodes[:, 1])][0, 1] for s, _ in windows])
+    stop = np.minimum(windows[:, 1] + extra, ep_end)                    # (W,) inclusive
+    T = int((stop - windows[:, 0]).max()) + 1
+    rows = windows[:, :1] + np.arange(T)[None]                          # (W, T)
+    mask = rows <= stop[:, None]
+    return np.minimum(rows, stop[:, None]), mask

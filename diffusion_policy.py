@@ -35,9 +35,14 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
+import env
+import world_model as W
 
 
 @dataclass
@@ -49,7 +54,7 @@ class BCConfig:
     action_dim: int = 7         # action dimension D_a (7-DoF relative actions, S.3.1)
     mlp_dim: int = 512          # width of the eps-net / mean MLP (Tab. S.3: [512, 512, 512])
     mlp_layers: int = 3         # number of hidden layers of that MLP (Tab. S.3)
-    time_dim: int = 16          # size of the sinusoidal denoising-step embedding
+    time_dim: int = 16          # size of the denoising-step embedding (not in the paper; DPPO's 16)
     lr: float = 1e-4            # initial Adam learning rate (Tab. S.3)
     lr_final: float = 1e-5      # final learning rate of the cosine decay (Tab. S.3)
     weight_decay: float = 1e-6  # weight decay (Tab. S.3)
@@ -62,10 +67,8 @@ class BCConfig:
 
 PRESETS = {
     'paper': {},
-    # Same network. ~50 demos give ~12 batches per epoch: 200 epochs = ~2.4k steps, ~2 min on one core
-    # (vs 60k steps in the paper). On a 512-d toy latent task lr 1e-4 reached a held-out error of 0.28 in
-    # 2.4k steps, 3e-4 reached 0.15 (its plateau); with 2.4k steps an EMA every 10 steps (a ~2k-step
-    # window) would lag far behind, so the cpu EMA updates every step (a ~200-step window).
+    # Same network, ~2.4k steps (~2 min on one core; the paper's 5000 epochs are ~60k): a higher lr to converge
+    # in that budget, and an EMA updated every step (a ~200-step window) that does not lag behind the training.
     'cpu': {'epochs': 200, 'lr': 3e-4, 'lr_final': 3e-5, 'ema_start_epoch': 5, 'ema_every': 1},
     'test': {'K': 5, 'mlp_dim': 32, 'mlp_layers': 2, 'time_dim': 8, 'batch': 16, 'epochs': 2,
              'ema_start_epoch': 0, 'ema_every': 1},
@@ -122,7 +125,8 @@ def sinusoidal_embedding(k, dim):
 
 
 class ResidualMLP(nn.Module):
-    """in -> [Linear(width), Mish] -> (layers-1) x [h + Mish(Linear(h))] -> Linear(out). (Tab. S.3)"""
+    """in -> [Linear(width), Mish] -> (layers-1) x [h + Mish(Linear(h))] -> Linear(out). Widths: Tab. S.3;
+    Mish and the residual blocks are not in the paper (DPPO's residual MLP)."""
 
     def __init__(self, in_dim, out_dim, width, layers):
         super().__init__()
@@ -211,8 +215,9 @@ class DiffusionPolicy(nn.Module):
         Steps k <= K_ft use ft_policy (DiWA fine-tunes only the last K' steps; the first K-K' stay frozen).
         Exploration as in DPPO fine-tuning: std clipped below at min_std, standard-normal noise clipped to
         +-noise_clip. deterministic=True adds no noise after the initial x^K (evaluation).
-        The final chunk is clipped to the action range [-1, 1]; its log-prob is then evaluated at the clipped
-        point, a small bias that DPPO accepts too. A generator must live on cond's device."""
+        The final chunk is clipped to the action range [-1, 1] (S.3.1); not in the paper or DPPO's defaults
+        (DPPO's final_action_clip_value is None). Its log-prob is then evaluated at the clipped point, a small
+        bias. A generator must live on cond's device."""
         _check_inputs(self, cond)
         assert K_ft == 0 or ft_policy is not None, f'K_ft={K_ft} > 0 needs ft_policy'
         assert 0 <= K_ft <= self.K, f'K_ft={K_ft} must be in 0..K={self.K}'
@@ -393,3 +398,44 @@ def update_bc(policy, opt, ema, batch, epoch=0, sched=None):
     if ema is not None:
         ema.update(policy, epoch)
     return {'bc_loss': loss.item(), 'grad_norm': grad_norm.item(), 'lr': lr}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demonstrations in latent space (Alg. 1 line 2): the 50 expert windows of a task, filtered by the frozen
+# world model from each window's first frame.
+#
+#   window      s ............ e  (first frame where the task's success test holds)  + post frames
+#   feat        z_s ........... z_e ......... z_{e+P}            (W, T, F)
+#   chunk       a_t..a_{t+3}    for t in [s, e]  (padded with the window's last action)  (W, T, Ta, 7)
+#   success     test(start=s, now=t) for t in [s, e+P]                                     (W, T)
+# ----------------------------------------------------------------------------------------------------
+
+def demo_latents(wm, split: dict, task: str, n: int, seed: int, post: int, device, Ta: int = 4) -> dict:
+    """Latents, action chunks and success labels of n expert windows of `task` drawn with `seed` (diagram above)."""
+    win = data.expert_windows(split, task, n=n, seed=seed)                       # (W, 2) row windows
+    rows, mask = data.window_rows(split['episodes'], win, post)                  # (W, T)
+    feat = W.featurize_rows(wm, split, rows, device)                             # (W, T, F)
+    # action chunks a_t .. a_{t+Ta-1}, never reading past the window's end (edge-padded)
+    idx = np.minimum(rows[:, :, None] + np.arange(Ta), win[:, 1:2, None])       # (W, T, Ta)
+    chunks = torch.as_tensor(split['rel_actions'][idx], dtype=torch.float32)      # (W, T, Ta, 7)
+    in_window = torch.as_tensor(rows <= win[:, 1:2]) & torch.as_tensor(mask)     # (W, T) frames s..e
+    start_scene = split['scene_obs'][win[:, 0]]
+    success = np.array([[env.task_success(task, {'scene_obs': start_scene[w]}, {'scene_obs': split['scene_obs'][r]})
+                         for r in rows[w]] for w in range(len(win))]) & mask
+    return {'task': task, 'feat': feat, 'chunks': chunks, 'in_window': in_window, 'valid': torch.as_tensor(mask),
+            'success': torch.as_tensor(success), 'windows': torch.as_tensor(win), 'start_rows': torch.as_tensor(win[:, 0])}
+
+
+def load(path, task: str, feat_dim: int, device='cpu'):
+    """The policy of a checkpoint (the EMA weights of a BC checkpoint, the fine-tuned weights of a finetune /
+    dppo one), checked against the world model's latent size: a policy only makes sense on the latents it was
+    trained on. -> (policy, ckpt)"""
+    ckpt = data.load_checkpoint(path, None, task)
+    cond_dim = ckpt['extra'].get('cond_dim')
+    if cond_dim != feat_dim:
+        raise data.DataError(f'{path}: policy conditioned on {cond_dim}-d latents, but the world model gives '
+                             f'{feat_dim}-d features (checkpoints from different runs?)')
+    cfg = data.config_from(BCConfig, ckpt['extra'].get('bc_config', ckpt['config']), path, 'bc')
+    policy = make_policy(cond_dim, cfg).to(device)
+    policy.load_state_dict(ckpt['ema']['model'] if ckpt['stage'] == 'bc' else ckpt['model'])
+    return policy.eval().requires_grad_(False), ckpt

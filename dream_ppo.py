@@ -42,56 +42,55 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import data
+from data import preprocess_obs
 from diffusion_policy import gaussian_logprob
+from env import near_rest, sample_task_start, task_possible, task_success
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class FinetuneConfig:
-    # Tab. S.5 unless noted
-    n_envs: int = 50  # parallel imagined episodes (one batch)
-    n_steps: int = 36  # policy decisions per episode slot per iteration (x4 world-model steps)
-    max_episode_steps: int = 18  # decisions before an episode times out (72 control steps, as in the evaluation)
-    iterations: int = 800  # DiWA iterations (rollout + update), ~5M imagined steps
-    K_ft: int = 10  # K': fine-tuned (last) denoising steps; the first K-K' use the frozen policy
-    min_std: float = 0.1  # lower clip of the sampling std of every denoising step
-    noise_clip: float = 3.0  # clip of the sampling noise (in std units)
-    min_logprob_std: float = 0.1  # lower clip of the std used in the PPO/BC log-probs
-    actor_lr: float = 1e-5  # learning rate of the fine-tuned policy
-    critic_lr: float = 1e-3  # learning rate of the value function V_nu
-    critic_hidden: int = 256  # width of the critic MLP (on the world-model feature)
-    critic_layers: int = 3  # hidden layers of the critic MLP
-    gamma: float = 0.999  # gamma_WM, discount between decisions
-    gamma_denoise: float = 0.99  # gamma_denoise, advantage of step k scaled by gamma_denoise**k (Eq. 8)
-    gae_lambda: float = 0.95  # GAE lambda (Eq. 15)
-    clip_min: float = 0.001  # PPO clip epsilon of the noisiest fine-tuned step
-    clip_max: float = 0.01  # PPO clip epsilon of the last denoising step (k=1)
-    clip_rate: float = 3.0  # curvature of the exponential clip schedule (DPPO's value; not in the paper)
-    update_epochs: int = 10  # passes over the iteration's samples
-    batch_size: int = 7500  # PPO minibatch size (samples = decision x fine-tuned step)
-    alpha_bc: float = -1.0  # BC regulariser weight (Eq. 16); negative = per-task value of S.2.4
-    reward_scaling: bool = True  # divide rewards by the running std of the discounted return
-    norm_adv: bool = True  # normalise advantages per minibatch (DPPO default; not in the paper)
-    max_grad_norm: float = 1.0  # gradient-norm clip of actor and critic (DPPO default)
+    n_envs: int = 50  # parallel imagined episodes N of Alg. 1 (not in the paper; DPPO's robomimic runs use 50)
+    n_steps: int = 36  # decisions per episode slot and iteration, x4 world-model steps (not in the paper)
+    max_episode_steps: int = 18  # decisions per episode: 72 control steps, as in the evaluation (not in the paper)
+    iterations: int = 800  # not in the paper: 800 x 50 x 36 x 4 = 5.8M imagined steps, about §IV.A's 5M
+    K_ft: int = 10  # Tab. S.5 K': fine-tuned (last) denoising steps; the first K-K' use the frozen policy
+    min_std: float = 0.1  # lower clip of the sampling std of every denoising step (not in the paper; DPPO's 0.1)
+    noise_clip: float = 3.0  # clip of the sampling noise in std units (not in the paper; DPPO's 3)
+    min_logprob_std: float = 0.1  # lower clip of the std in the PPO/BC log-probs (not in the paper; DPPO's 0.1)
+    actor_lr: float = 1e-5  # Tab. S.5: learning rate of the fine-tuned policy
+    critic_lr: float = 1e-3  # Tab. S.5: learning rate of the value function V_nu
+    critic_hidden: int = 256  # Tab. S.5: width of the critic MLP (on the world-model feature)
+    critic_layers: int = 3  # Tab. S.5: hidden layers of the critic MLP
+    gamma: float = 0.999  # Tab. S.5 gamma_WM: discount between decisions (Eq. 15)
+    gamma_denoise: float = 0.99  # Tab. S.5 gamma_DP, Eq. 8: advantage of step k scaled by gamma_denoise**k
+    gae_lambda: float = 0.95  # Tab. S.5, Eq. 15: GAE lambda
+    clip_min: float = 0.001  # PPO clip epsilon of the noisiest fine-tuned step (not in the paper; DPPO's value)
+    clip_max: float = 0.01  # PPO clip epsilon of the last denoising step k=1 (not in the paper; DPPO's value)
+    clip_rate: float = 3.0  # curvature of the exponential clip schedule (not in the paper; DPPO's value)
+    update_epochs: int = 10  # passes over the iteration's samples (not in the paper; DPPO's robomimic value)
+    batch_size: int = 7500  # Tab. S.5: PPO minibatch size (samples = decision x fine-tuned step)
+    alpha_bc: float = -1.0  # Eq. 16 alpha_BC; negative = the per-task value of S.2.4 (default 0.05, Tab. S.5)
+    reward_scaling: bool = True  # divide rewards by a running std of the discounted return (not in the paper; DPPO's)
+    norm_adv: bool = True  # normalise advantages per minibatch (not in the paper; DPPO's default)
+    max_grad_norm: float = 1.0  # actor/critic grad-norm clip: not in the paper or DPPO's defaults; bounds each step
     target_kl: float = 0.0  # stop the epochs early when approx-KL exceeds this; 0 = never (not in the paper)
-    critic_warmup: int = 0  # first iterations update only the critic (DPPO option; paper: 0)
-    start_states: str = 'rest'  # imagined episodes start from play frames where the task is possible and the robot is near its rest pose, as in the evaluation ('rest'), or anywhere ('any')
-    reward: str = 'classifier'  # 'classifier' C(z_{t+1}) (§III.C) or 'decoder': the task's test on scene states decoded by a hybrid WM (Fig. 2)
-    reward_over_chunk: str = 'max'  # 'max' over the chunk's latents (success at any step, as the simulator checks) or 'last'
-    success_threshold: float = 0.5  # classifier probability above which the imagined episode ends as a success
-    reward_binary: bool = False  # reward = 1[p > threshold] (reference code) instead of the probability (paper)
-    latent_sample: bool = True  # imagined z_{t+1} sampled from the prior (DreamerV2) or its mode (FINDINGS.md: what limits)
+    critic_warmup: int = 0  # first iterations update only the critic (not in the paper; a DPPO option)
+    start_states: str = 'rest'  # Alg. 1's x_0: play frames near the rest pose where the task is possible, or 'any'
+    reward: str = 'classifier'  # 'classifier' C(z_{t+1}) (§III.C) or 'decoder': task test on decoded scene (Fig. 2)
+    reward_over_chunk: str = 'max'  # not in the paper (FINDINGS.md, "Fine-tuning settings that depart from the paper")
+    success_threshold: float = 0.5  # not in the paper (FINDINGS.md, "Fine-tuning settings that depart from the paper")
+    reward_binary: bool = False  # reward 1[p > threshold] instead of the probability (§III.C); not in the paper
+    latent_sample: bool = True  # z_{t+1} ~ prior (Alg. 1) or its mode (FINDINGS.md, "The imagination gap")
     sim_workers: int = 2  # DPPO baseline only: simulator processes
 
 
 PRESETS = {
     'paper': {},
-    # 2-core CPU (cpu presets of world_model/diffusion_policy: 512-d feature, K=20): 50 x 18 decisions and
-    # 4 epochs of 9000 samples = 20 gradient steps per iteration (paper: ~24); ~4.5 s per iteration on
-    # 2 quiet cores (python bench.py finetune), so 150 iterations take ~11 min.  Larger actor lr: ~5x fewer
-    # iterations than the paper. success_threshold 0.8: with 0.5, states the classifier is unsure about end the
-    # imagined episode as a success, and the policy learns to reach them (open_drawer seed 0: real success
-    # 78% -> 64%); with 0.8, 78/71/71% -> 91/82/81% over seeds 0/1/2 (FINDINGS.md, the second deviation).
+    # cpu (2 cores, the 512-d cpu world model): 50 x 18 decisions, 4 epochs = 20 gradient steps per iteration
+    # (paper preset: ~24), ~4.5 s each; a larger actor lr for ~5x fewer iterations; success_threshold 0.8
+    # (FINDINGS.md, "Fine-tuning settings that depart from the paper").
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
                 critic_hidden=128, sim_workers=2, success_threshold=0.8),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
@@ -192,7 +191,7 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
 
 
 class RunningRewardScaler:
-    """Divide rewards by the running std of the discounted return (DPPO; Tab. S.5 text).
+    """Divide rewards by the running std of the discounted return (not in the paper; DPPO's reward_scale_running).
     Every call is a fresh rollout (episodes restart each iteration), so the return starts at 0;
     the mean/var/count statistics of all returns seen so far persist (exact parallel-variance merge)."""
 
@@ -266,7 +265,7 @@ def make_optimizers(actor, critic, cfg: FinetuneConfig) -> dict:
 
 def step_logprob(policy, x_k, x_prev, k, cond, min_std: float) -> torch.Tensor:
     """log pi(x^{k-1} | x^k, z, k) of one denoising step (Eq. 5), (B,), *averaged* over the Ta x Da
-    action entries as in DPPO: the clip range 0.001-0.01 of Tab. S.5 is tuned for that scale."""
+    action entries as in DPPO: DPPO's clip range 0.001-0.01 (clip_min, clip_max) is tuned for that scale."""
     mean, std = policy.step_mean_std(x_k, k, cond, min_std=min_std)
     return gaussian_logprob(x_prev, mean, std) / x_prev[0].numel()
 
@@ -491,8 +490,6 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
     """DPPO baseline rollout: the same decisions in the simulator.  Observations are filtered online
     by the world model (wm.obs_step), the reward is the simulator's own success test, and every
     simulator step is counted.  Returns a buffer with the same fields as imagine_rollout."""
-    from data import preprocess_obs
-    from env import sample_task_start, task_success
     _check_cfg(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7
@@ -544,3 +541,53 @@ def dppo_iteration(sims, wm, policy_pre, actor, critic, opts: dict, scaler, task
     """One DPPO-baseline iteration: simulator rollout + the same update; counts simulator steps."""
     buffer = real_rollout(sims, wm, policy_pre, actor, critic, task, cfg, rng, generator, device)
     return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Around the loop: where imagined episodes start, the fine-tuned actor of a checkpoint, the loop's state
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def start_pool(wm, split: dict, task: str, device, seed: int, n: int = 1024, where: str = 'rest') -> dict:
+    """Imagined episodes start from recorded play frames where the task's precondition holds (e.g. drawer
+    closed for open_drawer) and, with where='rest', the robot is near its rest pose, where the evaluation's
+    episodes start (Alg. 1 l. 10 'sample initial observation x_0'). Each frame is encoded alone from a fresh
+    state, as the evaluation encodes its first frame. No simulator is created: the pool is read from the dataset."""
+    ok = np.array([task_possible(task, s) for s in split['scene_obs']], bool)
+    if where == 'rest':
+        rest = ok & near_rest(split['robot_obs'])
+        if rest.sum() >= 64:
+            ok = rest
+        else:
+            print(f'[finetune/{task}] only {rest.sum()} recorded frames near the rest pose where the task is '
+                  'possible: starting imagined episodes from any such frame')
+    possible = np.flatnonzero(ok)
+    if len(possible) == 0:
+        raise data.DataError(f'finetune/{task}: no recorded frame where the task is possible')
+    rows = np.random.default_rng(seed).choice(possible, min(n, len(possible)), replace=False)[:, None]  # (n, 1)
+    pool = []
+    for i in range(0, len(rows), 256):
+        batch = {k: split[k][rows[i:i + 256]] for k in data.SEQ_KEYS}
+        pool.append(encode_start_pool(wm, data.to_torch(batch, device)))
+    return {k: torch.cat([p[k] for p in pool]) for k in pool[0]}
+
+
+def load_actor(ckpt: dict, policy_pre):
+    """The fine-tuned copy pi_theta stored in a finetune / dppo checkpoint (same architecture as pi_pre)."""
+    actor = copy.deepcopy(policy_pre)
+    actor.load_state_dict(ckpt['model'])
+    return actor.eval().requires_grad_(False)
+
+
+class StateBox:
+    """The loop's counters and torch.Generator behind the state_dict interface that train.train_loop saves."""
+
+    def __init__(self, counters: dict, generator: torch.Generator):
+        self.counters, self.generator = counters, generator
+
+    def state_dict(self):
+        return {'counters': dict(self.counters), 'generator': self.generator.get_state()}
+
+    def load_state_dict(self, d):
+        self.counters.update(d['counters'])
+        self.generator.set_state(d['generator'])

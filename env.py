@@ -2,8 +2,8 @@
 
 Paper: §IV.A (CALVIN environment D), S.3.1 (the 7-D relative action, gripper thresholded at 0).
 The real CALVIN simulator (mees/calvin_env) is a GPU-or-patience job on a laptop (~18 steps/s with
-cameras); this file rebuilds its scene D from pybullet primitives with CALVIN's numbers
-(../shared/REFERENCE.md §1-§2) so that every phase of DiWA runs on a 2-core CPU.
+cameras); this file rebuilds its scene D from pybullet primitives with CALVIN's numbers (calvin_env's
+scene D, robot and task definitions; Mees et al. 2022) so that every phase of DiWA runs on a 2-core CPU.
 
 Desk (world frame, metres, z up; +q of each prismatic joint as in CALVIN):
 
@@ -25,7 +25,6 @@ API: DeskEnv(image_size, gripper_size, cameras, seed) .reset(robot_obs, scene_ob
 task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkill(task, rng, noise, speed).act;
 CalvinEnvAdapter (the real simulator, when installed). CLI: python env.py --check-skills | --render DIR
 """
-import argparse
 import hashlib
 import os
 import tempfile
@@ -53,7 +52,7 @@ p, pybullet_data = _import_pybullet_quietly()
 TASKS = ['open_drawer', 'close_drawer', 'move_slider_left', 'move_slider_right',
          'turn_on_lightbulb', 'turn_off_lightbulb', 'turn_on_led', 'turn_off_led']
 
-# ---------------------------------------------------------------- CALVIN constants (REFERENCE §1)
+# ---------------------------------------------------------------- CALVIN constants (calvin_env, scene D)
 PHYSICS_HZ, SUBSTEPS, SOLVER_ITERATIONS = 240, 8, 50        # control at 240 / 8 = 30 Hz
 ROBOT_BASE = (-0.34, -0.46, 0.24)
 Q_INIT = np.array([-1.21779206, 1.03987646, 2.11978261, -2.34205014, -0.87015947, 1.64119353, 0.55344866])
@@ -67,8 +66,8 @@ ARM, FINGERS, TCP_LINK = list(range(7)), [9, 10], 11        # joint / link indic
 # Articulated parts: (joint upper limit, unit direction of +q, link origin at q = 0)
 DOOR_MAX, DRAWER_MAX, BUTTON_MAX, SWITCH_MAX = 0.28, 0.22, 0.02, 0.088
 DOOR_ORIGIN, DRAWER_ORIGIN = np.array([-0.10, 0.075, 0.535]), np.array([0.18, 0.0, 0.32])
-# The button sits on the table's left, ~0.4 m from the rest pose like the drawer knob and the switch (at
-# (-0.12, -0.12) the operator pressed it in ~22 of the 72 evaluation steps and cloning it was too easy: base 87-99%)
+# The button sits on the table's left, ~0.4 m from the rest pose like the drawer knob and the switch (at CALVIN's
+# (-0.12, -0.12) the LED tasks were too easy to clone: base 87-99%)
 BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.40, -0.10, 0.46]), np.array([0.30, 0.061, 0.495])
 SWITCH_DIR = np.array([0.0, 0.5, 0.866])
 LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.016, 0.044
@@ -91,7 +90,7 @@ BLOCKS = {  # name: (half extents, rgba); 1 kg, friction 0.7
 # cabinet shelf behind the sliding door.
 BLOCK_REGIONS = [((-0.05, 0.45), (-0.16, 0.0)), ((-0.45, 0.02), (0.14, 0.27))]
 
-# Cameras (CALVIN values, REFERENCE §1)
+# Cameras (CALVIN's values, calvin_env's static and gripper cameras)
 STATIC_CAM = dict(eye=(2.8715, -2.1666, 2.5552), target=(-0.0262, -0.0302, 0.3920), up=(0.4041, 0.2263, 0.8863),
                   fov=10.0, near=0.01, far=10.0)
 GRIPPER_CAM = dict(fov=75.0, near=0.01, far=2.0, behind=0.1)
@@ -464,7 +463,7 @@ def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
     return s
 
 
-# ---------------------------------------------------------------- the 8 tasks (REFERENCE §2)
+# ---------------------------------------------------------------- the 8 tasks (CALVIN's success tests)
 
 def task_success(task, start_info, info):
     """Pure success test of one task between the info at the task's start and the current info."""
@@ -472,7 +471,7 @@ def task_success(task, start_info, info):
 
 
 def task_success_batch(task, s0, s1):
-    """The 8 success tests (REFERENCE §2) on scene states s0 (task start), s1 (now) of shape (..., 24), numpy
+    """The 8 success tests (CALVIN's task oracle) on scene states s0 (task start), s1 (now) of shape (..., 24), numpy
     or torch -> bool (...). Batched for the decoded-state reward of Fig. 2 (scene states decoded from latents)."""
     d = lambda i: s1[..., i] - s0[..., i]
     off_on = lambda i: (s0[..., i] < 0.5) & (s1[..., i] > 0.5)
@@ -596,11 +595,11 @@ def sample_task_start(task, rng):
 
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
-SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes (FINDINGS.md)
-DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer). The operator of the play data
-                           # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] (README: open_drawer)
+SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes
+DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer); the play data's operator
+                           # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max]
 DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes; the operator
-                           # may draw it per attempt from [DRAWER_PUSH_TOL, push_tol_max] (FINDINGS.md, close_drawer)
+                           # may draw it per attempt from [DRAWER_PUSH_TOL, push_tol_max]
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
 # The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
@@ -629,18 +628,19 @@ class ScriptedSkill:
       p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
       p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
                   beside the button, where nothing happens) and then does the task: play data that shows the
-                  world model and the classifier what a miss looks like (FINDINGS.md: the turn_on_led failure)
+                  world model and the classifier what a miss looks like
       drawer_tol_max  open_drawer: the hand closes on the knob once within a tolerance drawn per attempt from
                   [DRAWER_GRASP_TOL, drawer_tol_max] (no draw when equal): an operator who does not always creep
-                  the last millimetres before closing (README: why open_drawer's base was 12%)
+                  the last millimetres before closing
       push_tol_max  close_drawer: the hand starts pushing once within a tolerance drawn per attempt from
                   [DRAWER_PUSH_TOL, push_tol_max] of the point in front of the knob (no draw when equal): a push needs
                   no grasp, and always creeping to 6 mm with a drifting hand made the operator slower than an
-                  evaluation episode (FINDINGS.md, "How fast is the operator")
+                  evaluation episode
       p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
                   reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
                   pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
-                  the new state: play data that shows what an unfinished attempt looks like (FINDINGS.md)
+                  the new state: play data that shows what an unfinished attempt looks like
+    (FINDINGS.md, "The play data's operator" and "The LED: does imagination know a press switched it?")
     All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
     """
 
@@ -792,8 +792,8 @@ class ScriptedSkill:
             # This step already stops pushing. The action is measured from the target estimate that this step's
             # push has already advanced, so the controller's real target ends one push behind the hand (the hand
             # eases off the part), and the estimate stays one push (<= 2 cm) ahead of it for the rest of the
-            # task: the anti-windup leash is that much off. Kept so that the play data of runs/cpu (collected
-            # with this code) can be collected again; to be corrected with the next change of the play data.
+            # task: the anti-windup leash is that much off. Kept so that existing play data can be collected again
+            # exactly; to be corrected with the next change of the play data.
             a[:3] = np.clip((r[:3] - self.target) / POS_SCALE, -1.0, 1.0)
             a[3:6] = 0.0
             self.target = self.target + POS_SCALE * a[:3]
@@ -816,7 +816,8 @@ class ScriptedSkill:
 # ---------------------------------------------------------------- the real CALVIN simulator (optional)
 
 class CalvinEnvAdapter:
-    """The real calvin_env (scene D) behind DeskEnv's interface (REFERENCE §5). Untested here: calvin_env
+    """The real calvin_env (scene D) behind DeskEnv's interface (calvin_env's Hydra config, env.reset/step/get_info
+    and the task oracle's get_task_info / get_task_info_for_set). Untested here: calvin_env
     is not on PyPI. Images come at CALVIN's resolution (200 / 84); data.preprocess_obs resizes them.
     The gripper action is thresholded to exactly +-1 (CALVIN asserts it), success uses CALVIN's task oracle."""
 
@@ -841,7 +842,7 @@ class CalvinEnvAdapter:
     @classmethod
     def wrap(cls, calvin_env, task_oracle, seed=None):
         """The adapter around an already built env and task oracle (e.g. a custom Hydra set-up, or a stand-in
-        with the interface of REFERENCE §5 in the tests)."""
+        with the interface of calvin_env and its task oracle in the tests)."""
         self = cls.__new__(cls)
         self.env, self.tasks, self.rng = calvin_env, task_oracle, np.random.default_rng(seed)
         return self
@@ -989,97 +990,3 @@ def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size:
     if kind != 'desk':
         raise ValueError(f"unknown simulator {kind!r}; use 'desk' or 'calvin'")
     return VecDeskEnv(n, workers=workers, seed=seed, image_size=image_size)
-
-
-# ---------------------------------------------------------------- command line: skills table, renders
-
-def check_skills(episodes=100, max_steps=150, seed=0, tasks=TASKS, verbose=True, speed_range=None,
-                 gain_range=None, **style):
-    """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}
-    `style`: extra ScriptedSkill arguments (noise, noise_corr, p_via, ...; --operator uses the play data's);
-    speed_range / gain_range: draw each episode's speed and gain from these (low, high), as the play data does.
-    Besides the success within max_steps it prints the share that succeeds within a CALVIN annotation window
-    (64 frames: a play-data demo that takes longer is clipped to its last 64 frames, data.run_episode) and within
-    an evaluation episode (72 steps, eval.EvalConfig): a demonstrator slower than these shows the cloned policy
-    demos that start mid-task, and the evaluation asks the policy to be faster than the operator it copies."""
-    env = DeskEnv(cameras=False, seed=seed)
-    rng, rates = np.random.default_rng(seed), {}
-    for task in tasks:
-        steps = []                                 # steps to the first success (max_steps + 1 = none)
-        for _ in range(episodes):
-            robot_obs, scene_obs = sample_task_start(task, rng)
-            obs = env.reset(robot_obs, scene_obs)
-            drawn = {k: rng.uniform(*r) for k, r in (('speed', speed_range), ('gain', gain_range)) if r is not None}
-            start, skill = env.get_info(), ScriptedSkill(task, rng, **style, **drawn)
-            steps.append(max_steps + 1)
-            for t in range(max_steps):
-                obs, _, _, info = env.step(skill.act(obs))
-                if task_success(task, start, info):      # CALVIN's evaluation stops at the first success
-                    steps[-1] = t + 1
-                    break
-        steps = np.array(steps)
-        won = steps <= max_steps
-        rates[task] = float(won.mean())
-        if verbose:
-            print(f'{task:20s} {won.sum():4d}/{episodes}  success {100 * won.mean():5.1f}%  '
-                  f'mean steps {steps[won].mean() if won.any() else float("nan"):5.1f}  '
-                  f'within 64: {100 * (steps <= 64).mean():5.1f}%  within 72: {100 * (steps <= 72).mean():5.1f}%',
-                  flush=True)
-    env.close()
-    return rates
-
-
-def render_examples(folder, image_size=200, gripper_size=84, seed=0):
-    """Write PNGs of both cameras for a few desk states (drawer closed/open, door left/right, LED, bulb)."""
-    import matplotlib.pyplot as plt
-    os.makedirs(folder, exist_ok=True)
-    env = DeskEnv(image_size=image_size, gripper_size=gripper_size, seed=seed)
-    base = random_scene(np.random.default_rng(seed), door=0.0, drawer=0.0, switch_on=False, led_on=False)
-    states = {'closed': {}, 'drawer_open': {1: DRAWER_MAX}, 'door_left': {0: DOOR_MAX},
-              'led_on': {5: 1.0}, 'bulb_on': {3: SWITCH_MAX, 4: 1.0}}
-    for name, changes in states.items():
-        scene = base.copy()
-        for k, v in changes.items():
-            scene[k] = v
-        obs = env.reset(scene_obs=scene)
-        for cam in ('rgb_static', 'rgb_gripper'):
-            plt.imsave(os.path.join(folder, f'{name}_{cam}.png'), obs['rgb_obs'][cam])
-    env.close()
-    print(f'wrote {2 * len(states)} PNGs to {folder}')
-
-
-if __name__ == '__main__':
-    ap = argparse.ArgumentParser(description='The built-in CALVIN-style desk: skill check and example renders.')
-    ap.add_argument('--check-skills', action='store_true', help='print the success table of the scripted skills')
-    ap.add_argument('--episodes', type=int, default=100, help='episodes per task for --check-skills')
-    ap.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks for --check-skills')
-    ap.add_argument('--operator', action='store_true',
-                    help="--check-skills with the play data's operator style (data.CollectConfig: noise, drift, "
-                         'detours, hesitations, misses, retries; speed and gain drawn per episode)')
-    ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                    help='--operator with these CollectConfig fields changed, e.g. --set action_noise=0.15')
-    ap.add_argument('--render', metavar='DIR', help='write PNGs of both cameras for a few desk states to DIR')
-    ap.add_argument('--size', type=int, default=64, help='static camera resolution for --render')
-    ap.add_argument('--seed', type=int, default=0)
-    args = ap.parse_args()
-    if args.check_skills:
-        style = {}
-        if args.operator or args.set:
-            import dataclasses
-            from data import CollectConfig, operator_style
-            defaults, changes = dataclasses.asdict(CollectConfig()), {}
-            for item in args.set:
-                key, _, value = item.partition('=')
-                kind = type(defaults.get(key))
-                try:
-                    changes[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
-                except (TypeError, ValueError):
-                    ap.error(f'--set {item!r}: expected KEY=VALUE with KEY a CollectConfig field ({", ".join(defaults)}) '
-                             f'and VALUE of its type')
-            c = CollectConfig(**changes)
-            style = dict(operator_style(c), speed_range=(c.speed_min, c.speed_max), gain_range=(c.gain_min, c.gain_max))
-        check_skills(args.episodes, seed=args.seed, tasks=args.tasks.split(','), **style)
-    if args.render:
-        render_examples(args.render, image_size=args.size, gripper_size=args.size, seed=args.seed)
-    if not (args.check_skills or args.render):
-        ap.print_help()

@@ -12,12 +12,17 @@ the success probability of the next latent, R_psi(z_t, a_t) := C_psi(z_{t+1}) in
 With RewardConfig.imagined (cpu/test presets; not in the paper) every training frame is added again, as the
 world model imagines it open loop from its sequence's first frame (RewardConfig.imagined_samples times, each
 with its own sampled latents), with the recorded frame's label: the policy is only ever rewarded on such imagined
-latents (train.py reward_dataset, FINDINGS.md).
+latents (train.py reward_dataset; FINDINGS.md, "The reward classifier").
+
+Neither class: the neg_margin demo frames (one action chunk) just before a window's first success, which look
+like success to a latent classifier, and with drop_relapses the post-success frames where the test no longer
+holds (episodes end at their first success, so such states are never judged). Play snippets add negatives
+(play_frac per demo success frame).
 
 With RewardConfig.start_conditioned (an option, off in every preset; not in the paper) the classifier reads
 C_psi(z_t, z_t - z_0), z_0 the latent its episode started from: the success tests are relative to the start.
 
-The paper defines the reward as the success *probability*; the reference code thresholds it (argmax, a
+The paper defines the reward as the success *probability*; DiWA's released code thresholds it (argmax, a
 0/1 reward). We follow the paper: `success_prob` is the reward, `precision_recall` thresholds only for
 evaluation.
 
@@ -32,61 +37,37 @@ Glossary (paper symbol -> variable -> shape)
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
+import env
+import world_model as W
 
 
 @dataclass
 class RewardConfig:
     embed_dim: int = 512        # width of the embedding MLP f_psi, two layers (Tab. S.4: [512, 512])
     hidden: int = 512           # hidden width of the classification MLP g_psi, two layers (Tab. S.4)
-    tau: float = 0.5            # NT-Xent temperature (Tab. S.4)
+    tau: float = 0.5            # NT-Xent temperature (Tab. S.4, Eq. 13)
     lr: float = 1e-6            # Adam learning rate (Tab. S.4)
-    batch: int = 32             # batch size, half success / half not (Tab. S.4)
+    batch: int = 32             # batch size (Tab. S.4), half success / half not (not in the paper)
     epochs: int = 100           # training epochs (Tab. S.4)
-    # Not in the paper: also train on *imagined* latents of the same frames (the world model rolled open loop
-    # from the window's first frame along the recorded actions, labelled by the recorded scene). The policy is
-    # rewarded on imagined latents only; a small world model's prior latents drift away from the posterior
-    # latents the paper's classifier sees, and the classifier then misreads them (train.py reward_dataset).
-    imagined: bool = False
-    # With `imagined`: how many imagined copies of each frame, each with its own sampled latents. 4 makes the
-    # classifier score more imagined ends of held-out demos a success (open_drawer 0.62 -> 0.88), but where the
-    # dream cannot tell success (the LED) it also rewards what is only a press: turn_on_led's DiWA fell to 21%
-    # (59% with 1, seed 0; FINDINGS.md, "The reward classifier's criteria"). So 1 everywhere.
-    imagined_samples: int = 1
-    # Tab. S.4's negatives are 'distant/unsuccessful frames': the neg_margin demo frames (one action chunk) just
-    # before a window's first success are neither positives nor negatives, in training and in the held-out
-    # precision/recall. They look like success to a latent classifier: on the session-6 world model (open_drawer),
-    # 43-64% of the 3 frames before the drawer counted as open scored above 0.8, 7% of the frames 6-9 before,
-    # none earlier.
-    neg_margin: int = 4
-    # Play negatives: 32-frame play snippets drawn per demo success frame (train.py reward_dataset; their
-    # last 24 frames where the task is possible are negatives).
-    play_frac: float = 0.125
-    # Post-success frames (train.py --post-success-frames) where the success test no longer holds (a drawer
-    # bouncing back a few centimetres after the push) are neither positives nor negatives either: episodes, in the
-    # simulator and in imagination, end at their first success, so such states are never judged.
-    drop_relapses: bool = False
-    # Not in the paper (Eq. 13-14 classify z alone): the classifier also sees the episode's first latent z_0,
-    # C_psi(z_t, z_t - z_0). The success tests are relative to the window's start (a slider moved 15 cm), which
-    # one frame does not show: a door 11 cm along may be a finished push from further left or a paused one.
-    # In imagination z_0 is the latent the episode started from (dream_ppo passes it, as to the decoded-state
-    # reward); in training, the filtered first frame of the demo window or play snippet, whose negatives are then
-    # every frame failing the test against that first frame (train.play_negatives). Off in every preset: it cut the
-    # imagined false alarms (close_drawer 0.105 -> 0.018) and held imagined successes better (open_drawer's demo
-    # ends 0.62 -> 0.92), but turn_on_led's DiWA fell to 12 / 49% over seeds 0 / 1 (59 / 82% on the default;
-    # FINDINGS.md, "A classifier that sees the episode's start").
-    start_conditioned: bool = False
+    imagined: bool = False      # not in the paper: add imagined latents (FINDINGS.md, "The reward classifier")
+    imagined_samples: int = 1   # not in the paper: imagined copies per frame (FINDINGS.md, "The reward classifier")
+    neg_margin: int = 4         # frames just before the first success: neither class (Tab. S.4's "distant" negatives)
+    play_frac: float = 0.125    # not in the paper: play negatives (FINDINGS.md, "The reward classifier")
+    drop_relapses: bool = False  # post-success frames failing the test: neither class (a reading of Tab. S.4)
+    start_conditioned: bool = False  # not in the paper: C_psi(z_t, z_t - z_0) (FINDINGS.md, "The reward classifier")
 
 
 PRESETS = {
-    # drop_relapses in every preset: a reading of Tab. S.4, as neg_margin (its default False is what checkpoints
-    # trained before it existed did)
+    # drop_relapses in every preset (its default False reproduces classifiers trained without it)
     'paper': {'drop_relapses': True},
-    # lr 1e-6 barely moves a freshly initialised MLP in the few thousand steps a small CPU data set gives
-    # (on a 512-d toy latent task, 2000 steps: F1 0.55 at 1e-6 vs 0.77 at 3e-4); 3e-4 trains the classifier
-    # in a minute or two on one core. Batch 64 halves the number of steps.
+    # cpu: lr 1e-6 barely moves a fresh MLP in the few thousand steps a small data set gives; 3e-4 trains it
+    # in a minute or two on one core, batch 64 halves the steps; imagined: FINDINGS.md, "The reward classifier".
     'cpu': {'lr': 3e-4, 'batch': 64, 'epochs': 30, 'imagined': True, 'drop_relapses': True},
     'test': {'embed_dim': 32, 'hidden': 32, 'lr': 1e-3, 'batch': 16, 'epochs': 2, 'imagined': True,
              'drop_relapses': True},
@@ -212,5 +193,78 @@ class DecodedStateReward(nn.Module):
 
     @torch.no_grad()
     def success_prob(self, feat, start_feat):  # (B, F), (B, F) -> (B,) in {0, 1}
-        import env
         return env.task_success_batch(self.task, self.wm.decode_scene(start_feat), self.wm.decode_scene(feat)).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The classifier's data (Tab. S.4): demo frames labelled by the success test relative to the window start,
+# plus play frames where the task is still possible as 'distant/unsuccessful' negatives.
+# ----------------------------------------------------------------------------------------------------
+
+def play_negatives(wm, split: dict, task: str, device, n_seq: int, seed: int, imagined: int = 0,
+                   relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of play frames where the task is still possible, i.e. certainly not its success state, over
+    32-frame play snippets whose first 8 frames are context only. imagined=n adds the same frames n times more,
+    each imagined open loop from the snippet's first frame with its own sampled latents. relative=True
+    (RewardConfig.start_conditioned) takes instead every frame where the test fails relative to the snippet's
+    first frame. -> (feat (N, F), start (N, F)): each frame's latent and its snippet's first latent."""
+    rng = np.random.default_rng(seed)
+    starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
+    rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
+    scene = split['scene_obs']
+    if relative:        # every frame where the test fails relative to the snippet's start
+        keep = ~np.array([[env.task_success(task, {'scene_obs': scene[r[0]]}, {'scene_obs': scene[t]}) for t in r[8:]]
+                          for r in rows], bool)
+    else:
+        keep = np.vectorize(lambda r: env.task_possible(task, scene[r]))(rows[:, 8:])
+    keep = torch.as_tensor(keep)
+    feats, firsts = [], []
+    for i in range(1 + int(imagined)):                                    # recorded, then n imagined copies
+        f = W.featurize_rows(wm, split, rows, device, imagined=i > 0)     # (n_seq, 32, F)
+        feats.append(f[:, 8:][keep])
+        firsts.append(f[:, :1].expand(-1, 24, -1)[keep])
+    return torch.cat(feats), torch.cat(firsts)
+
+
+def reward_dataset(wm, demos: dict, split: dict, task: str, device, post: int, seed: int, imagined: int = 0,
+                   margin: int = 0, play_frac: float = 0.125, drop_relapses: bool = False,
+                   relative: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feat (N, F), start (N, F), label (N,)): the frames of `demos` (diffusion_policy.demo_latents of `split`)
+    labelled by the success test relative to the window start, each with its window's first latent (z_0 of a
+    start-conditioned classifier), plus play_negatives. imagined=n (RewardConfig.imagined_samples) adds every
+    demo frame n times more as the world model imagines it along the recorded actions, with the recorded label.
+    margin: the demo frames just before a window's first success are left out (RewardConfig.neg_margin);
+    drop_relapses: so are post-success frames where the test no longer holds (RewardConfig.drop_relapses);
+    play_frac: play snippets drawn per demo success frame (RewardConfig.play_frac)."""
+    success = demos['success']
+    first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
+    offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it
+    done = success.any(1, keepdim=True)                               # (W, 1) windows that reach success
+    valid = demos['valid'] & ~((offset < 0) & (offset >= -margin) & done)
+    if drop_relapses:
+        valid &= ~((offset > 0) & ~success & done)
+
+    def z0_of(f):                                                     # (W, T, F) -> each frame's z_0, (N, F)
+        return f[:, :1].expand_as(f)[valid]
+
+    feat, start, label = [demos['feat'][valid]], [z0_of(demos['feat'])], [demos['success'][valid].long()]
+    if imagined:
+        rows, _ = data.window_rows(split['episodes'], demos['windows'].numpy(), post)
+        for _ in range(int(imagined)):
+            f = W.featurize_rows(wm, split, rows, device, imagined=True)
+            feat.append(f[valid]), start.append(z0_of(f)), label.append(label[0])
+    n_seq = max(8, int(label[0].sum().item() * play_frac))
+    neg, neg_start = play_negatives(wm, split, task, device, n_seq, seed, imagined=imagined, relative=relative)
+    return (torch.cat(feat + [neg]), torch.cat(start + [neg_start]),
+            torch.cat(label + [torch.zeros(len(neg), dtype=torch.long)]))
+
+
+def load(path, task: str, feat_dim: int, device='cpu'):
+    """The task's latent success classifier C_psi, checked against the world model's latent size."""
+    ckpt = data.load_checkpoint(path, 'reward', task)
+    if ckpt['extra'].get('feat_dim') != feat_dim:
+        raise data.DataError(f"{path}: classifier of {ckpt['extra'].get('feat_dim')}-d latents, world model gives "
+                             f'{feat_dim}-d')
+    clf = RewardClassifier(feat_dim, data.config_from(RewardConfig, ckpt['config'], path, 'reward')).to(device)
+    clf.load_state_dict(ckpt['model'])
+    return clf.eval().requires_grad_(False), ckpt

@@ -20,44 +20,42 @@ Glossary (paper symbol -> variable -> shape, B batch, T time, S = stoch, C = cla
     (not in the paper) -> target         (B, 3)              with target_input: the controller's stored TCP target
     beta, delta, zeta  -> kl_scale, kl_balance, reset_prob   Tab. S.2
 
-Batches follow the contract (notes/CONTRACT.md): dict of 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in
-[-1,1], 'proprio' (B,T,18), 'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T), and
-'target' (B,T,3) where the batch was recorded with absolute actions (data.to_torch).
+A batch (data.to_torch) is a dict of 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in [-1,1], 'proprio' (B,T,18),
+'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T), and 'target' (B,T,3) where the
+batch was recorded with absolute actions.
 """
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 
 @dataclass
 class WMConfig:
-    image_size: int = 64        # side of the square camera images fed to the model (S.4: 64x64)
-    cnn_depth: int = 48         # channels of the first conv layer, doubled per layer (DreamerV2: 48)
+    image_size: int = 64        # side of the square camera images (S.4: 64x64)
+    cnn_depth: int = 48         # channels of the first conv layer, doubled per layer (not in the paper; DreamerV2's 48)
     deter: int = 1024           # Tab. S.2: size of the deterministic GRU state h
     stoch: int = 32             # Tab. S.2: number of categorical latent variables in z
     classes: int = 32           # Tab. S.2: classes per categorical variable
-    hidden: int = 1024          # width of the RSSM's MLP layers (DreamerV2 default; not in Tab. S.2)
-    mlp_hidden: int = 400       # width of the proprio/scene MLPs (DreamerV2 default)
-    mlp_layers: int = 2         # hidden layers of the proprio/scene decoder MLPs
+    hidden: int = 1024          # width of the RSSM's MLP layers (not in the paper; DreamerV2's 1024)
+    mlp_hidden: int = 400       # width of the proprio/scene MLPs (not in the paper; DreamerV2's 400)
+    mlp_layers: int = 2         # hidden layers of the proprio/scene decoder MLPs (not in the paper)
     hybrid: bool = False        # Fig. 2 hybrid WM: also encode and decode the scene state (scene_obs)
-    proprio_dim: int = 18       # proprioception size (data.robot_obs_to_proprio)
-    proprio_scaled: bool = False  # proprio enters the encoder scaled to ~[-1,1] and is decoded as a Gaussian of
-                                  # std _PROPRIO_STD (1 cm for the gripper) instead of unit variance (FINDINGS.md)
-    proprio_pos_std: float = 0.01  # with proprio_scaled: that std on the gripper xyz (m), replacing _PROPRIO_STD's
+    proprio_dim: int = 18       # proprioception size: TCP xyz, 6-D rotation (S.4), width, joints, gripper action
+    proprio_scaled: bool = False  # not in the paper: a sharper proprio decoder (FINDINGS.md, "The imagination gap")
+    proprio_pos_std: float = 0.01  # not in the paper: with proprio_scaled, the decoder's std of the gripper xyz (m)
     scene_dim: int = 24         # CALVIN scene_obs size
-    action_dim: int = 7         # relative action size
-    target_input: bool = False  # also feed the GRU the controller's stored TCP target (m), which CALVIN's relative
-                                # controller integrates from the actions; imagination integrates it exactly
-                                # (target_step). Not in DreamerV2 / the paper: FINDINGS.md, the LED tasks
+    action_dim: int = 7         # relative action size (S.3.1)
+    target_input: bool = False  # not in the paper (FINDINGS.md, "The LED: does imagination know a press switched it?")
     kl_scale: float = 0.3       # Tab. S.2 beta: weight of the KL term of the ELBO (0.3 sim, 1.0 real)
-    kl_balance: float = 0.8     # Tab. S.2 delta: share of the KL gradient that trains the prior (see kl_balance)
-    unimix: float = 0.0         # mix this much uniform into the categoricals (DreamerV3 trick; 0 = paper)
-    event_frac: float = 0.0     # share of each batch's sequences drawn around a light switching (data.
-                                # light_switch_frames). 0 = DreamerV2's uniform sampling. Not in the paper:
-                                # an experiment for the LED tasks, which did not help (FINDINGS.md)
+    kl_balance: float = 0.8     # Tab. S.2 delta, Eq. 11: share of the KL gradient that trains the prior
+    unimix: float = 0.0         # not in the paper: uniform share mixed into the categoricals (DreamerV3); 0 = off
+    event_frac: float = 0.0  # not in the paper (FINDINGS.md, "The LED: does imagination know a press switched it?")
     reset_prob: float = 0.01    # Tab. S.2 zeta: per-step probability of resetting the RSSM state in training
     lr: float = 3e-4            # Tab. S.2: AdamW learning rate
     eps: float = 1e-5           # Tab. S.2: Adam epsilon
@@ -65,30 +63,21 @@ class WMConfig:
     grad_clip: float = 100.0    # Tab. S.2: gradient-norm clipping
     batch: int = 50             # Tab. S.2: sequences per batch
     seq_len: int = 50           # Tab. S.2: steps per sequence
-    steps: int = 100_000        # world-model gradient steps (not in Tab. S.2)
+    steps: int = 100_000        # gradient steps (not in the paper)
 
 
 PRESETS = {
     'paper': {},
-    # 2-core CPU, same architecture scaled down (feature 256 + 16*16 = 512). Measured on the shared 2-core
-    # AMD EPYC (AVX, no AVX2) with torch.set_num_threads(2) on a quiet machine: ~550 frames/s (0.47 s/step),
-    # so 10000 steps (2.6M frames, ~20 passes over 130k play frames) take ~80 min. The loss still fell ~6% per
-    # 500 steps at 5000, and the 5000-step model did not beat "nothing moves" on the door and LED at h = 25
-    # (issue 3's check), hence 10000. One thread: ~300 frames/s;
-    # two threads on a busy machine: far less (OpenMP contention), use one thread there. Equal-frames test
-    # on real play data: batch 8 reached a lower held-out loss than batch 16 (1444 vs 1766 after 41k frames).
-    # Paper preset on the same CPU: ~50 frames/s (50 s/step), peak RSS 7.9 GiB.
-    # proprio_scaled: at this small size the unit-variance proprio decoder left the gripper position in the
-    # latent to a few cm, and the cloned policies waited next to the knobs; scaled (one exploratory run on the
-    # earlier desk, seed 1), DiWA's gain on open_drawer went from +11 to +35 (FINDINGS.md: what limits DiWA here).
-    # The paper preset keeps DreamerV2's unit variance.
+    # Same architecture, scaled down for a CPU (feature 256 + 16*16 = 512): ~80 min for 10k steps on 2 cores;
+    # proprio_scaled so that the small latent knows the gripper position to a centimetre (FINDINGS.md,
+    # "The imagination gap"); the paper preset keeps DreamerV2's unit variance.
     'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
                 batch=8, seq_len=32, steps=10000, proprio_scaled=True),
     'test': dict(cnn_depth=4, deter=32, stoch=4, classes=4, hidden=32, mlp_hidden=32,
                  batch=4, seq_len=8, steps=5),
 }
 
-# Fixed affine scaling of CALVIN scene_obs into roughly [-1, 1] (REFERENCE.md §1): the four joints by
+# Fixed affine scaling of CALVIN scene_obs into roughly [-1, 1] (CALVIN's joint ranges): the four joints by
 # their ranges, the two lights 0/1 -> -1/+1, block positions (m) around the table, block Euler angles by pi.
 _JOINT_RANGE = [0.28, 0.22, 0.02, 0.088]                  # door, drawer, button, switch
 _SCENE_OFFSET = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.0, 0.0, 0.5, 0.0, 0.0, 0.0] * 3
@@ -98,13 +87,13 @@ _SCENE_SCALE = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.3, 0.3, 0.3, math
 # With proprio_scaled, the encoder sees (p - offset) / range, roughly [-1, 1] on the desk, and the decoder's
 # Gaussian has std _PROPRIO_STD instead of 1: with unit variance a 2 cm error of the gripper position costs
 # 0.0004 nats against ~150 for the images, so nothing asks the latent to know where the gripper is to the
-# centimetre a knob needs (FINDINGS.md: what limits DiWA here).
+# centimetre a knob needs (FINDINGS.md, "The imagination gap").
 _PROPRIO_OFFSET = [0.0, -0.13, 0.53] + [0.0, 1.0, 0.0, 1.0, 0.0, 0.0] + [0.04] + \
                   [0.03, -0.65, 1.02, 1.82, -1.98, -0.93, 1.77] + [0.0]
 _PROPRIO_RANGE = [0.3, 0.2, 0.15] + [0.2] * 6 + [0.04] + [1.0] * 7 + [1.0]
 _PROPRIO_STD = [0.01] * 3 + [0.02] * 6 + [0.005] + [0.1] * 7 + [0.2]   # [:3] is WMConfig.proprio_pos_std's default
 
-# The relative controller (REFERENCE §1, env.DeskEnv.step): the stored TCP target moves by POS_SCALE m per action
+# CALVIN's relative controller (env.DeskEnv.step): the stored TCP target moves by POS_SCALE m per action
 # unit and is clipped to WORKSPACE; on reset it is the measured TCP. Same numbers as env.py (tested), kept here so
 # that the world model does not import the simulator. With target_input the GRU sees the target as
 # (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit, so that millimetres are not lost in the projection.
@@ -158,7 +147,7 @@ def kl_balance(post_logits, prior_logits, delta):
 
     The value is always KL(q || p); delta only splits the gradient: delta = 1 trains only the posterior q
     (towards the prior), delta = 0 only the prior p (towards the posterior). NOTE: DreamerV2 (Hafner et
-    al. 2021) and the DiWA/LUMOS reference code put the Tab. S.2 value 0.8 on the *prior* term, matching
+    al. 2021) and the DiWA/LUMOS released code put the Tab. S.2 value 0.8 on the *prior* term, matching
     the paper's prose ("accelerates the prior's convergence toward the richer posterior"); the printed
     Eq. 11 puts delta on the posterior term. loss_wm() therefore calls kl_balance(q, p, 1 - cfg.kl_balance).
     """
@@ -437,12 +426,12 @@ def make_optimizer(wm, cfg):
 
 
 def update_wm(wm, opt, batch):
-    """One gradient step on a contract batch; returns float metrics (loss, recon_static, recon_gripper,
+    """One gradient step on a batch (data.to_torch); returns float metrics (loss, recon_static, recon_gripper,
     proprio, kl, [scene], grad_norm)."""
     wm.train()
     cfg = wm.cfg
     is_first = batch['is_first'].bool()
-    # Tab. S.2 zeta: reset the recurrent state at random steps so the model learns to start from scratch
+    # Tab. S.2 zeta: reset the recurrent state at random steps so the model learns to start from a zero state
     reset = torch.rand(is_first.shape, device=is_first.device) < cfg.reset_prob
     loss, m = loss_wm(wm, {**batch, 'is_first': is_first | reset})
     opt.zero_grad(set_to_none=True)
@@ -518,3 +507,31 @@ def fit_linear_probe(feats, targets, ridge=1e-3):
     W = torch.linalg.solve(A, Xc.T @ Yc)
     b = y_mean - x_mean @ W
     return W.to(feats.dtype), b.to(feats.dtype)
+
+
+def load(path, device='cpu'):
+    """The frozen world model of a finished wm.pt -> (wm, ckpt)."""
+    ckpt = data.load_checkpoint(path, 'wm')
+    if not ckpt.get('done'):
+        raise data.DataError(f"{path}: world model training is unfinished (step {ckpt['step']}); run --stage wm "
+                             'to complete it')
+    wm = WorldModel(data.config_from(WMConfig, ckpt['config'], path, 'wm')).to(device)
+    wm.load_state_dict(ckpt['model'])
+    return wm.eval().requires_grad_(False), ckpt
+
+
+@torch.no_grad()
+def featurize_rows(wm, split: dict, rows, device, chunk: int = 16, imagined: bool = False) -> torch.Tensor:
+    """Features (W, T, F) of the recorded frame sequences rows[w] (W, T) of a split, each from a fresh state:
+    posterior (filtered on every frame), or with imagined=True prior (frame rows[w, 0] filtered, the rest
+    imagined open loop along the recorded actions with sampled latents, as in the Dream Diffusion MDP)."""
+    feats = []
+    for i in range(0, len(rows), chunk):
+        r = rows[i:i + chunk]
+        batch = {k: split[k][r] for k in data.SEQ_KEYS}
+        batch['is_first'] = np.zeros(r.shape, bool)
+        batch['is_first'][:, 0] = True
+        batch = data.to_torch(batch, device)
+        f = open_loop_features(wm, batch, 1, r.shape[1] - 1, sample=True) if imagined else wm.featurize(batch)
+        feats.append(f.float().cpu())
+    return torch.cat(feats)
