@@ -471,18 +471,18 @@ def check_skills(episodes=100, max_steps=150, seed=0, tasks=env.TASKS, verbose=T
     (64 frames: a play-data demo that takes longer is clipped to its last 64 frames, data.run_episode) and within
     an evaluation episode (72 steps, eval.EvalConfig): a demonstrator slower than these shows the cloned policy
     demos that start mid-task, and the evaluation asks the policy to be faster than the operator it copies."""
-    env = env.DeskEnv(cameras=False, seed=seed)
+    desk = env.DeskEnv(cameras=False, seed=seed)
     rng, rates = np.random.default_rng(seed), {}
     for task in tasks:
         steps = []                                 # steps to the first success (max_steps + 1 = none)
         for _ in range(episodes):
             robot_obs, scene_obs = env.sample_task_start(task, rng)
-            obs = env.reset(robot_obs, scene_obs)
+            obs = desk.reset(robot_obs, scene_obs)
             drawn = {k: rng.uniform(*r) for k, r in (('speed', speed_range), ('gain', gain_range)) if r is not None}
-            start, skill = env.get_info(), env.ScriptedSkill(task, rng, **style, **drawn)
+            start, skill = desk.get_info(), env.ScriptedSkill(task, rng, **style, **drawn)
             steps.append(max_steps + 1)
             for t in range(max_steps):
-                obs, _, _, info = env.step(skill.act(obs))
+                obs, _, _, info = desk.step(skill.act(obs))
                 if env.task_success(task, start, info):      # CALVIN's evaluation stops at the first success
                     steps[-1] = t + 1
                     break
@@ -494,7 +494,7 @@ def check_skills(episodes=100, max_steps=150, seed=0, tasks=env.TASKS, verbose=T
                   f'mean steps {steps[won].mean() if won.any() else float("nan"):5.1f}  '
                   f'within 64: {100 * (steps <= 64).mean():5.1f}%  within 72: {100 * (steps <= 72).mean():5.1f}%',
                   flush=True)
-    env.close()
+    desk.close()
     return rates
 
 
@@ -504,7 +504,7 @@ def render_examples(folder, image_size=200, gripper_size=84, seed=0):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     os.makedirs(folder, exist_ok=True)
-    env = env.DeskEnv(image_size=image_size, gripper_size=gripper_size, seed=seed)
+    desk = env.DeskEnv(image_size=image_size, gripper_size=gripper_size, seed=seed)
     base = env.random_scene(np.random.default_rng(seed), door=0.0, drawer=0.0, switch_on=False, led_on=False)
     states = {'closed': {}, 'drawer_open': {1: env.DRAWER_MAX}, 'door_left': {0: env.DOOR_MAX},
               'led_on': {5: 1.0}, 'bulb_on': {3: env.SWITCH_MAX, 4: 1.0}}
@@ -512,10 +512,10 @@ def render_examples(folder, image_size=200, gripper_size=84, seed=0):
         scene = base.copy()
         for k, v in changes.items():
             scene[k] = v
-        obs = env.reset(scene_obs=scene)
+        obs = desk.reset(scene_obs=scene)
         for cam in ('rgb_static', 'rgb_gripper'):
             plt.imsave(os.path.join(folder, f'{name}_{cam}.png'), obs['rgb_obs'][cam])
-    env.close()
+    desk.close()
     print(f'wrote {2 * len(states)} PNGs to {folder}')
 
 
@@ -569,6 +569,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
     p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu')
     p.add_argument('--data', default=None, help='dataset root (default <run>/data)')
+    p.add_argument('--inherit', nargs='+', default=[], metavar='RUN', help='parent run folder(s) (train.py --inherit)')
     p.add_argument('--task', nargs='+', default=None, help="task(s), or 'all' (default: open_drawer; skills: all)")
     p.add_argument('--policy', nargs='+', default=['base'], help='gap: the policies to compare (base, diwa, dppo)')
     p.add_argument('--seed', type=int, default=0)
@@ -596,7 +597,7 @@ def main(argv=None) -> int:
     if args.report in ('render', 'dataset') and not args.path:
         p.error(f'{args.report} needs a folder')
     args.run = args.run or os.path.join('runs', args.preset)
-    args.demos, args.post_success_frames, args.inherit = 50, 16, []       # train.py's defaults (cache keys match)
+    args.demos, args.post_success_frames = 50, 16           # train.py's defaults (cache keys match)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = TR.pick_device(args.device)

@@ -28,7 +28,6 @@ CalvinEnvAdapter (the real simulator, when installed). CLI: python env.py --chec
 import hashlib
 import os
 import tempfile
-import time
 
 import numpy as np
 

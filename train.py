@@ -225,7 +225,7 @@ def _resume_point(stage, task, path, config, upstream, force, extendable, n_step
 
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
-               extra: dict | None = None, log_every: int = 1, snapshot_every: int = 0,
+               extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0,
                inherited: list | None = None, extendable: tuple = (), upstream_names: dict | None = None) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
@@ -270,7 +270,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
 
         metrics = (ckpt or {}).get('metrics', {}) if start >= n_steps else {}
         bar = tqdm(range(start, n_steps), desc=f'{stage}{"/" + task if task else ""}', initial=start,
-                   total=n_steps, mininterval=2.0, dynamic_ncols=True)
+                   total=n_steps, mininterval=2.0, dynamic_ncols=True, disable=quiet)
         for step in bar:
             metrics = step_fn(step)
             check_finite(stage, step + 1, metrics, path)
@@ -703,12 +703,16 @@ def run_stage(args, device) -> None:
                 evaluate(seed_args, device, task, args.policies, args.eval_snapshots)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser()
     args = p.parse_args(argv)
     if args.stage in TASK_STAGES and args.tasks is None:
         p.error(f'--stage {args.stage} needs --task (one or more of {", ".join(env.TASKS)}, or all)')
-    args = check_args(p, args)
+    return check_args(p, args)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)

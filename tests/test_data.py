@@ -2,13 +2,11 @@
 on bad input, crash safety, sequence sampling, and a tiny real collection on the built-in desk."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 
@@ -392,24 +390,24 @@ def test_tiny_collection_windows_hold_at_their_ends_and_resume(tmp_path):
     # other settings in the same folder are refused, naming the settings file
     with pytest.raises(DataError, match=r'collect_config.json: .*action_noise'):
         data.collect(data.CollectConfig(**{**data.PRESETS['test'], 'action_noise': 0.5}), out)
-    # a folder written before a setting existed reads it as its default: it still resumes
+    # a folder written by a version without a setting is refused too, naming it (never silently upgraded)
     settings = json.loads((out / 'collect_config.json').read_text())
-    del settings['drawer_tol_max'], settings['push_tol_max']
+    del settings['push_tol_max']
     (out / 'collect_config.json').write_text(json.dumps(settings))
-    assert data.collect(cfg, out)['frames'] == rep['frames']
+    with pytest.raises(DataError, match=r'collect_config.json: .*push_tol_max: None -> 0.006'):
+        data.collect(cfg, out)
 
 
-def test_data_key_depends_on_contents_not_pickle_bytes(tmp_path):
+def test_dataset_key_depends_on_contents_not_pickle_bytes(tmp_path):
     """Rewriting identical annotations must not change the dataset's key (pickle's bytes depend on object
     identity: equal task strings shared or not); a different window must."""
-    import train
     d = tmp_path / 'training'
     d.mkdir()
     windows = [(0, 10), (20, 30), (40, 50)]
     shared = 'open_drawer'
     data.write_split_index(d, [(0, 99)], windows, [shared, shared, 'close_drawer'])
-    k1 = train.data_key(str(tmp_path))
+    k1 = data.dataset_key(str(tmp_path))
     data.write_split_index(d, [(0, 99)], windows, [''.join(['open_', 'drawer']), 'open_drawer'[:], 'close_drawer'])
-    assert train.data_key(str(tmp_path)) == k1
+    assert data.dataset_key(str(tmp_path)) == k1
     data.write_split_index(d, [(0, 99)], [(0, 10), (20, 31), (40, 50)], [shared, shared, 'close_drawer'])
-    assert train.data_key(str(tmp_path)) != k1
+    assert data.dataset_key(str(tmp_path)) != k1

@@ -1,12 +1,9 @@
 """Tests for diffusion_policy.py: the DDPM closed forms against Bayes' rule, the sampling chain, BC, EMA."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import diffusion_policy as dp  # noqa: E402
 
 torch.set_num_threads(1)

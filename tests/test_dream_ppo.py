@@ -4,15 +4,13 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
+from conftest import ROOT
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import dream_ppo as dp  # noqa: E402
 from diffusion_policy import PRESETS as BC_PRESETS, BCConfig, DiffusionPolicy, GaussianPolicy  # noqa: E402

@@ -170,3 +170,27 @@ def test_rollout_metrics_success_rate_among_ended_episodes():
     # ended: 4 + 1 + 4 + 2 + 4 = 15 episodes, of which 14 successes (env 1's timeout is the failure)
     assert m['charts/episodes'] == 15
     assert m['charts/success_rate'] == pytest.approx(14 / 15)
+
+
+def test_the_executed_chunk_is_x0_of_the_stored_chain():
+    """Each decision executes x^0 (the chain's last entry), gripper thresholded at 0, one action per
+    world-model step, in order: not x^1, not a reversed chunk."""
+    sent = []
+
+    class RecordingWM(StepCountWM):
+        def img_step(self, state, action, sample=True):
+            sent.append(action.clone())
+            return super().img_step(state, action, sample)
+    torch.manual_seed(0)
+    pre = DiffusionPolicy(2, BCConfig(**BC_PRESETS['test']))
+    actor, critic = dp.make_actor(pre), dp.make_critic(2, CFG)
+    pool = {'h': torch.zeros(1, 1), 'z': torch.zeros(1, 1)}
+    b = dp.imagine_rollout(RecordingWM(), pre, actor, critic, ScriptedClassifier(script()), pool,
+                           replace(CFG, n_steps=2), torch.Generator().manual_seed(0))
+    assert len(sent) == 2 * 4
+    for t in range(2):
+        x0 = b['chain'][t][:, -1]                                   # (N, 4, 7) = x^0
+        for j in range(4):
+            a = sent[4 * t + j]
+            torch.testing.assert_close(a[:, :6], x0[:, j, :6])
+            assert torch.equal(a[:, 6], torch.where(x0[:, j, 6] >= 0, 1.0, -1.0))

@@ -1,12 +1,9 @@
 """Tests for reward.py: NT-Xent against a naive double loop, the classifier on a separable toy problem."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reward as R  # noqa: E402
 
 torch.set_num_threads(1)
@@ -151,15 +148,3 @@ def test_decoded_state_reward_needs_hybrid_and_tests_against_the_start():
     now[:, 1] = torch.tensor([0.05, 0.13, 0.2, -0.2])                # drawer moved by ...
     assert torch.equal(r.success_prob(now, start), torch.tensor([0., 1., 1., 0.]))
     assert torch.equal(r.success_prob(start, now), torch.tensor([0., 0., 0., 1.]))    # relative to the start
-
-
-def test_imagined_demo_end_rates_by_hand():
-    """eval.demo_end_rates: the last frame, the recorded demo's own success frame, and any frame, each p > thr."""
-    import numpy as np
-    import eval as E
-    scores = [np.array([0.1, 0.9, 0.2, 0.95]),      # own success frame 1: hit there, hit at the end
-              np.array([0.1, 0.3, 0.85, 0.7]),       # own success frame 1: lags (0.3), reached at 2, gone at the end
-              np.array([0.0, 0.1, 0.2])]             # never
-    final, at_success, reached = E.demo_end_rates(scores, np.array([1, 1, 2]), 0.8)
-    assert (final, at_success, reached) == (1 / 3, 1 / 3, 2 / 3)
-    assert E.demo_end_rates(scores, np.array([3, 2, 0]), 0.5)[1] == 2 / 3    # 0.95 and 0.85 above, 0.0 not

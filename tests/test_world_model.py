@@ -2,14 +2,11 @@
 online filtering vs batch filtering, checkpoint round trip, and a tiny learning run."""
 import io
 import math
-import os
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from world_model import (PRESETS, WMConfig, WorldModel, fit_linear_probe, kl_balance, kl_categorical,  # noqa: E402
                          loss_wm, make_optimizer, open_loop, straight_through_sample, update_wm)
 

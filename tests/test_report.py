@@ -1,0 +1,142 @@
+"""report.py: the whole report on top of a finished test run (variants, DPPO, figures, an idempotent re-run), and
+its tables from hand-written results rows."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import diagnose
+import report as E
+from conftest import ROOT, TASK, read_csv, run
+
+
+def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
+    """report.py on top of a finished run: the variants inherit what they do not change (no world model,
+    BC or classifier is retrained for the alpha_BC variants), the hybrid one trains its own world model, DPPO
+    counts its simulator steps; results.md / results.csv / figures appear, and a second run only rewrites them."""
+    d, out = str(tmp_path / 'rep'), str(tmp_path / 'results')
+    shutil.copytree(run_dir, d)
+    args = ['--preset', 'test', '--run', d, '--tasks', TASK, '--report-task', TASK, '--seeds', '0', '--report-dir', out]
+    first = run(*args, script='report.py').stdout
+    alpha = os.path.join(d, 'variants', 'alpha_bc_0')
+    assert sorted(f for f in os.listdir(os.path.join(alpha, TASK)) if not f.startswith('.')) == [
+        'diwa_s0.pt', 'diwa_s0_metrics.csv', 'diwa_s0_snapshots']                # (.diwa_s0.pt.lock: its writer lock)
+    assert 'wm.pt: inherited' in first and os.path.isfile(os.path.join(d, 'variants', 'hybrid', 'wm.pt'))
+    assert torch.load(os.path.join(alpha, TASK, 'diwa_s0.pt'), weights_only=True)['config']['alpha_bc'] == 0.0
+    dppo = torch.load(os.path.join(d, TASK, 'dppo_s0.pt'), weights_only=True)['state']['counters']
+    assert dppo['sim_steps'] > 0 and dppo['imagined_steps'] == 0
+    md = open(os.path.join(out, 'results.md')).read()
+    for needle in ['## Table I', '## Fig. 3', 'alpha_BC = 0.5', 'decoded-state reward', 'DPPO on', '## Fig. S.7']:
+        assert needle in md, needle
+    row = next(line for line in md.splitlines() if line.startswith(f'| {TASK} |')).split('|')
+    # Table I's DPPO column: steps to match DiWA, or 0 where DiWA does not beat the base policy
+    base_pct, diwa_pct = (float(row[i].split('±')[0]) for i in (2, 3))
+    # (first on DPPO's evaluated snapshots, then on its rollouts)
+    assert (row[7].strip() == '0 (DiWA ≤ base)') if diwa_pct <= base_pct else \
+        re.fullmatch(r'((0|\d+k)-\d+k|> \d+k) \(rollouts (> )?\d+k\)', row[7].strip()), row
+    ir = next(line for line in md.split('## Imagined vs. real')[1].splitlines() if line.startswith(f'| {TASK} |'))
+    assert all(0 <= float(c) <= 100 for c in ir.split('|')[2:5]), ir   # imagined first / last 10 it., real base
+    for fig in ['fig3_finetuning_curves.png', 'figS5_dppo_vs_diwa.png', 'fig2_s6_variants.png', 'figS7_wm_rollout.png']:
+        assert os.path.getsize(os.path.join(out, 'figures', fig)) > 5_000, fig
+    rows = read_csv(os.path.join(out, 'results.csv'))
+    assert {r['variant'] for r in rows} >= {'main', 'alpha_bc_0', 'hybrid_decoder'}
+    assert any(r['policy'].startswith('diwa@') for r in rows)          # Fig. 3: the snapshots were evaluated
+    # Fig. S.5 / Table I: DPPO's snapshots too, each with the simulator steps DPPO had taken by then
+    snaps = sorted((int(r['policy'][5:]), int(r['sim_steps_finetune'])) for r in rows if r['policy'].startswith('dppo@'))
+    assert snaps and all(0 < a[1] < b[1] for a, b in zip(snaps, snaps[1:])), snaps
+    assert snaps[-1][1] == dppo['sim_steps'], (snaps, dppo)
+    ckpts = {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+             for dp, _, fs in os.walk(d) for f in fs if f.endswith(('.pt', '.csv'))}
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    t0 = time.time()
+    second = run(*args, script='report.py').stdout
+    assert time.time() - t0 < 120
+    assert {f: os.path.getmtime(f) for f in ckpts} == ckpts                # nothing re-ran
+    assert open(os.path.join(out, 'results.md')).read() == md                # the same report,
+    assert second.count('results.md updated') == 1, second                   # written once, not after every unit
+    assert open(os.path.join(ROOT, 'README.md')).read() == readme            # a report outside the repo: not its README
+
+
+def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
+    """The report runs DPPO on a task only where DiWA's mean real success beats the base policy's, the
+    latest row per seed counting; where it does not, Table I's DPPO cell says 0 without any DPPO run."""
+    run_ = str(tmp_path)
+    row = lambda task, policy, seed, success: {
+        'task': task, 'policy': policy, 'seed': seed, 'episodes': 10, 'successes': int(10 * success),
+        'success': success, 'ci_low': 0.0, 'ci_high': 1.0, 'mean_steps': 72, 'sim_steps_finetune': 0,
+        'preset': 'test', 'env': 'desk', 'ckpt_key': 'k', 'commit': 'c', 'wall_s': 1.0}
+    diagnose.write_rows(os.path.join(run_, 'results.csv'), [
+        row('open_drawer', 'base', 0, 0.2), row('open_drawer', 'diwa', 0, 0.5), row('open_drawer', 'base', 1, 0.3),
+        row('turn_on_led', 'base', 0, 0.6), row('turn_on_led', 'diwa', 0, 0.7), row('turn_on_led', 'diwa', 0, 0.4),
+        row('close_drawer', 'base', 0, 0.8)])
+    assert E.diwa_beats_base(run_, 'open_drawer', [0, 1])            # 0.5 > mean(0.2, 0.3)
+    assert not E.diwa_beats_base(run_, 'turn_on_led', [0])           # the latest DiWA row (0.4) counts
+    assert not E.diwa_beats_base(run_, 'close_drawer', [0])          # no DiWA yet
+    md = open(E.write_report(run_, str(tmp_path / 'out'), 'test', seeds=[0])).read()
+    led = next(line for line in md.splitlines() if line.startswith('| turn_on_led |')).split('|')
+    assert led[7].strip() == '0 (DiWA ≤ base)', led
+
+
+def test_dppo_steps_to_match_read_on_its_evaluated_snapshots():
+    """Table I: the interval of simulator steps in which DPPO's evaluated policy (snapshots and final, by steps,
+    the latest row of each) first reaches DiWA's success; hi None when none does; (0, None, 0) unevaluated."""
+    row = lambda policy, success, sim, seed=0: {'task': 'close_drawer', 'policy': policy, 'seed': str(seed),
+                                                'success': str(success), 'sim_steps_finetune': str(sim)}  # as read
+    rows = [row('dppo', 1.0, 144000), row('dppo@16', 0.95, 57600), row('dppo@8', 0.5, 28800),
+            row('dppo@16', 0.9, 57600),                                   # a later row of the same snapshot counts
+            row('dppo@8', 0.99, 28800, seed=1), row('diwa@8', 1.0, 0)]    # another seed, another policy: ignored
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.85) == (28800, 57600, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.92) == (57600, 144000, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'close_drawer', 0, 0.5) == (0, 28800, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows[:4], 'close_drawer', 0, 1.01) == (144000, None, 144000)
+    assert E.dppo_evaluated_steps_to_match(rows, 'open_drawer', 0, 0.5) == (0, None, 0)
+
+
+def test_report_drops_figures_whose_data_are_gone(tmp_path):
+    """A figure left in results/figures by an earlier report is removed when the run no longer has its data,
+    so the committed figures are always the ones results.md links."""
+    out, run_ = tmp_path / 'results', tmp_path / 'run'
+    (out / 'figures').mkdir(parents=True), run_.mkdir()
+    stale = out / 'figures' / 'fig2_s6_variants.png'
+    stale.write_bytes(b'old figure')
+    md = open(E.write_report(str(run_), str(out), 'test', seeds=[0])).read()
+    assert not stale.exists() and 'fig2_s6_variants.png' not in md and '## Table I' in md
+
+
+def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
+    """The README's <!-- report:begin/end --> block gets results.md's Table I and wall-clock (headings one level
+    down, figure links relative to the README); the text around it is kept byte for byte, a second report
+    with nothing new leaves the file unchanged, and a README without the markers is not touched."""
+    run_, out = tmp_path / 'run', tmp_path / 'results'
+    run_.mkdir()
+    diagnose.write_rows(str(run_ / 'results.csv'), [{
+        'task': 'open_drawer', 'policy': p, 'seed': 0, 'episodes': 10, 'successes': int(10 * s), 'success': s,
+        'ci_low': 0.0, 'ci_high': 1.0, 'mean_steps': 72, 'sim_steps_finetune': 0, 'preset': 'test', 'env': 'desk',
+        'ckpt_key': 'k', 'commit': 'c', 'wall_s': 1.0} for p, s in [('base', 0.2), ('diwa', 0.5)]])
+    readme = tmp_path / 'README.md'
+    before, after = '# Project\n\n## Results\nhand-written intro\n', '\nhand-written analysis\n## License\n'
+    readme.write_text(before + E.README_BEGIN + '\nold numbers\n' + E.README_END + after)
+    E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
+    text = readme.read_text()
+    assert text.startswith(before + E.README_BEGIN) and text.endswith(E.README_END + after)
+    block = text[len(before):-len(after)]
+    assert 'old numbers' not in block and '\n### Table I: base vs. DiWA\n' in block and '### Wall-clock' in block
+    assert '| open_drawer | 20.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) | +30.0 |' in block
+    assert '](figures/' not in block and 'DiWA on the built-in desk' not in block    # no title, links fixed
+    E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
+    assert readme.read_text() == text
+    plain = tmp_path / 'PLAIN.md'
+    plain.write_text('no markers\n')
+    assert not E.update_readme(str(plain), str(out), ['x']) and plain.read_text() == 'no markers\n'
+    inner = tmp_path / 'docs' / 'README.md'             # results/ lies outside docs/: not this README's report
+    inner.parent.mkdir()
+    inner.write_text(E.README_BEGIN + E.README_END)
+    assert not E.update_readme(str(inner), str(out), ['x']) and inner.read_text() == E.README_BEGIN + E.README_END
