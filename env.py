@@ -32,8 +32,15 @@ import tempfile
 import numpy as np
 
 
+p = pybullet_data = None       # pybullet, imported on first use: the success tests and the imagination need none
+
+
 def _import_pybullet_quietly():
-    """pybullet's C code prints a build-time banner on import; keep stderr clean for one-line errors."""
+    """Import pybullet into this module's globals. Its C code prints a build-time banner on import; stderr is
+    kept clean for one-line errors."""
+    global p, pybullet_data
+    if p is not None:
+        return
     fd = os.dup(2)
     try:
         with open(os.devnull, 'w') as null:
@@ -43,10 +50,7 @@ def _import_pybullet_quietly():
     finally:
         os.dup2(fd, 2)
         os.close(fd)
-    return pybullet, pybullet_data
-
-
-p, pybullet_data = _import_pybullet_quietly()
+    p = pybullet
 
 TASKS = ['open_drawer', 'close_drawer', 'move_slider_left', 'move_slider_right',
          'turn_on_lightbulb', 'turn_off_lightbulb', 'turn_on_led', 'turn_off_led']
@@ -227,6 +231,7 @@ def _decimated_obj(src, cell=0.02):
 def panda_urdf():
     """pybullet_data's panda.urdf whose visual meshes are decimated copies of its collision meshes:
     the CPU TinyRenderer's cost grows with triangle count (~100k visual, ~3.5k collision, ~1.4k here)."""
+    _import_pybullet_quietly()
     root = os.path.join(pybullet_data.getDataPath(), 'franka_panda')
     text = open(os.path.join(root, 'panda.urdf')).read()
     collision_dir = os.path.join(root, 'meshes', 'collision')
@@ -253,6 +258,7 @@ class DeskEnv:
     def __init__(self, image_size=64, gripper_size=None, cameras=True, seed=None):
         if int(image_size) < 8 or (gripper_size is not None and int(gripper_size) < 8):
             raise ValueError(f'DeskEnv: image sizes must be >= 8 pixels, got {image_size}, {gripper_size}')
+        _import_pybullet_quietly()
         self.image_size, self.gripper_size = int(image_size), int(gripper_size or image_size)
         self.cameras = bool(cameras)
         self.rng = np.random.default_rng(seed)
@@ -527,6 +533,7 @@ _KIN = {}
 
 def _kinematics():
     """A private pybullet client holding only the Panda, for IK / FK of sampled start poses."""
+    _import_pybullet_quietly()
     if 'cid' not in _KIN or not p.isConnected(_KIN['cid']):
         cid = p.connect(p.DIRECT)
         _KIN.update(cid=cid, robot=p.loadURDF(panda_urdf(), ROBOT_BASE, useFixedBase=True, physicsClientId=cid))
