@@ -1,13 +1,12 @@
 """Play data, CALVIN's dataset layout, and preprocessing (paper §II, §IV.A, S.2.1, S.4).
 
-DiWA learns from two offline datasets (§II): a large task-agnostic *play* dataset D_play for the world model,
-and 50 expert demonstrations per skill D_exp, which in CALVIN are annotated windows of that same play data
-(S.2.2: "randomly selected from task-annotated episodes"). This file
-
-  1. preprocesses observations the way S.4 says: images resized to 64x64 and scaled to [-1, 1], the TCP
-     orientation turned from Euler angles into the continuous 6-D rotation of Zhou et al. [65];
-  2. reads and writes CALVIN's on-disk layout (mees/calvin), so that the same code trains on our play data
-     and on a real CALVIN download, and keeps a compact cache so training does not reopen 100k small files;
+DiWA learns from two offline datasets (§II): a large task-agnostic *play* dataset D_play for the world model, and 50
+expert demonstrations per skill D_exp, which in CALVIN are annotated windows of that same play data (S.2.2: "randomly
+selected from task-annotated episodes"). This file
+  1. preprocesses observations as S.4 says: images resized to 64x64 and scaled to [-1, 1], the TCP orientation
+     turned from Euler angles into the continuous 6-D rotation of Zhou et al. [65];
+  2. reads and writes CALVIN's on-disk layout (mees/calvin), so that the same code trains on our play data and on a
+     real CALVIN download, with a compact cache so that training does not reopen 100k small files;
   3. samples world-model sequences and expert windows, and labels frames by the task's success test;
   4. collects human-like play on the built-in desk (env.py) with scripted skills, noise and random timing.
 
@@ -24,20 +23,21 @@ CALVIN split folder (one per split, 'training' / 'validation'):
                                                         rgb_gripper; real CALVIN adds depth_*/tactile: ignored)
   ep_start_end_ids.npy            (E, 2) inclusive frame ids of contiguous segments (gaps between them allowed)
   lang_annotations/auto_lang_ann.npy   pickled dict: ['info']['indx'] [(start, end)] frame ids,
-                                       ['language']['task'|'ann'|'emb'] per window
-  cache_<S>/                      ours: one .npy per array at image size S + meta.json, images memory-mapped;
-                                  rebuilt when ep_start_end_ids.npy or the frames change (annotations are
-                                  re-read on every load)
+                                       ['language']['task'|'ann'|'emb'] per window (re-read on every load)
+  cache_<S>/      ours: one .npy per array at image size S + meta.json, images memory-mapped; rebuilt when
+                  ep_start_end_ids.npy or the frames change
 collect(cfg, out_dir) also keeps out_dir/collect_config.json (settings) and collect_progress.json (finished
 episodes with their windows) to resume an interrupted collection.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import glob
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import time
@@ -76,17 +76,12 @@ class DataError(ValueError):
     """Bad dataset on disk or bad request: a one-line message that names the file and the problem."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Preprocessing (S.4): 6-D rotation, 64x64 images in [-1, 1]
-# ----------------------------------------------------------------------------------------------------
-
+# ---------------- Preprocessing (S.4): 6-D rotation, 64x64 images in [-1, 1]
 def euler_to_rot6d(euler):
-    """Euler xyz (..., 3) -> 6-D rotation (..., 6) = the first two columns of R [Zhou et al. 65].
-
-    CALVIN's Euler angles are pybullet's: extrinsic x-y-z, R = Rz(yaw) @ Ry(pitch) @ Rx(roll). Written out:
+    """Euler xyz (..., 3) -> 6-D rotation (..., 6) = the first two columns of R [Zhou et al. 65]: continuous, unlike
+    the angles (roll near +-pi, the start pose). CALVIN's angles are pybullet's, R = Rz(yaw) @ Ry(pitch) @ Rx(roll):
         R[:, 0] = ( cy*cp,             sy*cp,             -sp   )
-        R[:, 1] = ( cy*sp*sr - sy*cr,  sy*sp*sr + cy*cr,  cp*sr )
-    Unlike the angles, this is continuous (roll near +-pi, the desk's start pose, does not jump)."""
+        R[:, 1] = ( cy*sp*sr - sy*cr,  sy*sp*sr + cy*cr,  cp*sr )"""
     lib = torch if torch.is_tensor(euler) else np
     r, p, y = euler[..., 0], euler[..., 1], euler[..., 2]
     cr, sr, cp, sp, cy, sy = lib.cos(r), lib.sin(r), lib.cos(p), lib.sin(p), lib.cos(y), lib.sin(y)
@@ -132,8 +127,7 @@ def area_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 images (..., H, W, 3) -> (..., size, size, 3) by area resampling; unchanged if already that size.
-    CALVIN's 200x200 static and 84x84 gripper images become 64x64 (S.4)."""
+    """uint8 images (..., H, W, 3) -> (..., size, size, 3) by area resampling (S.4: CALVIN's 200 / 84 px -> 64)."""
     H, W = images.shape[-3:-1]
     if (H, W) == (size, size):
         return images
@@ -153,9 +147,8 @@ def images_to_tensor(images, device='cpu') -> torch.Tensor:
 
 
 def to_torch(batch: dict, device='cpu') -> dict:
-    """numpy batch from sample_sequences (images (B,T,S,S,3) uint8, robot_obs, scene_obs, rel_actions, is_first)
-    -> the world-model batch: rgb_* (B,T,3,S,S) [-1,1], proprio (B,T,18), scene (B,T,24), actions (B,T,7),
-    is_first (B,T) bool."""
+    """numpy batch of sample_sequences (images (B,T,S,S,3) uint8, ...) -> the world-model batch: rgb_* (B,T,3,S,S)
+    [-1,1], proprio (B,T,18), scene (B,T,24), actions (B,T,7), is_first (B,T) bool, target (B,T,3)."""
     f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)
     B, T = batch['robot_obs'].shape[:2]
     if 'is_first' in batch:
@@ -163,9 +156,8 @@ def to_torch(batch: dict, device='cpu') -> dict:
     else:
         is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
         is_first[:, 0] = True
-    # The controller's stored TCP target when frame t was observed (the world model's target_input): CALVIN's
-    # absolute 'actions' hold it after a_t was applied, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3]
-    # (exact while the workspace clip is not hit; on the play data the largest difference from actions[t-1] is 6e-8).
+    # The controller's TCP target at frame t (the world model's target_input): CALVIN's absolute 'actions' hold it
+    # after a_t, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3] (exact unless the workspace clip hits).
     target = {'target': f32(np.asarray(batch['actions'])[..., :3] - env.POS_SCALE * np.asarray(batch['rel_actions'])[..., :3])} \
         if 'actions' in batch else {}
     return {'rgb_static': images_to_tensor(batch['rgb_static'], device),
@@ -177,8 +169,7 @@ def to_torch(batch: dict, device='cpu') -> dict:
 
 
 def preprocess_obs(obs_list: list, image_size: int = 64, device='cpu') -> dict:
-    """Env observation dicts (B of them) -> rgb_* (B,3,S,S) [-1,1], proprio (B,18), scene (B,24): for online use
-    (evaluation, DPPO) with exactly the preprocessing of the training data."""
+    """B env observations -> rgb_* (B,3,S,S) [-1,1], proprio (B,18), scene (B,24), preprocessed as the training data."""
     out = {k: images_to_tensor(np.stack([resize_images(o['rgb_obs'][k], image_size) for o in obs_list]), device)
            for k in IMAGE_KEYS}
     robot = torch.as_tensor(np.stack([o['robot_obs'] for o in obs_list]).astype(np.float32), device=device)
@@ -187,11 +178,8 @@ def preprocess_obs(obs_list: list, image_size: int = 64, device='cpu') -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# CALVIN layout: writing. Every file goes to a temp name first and is renamed into place, so a killed
-# collection never leaves a half-written file under a real name; frames of unfinished episodes are on disk
-# but not listed in ep_start_end_ids.npy, so readers never see them.
-# ----------------------------------------------------------------------------------------------------
+# ---------------- CALVIN layout: writing, every file through atomic_write; frames of unfinished episodes are on
+# disk but not listed in ep_start_end_ids.npy, so readers never see them.
 
 TMP_TAG = '.tmp-'                                                      # <name>.tmp-<pid>: never read
 
@@ -217,7 +205,6 @@ def atomic_write(path, write_fn, sync: bool = False) -> None:
 
 
 def check_frame(frame: dict, where) -> None:
-    """Raise DataError unless `frame` has CALVIN's keys and shapes (images (H, W, 3) uint8)."""
     for k, shape in FRAME_SHAPES.items():
         if k not in frame:
             raise DataError(f'{where}: missing key {k!r}')
@@ -232,7 +219,6 @@ def check_frame(frame: dict, where) -> None:
 
 
 def write_frame(folder, frame_id: int, frame: dict, compress: bool = True) -> None:
-    """One frame as <folder>/episode_%07d.npz (CALVIN stores compressed npz, ~3 KB at 64x64)."""
     path = frame_path(folder, frame_id)
     check_frame(frame, path)
     save = np.savez_compressed if compress else np.savez
@@ -240,9 +226,8 @@ def write_frame(folder, frame_id: int, frame: dict, compress: bool = True) -> No
 
 
 def write_split_index(folder, episodes, windows, tasks) -> None:
-    """ep_start_end_ids.npy ((E, 2) frame ids) and lang_annotations/auto_lang_ann.npy (windows (W, 2) frame ids,
-    task names) in CALVIN's format. Episodes first: between the two writes a reader sees fewer windows, never a
-    window outside the listed episodes."""
+    """ep_start_end_ids.npy ((E, 2) frame ids) and lang_annotations/auto_lang_ann.npy (windows (W, 2), task names).
+    Episodes first: between the two writes a reader sees fewer windows, never one outside the listed episodes."""
     folder = Path(folder)
     unknown = sorted(set(tasks) - set(LANG))
     if unknown:
@@ -259,10 +244,7 @@ def write_split_index(folder, episodes, windows, tasks) -> None:
                  lambda fh: np.save(fh, np.array(ann, dtype=object), allow_pickle=True), sync=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# CALVIN layout: reading (our play data or a real CALVIN download) into a compact, memory-mapped cache
-# ----------------------------------------------------------------------------------------------------
-
+# ---------------- CALVIN layout: reading (our play data or a real CALVIN download) into a memory-mapped cache
 def _one_line(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else ''
     return f'{type(e).__name__}: {text[:120]}'
@@ -348,8 +330,7 @@ def _windows_to_rows(windows: np.ndarray, ep: np.ndarray, row0: np.ndarray, wher
 
 
 def _fingerprint(folder: Path, ep: np.ndarray, image_size: int) -> str:
-    """Hash of the segment list, the size of each segment's first/last frame file, the image size: the cache is
-    rebuilt when any of these change (annotations are never cached, they are re-read on every load)."""
+    """Hash of the segment list, the size of each segment's first/last frame file and the image size."""
     h = hashlib.sha1(f'v{CACHE_VERSION} size{image_size} '.encode() + ep.tobytes())
     for s, e in ep:
         for i in (s, e):
@@ -413,11 +394,8 @@ def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fin
 
 
 def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict:
-    """A CALVIN split folder -> dict of numpy arrays (see the module docstring), images at image_size.
-
-    Reads ep_start_end_ids.npy and the annotations every time (cheap), the frames once into cache_<S>/ (the
-    images memory-mapped). workers: processes that read frames when the cache is built (None: 1 below 20k
-    frames, else up to 4)."""
+    """A CALVIN split folder -> dict of numpy arrays (see the module docstring), images at image_size. workers:
+    processes that read frames when cache_<S>/ is built (None: 1 below 20k frames, else up to 4)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f'{folder}: split folder not found')
@@ -440,16 +418,12 @@ def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict
             'windows': windows, 'window_tasks': np.array(tasks, dtype=str).reshape(-1)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sampling: world-model sequences, the 50 expert windows of a task (S.2.2), success labels (§III.C)
-# ----------------------------------------------------------------------------------------------------
-
+# ---------------- Sampling: world-model sequences, the 50 expert windows of a task (S.2.2), success labels (§III.C)
 SEQ_KEYS = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs', 'rel_actions', 'actions')
 
 
 def light_switch_frames(data: dict) -> np.ndarray:
-    """Rows t where a light (scene_obs 4: bulb, 5: LED) differs from frame t-1 of the same segment: the rare,
-    sharp events of play (an LED toggle is ~1 frame in 500 of the built-in desk's play)."""
+    """Rows t where a light (scene_obs 4: bulb, 5: LED) differs from frame t-1 of its segment (LED: ~1 frame in 500)."""
     lights = np.asarray(data['scene_obs'][:, 4:6])
     changed = np.flatnonzero((lights[1:] != lights[:-1]).any(1)) + 1
     first = np.zeros(len(lights), bool)
@@ -458,12 +432,10 @@ def light_switch_frames(data: dict) -> np.ndarray:
 
 
 def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event_frac: float = 0.0) -> dict:
-    """B sequences of L consecutive frames, start uniform over all valid starts (so every frame is equally
-    likely), never crossing a segment boundary. With event_frac > 0, that share of the B sequences is instead
-    drawn to contain a light switching (light_switch_frames: one such frame uniformly, then a start uniform
-    among the valid ones whose window holds it; FINDINGS.md, "The LED: does imagination know a press switched
-    it?"). Returns (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L) and 'is_first' (B, L) (True at t = 0: each
-    sequence starts from a fresh RSSM state)."""
+    """B sequences of L consecutive frames in one segment, start uniform over all valid starts (every frame equally
+    likely). With event_frac > 0, that share of them holds a light switching (one of light_switch_frames uniformly,
+    then a start uniform among those whose window holds it; FINDINGS.md, "The LED: does imagination know a press
+    switched it?"). -> (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L), 'is_first' (B, L) (True at t = 0)."""
     ep = data['episodes']
     n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
     if n_starts.sum() == 0:
@@ -503,8 +475,7 @@ def expert_windows(data: dict, task: str, n: int = 50, seed: int = 0) -> np.ndar
 
 
 def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
-    """(T,) int64: 1 where `task`'s success test holds at frame t relative to the window's first frame, for
-    t = start..end (rows). task defaults to the annotated task of that window."""
+    """(T,) int64 over rows start..end: 1 where `task` (default: the window's own) succeeds relative to the start."""
     s, e = int(window[0]), int(window[1])
     if task is None:
         match = np.flatnonzero((data['windows'] == (s, e)).all(1))
@@ -518,19 +489,13 @@ def success_labels(data: dict, window, task: str | None = None) -> np.ndarray:
     return np.array([env.task_success(task, start, info(t)) for t in range(s, e + 1)], np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Play-data collection on the built-in desk (§IV.A: CALVIN's teleoperated play; here scripted skills made
-# human-like: a random task order among the tasks possible now, random reaches and pauses, per-segment speed
-# and gain, action noise)
-#
+# ---------------- Play-data collection (§IV.A: CALVIN's teleoperated play; here human-like scripted skills)
 #   episode e:  frames e*L .. e*L+L-1 (global ids), one continuous play segment, split = validation every
 #               val_every-th episode. Segments follow each other without reset:
 #     [ task skill | home | task skill | reach | task skill | pause | ... ]   (home = back near the rest pose)
 #       ^anchor      ^anchor                                         each segment's first frame is its anchor
 #   annotation: whenever completed_tasks(anchor, frame t) gains a task, window = [max(anchor, t-max_window+1), t]
-#               (t = FIRST frame where the test holds; the window is kept only if the test also holds
-#               relative to the clipped start, otherwise it is counted as 'dropped')
-# ----------------------------------------------------------------------------------------------------
+#               (t = FIRST frame where the test holds; kept only if it holds from the clipped start, else 'dropped')
 
 @dataclass
 class CollectConfig:
@@ -564,14 +529,10 @@ class CollectConfig:
     compress: bool = True       # np.savez_compressed frames, like CALVIN (~3 KB instead of 25 KB at 64x64)
 
 
-# Settings added to CollectConfig after play data had been collected, with the value that reproduces the older
-# code: a collect_config.json that lacks one was written with that value (collect() resumes such folders).
-
 PRESETS = {
     'paper': {},
     'cpu': {'episodes': 100, 'episode_len': 1500, 'image_size': 64, 'gripper_size': 64},
-    # test: 350-frame episodes that hold a turn_on_led window in each split (tests/test_cli.py checks it): a brisk
-    # operator and seed 11 (two windows in training, one in validation); a fixed 6 mm drawer grasp and push
+    # test: 350-frame episodes with a turn_on_led window in each split (2 / 1 at seed 11, brisk operator): CLI tests
     'test': {'episodes': 2, 'episode_len': 350, 'val_every': 2, 'workers': 1, 'image_size': 64, 'gripper_size': 64,
              'seed': 11,
              'p_task': 1.0, 'action_noise': 0.2, 'noise_corr': 0.0, 'p_via': 0.0, 'p_hesitate': 0.0, 'p_miss': 0.0, 'p_retry': 0.0,
@@ -584,10 +545,9 @@ def episode_split(cfg: CollectConfig, e: int) -> str:
 
 
 def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_kind, home):
-    """The next play segment: after a task, sometimes a reach back near the rest pose `home` (p_home; evaluation
-    and DiWA's imagined episodes start there); otherwise env.ScriptedSkill of a task possible now (p_task), a
-    pause or a random reach; each with its own random speed and gain and the operator's action noise.
-    -> (kind, skill)"""
+    """The next play segment -> (kind, skill): after a task, sometimes a reach back near the rest pose `home` (p_home;
+    evaluation and DiWA's imagined episodes start there); otherwise env.ScriptedSkill of a task possible now (p_task),
+    a pause or a random reach; each with its own random speed and gain and the operator's action noise."""
     speed, gain = rng.uniform(cfg.speed_min, cfg.speed_max), rng.uniform(cfg.gain_min, cfg.gain_max)
     if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
         target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
@@ -611,7 +571,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
 
 def operator_style(cfg: CollectConfig) -> dict:
     """env.ScriptedSkill's style arguments for the play data's operator (all but the per-segment speed and gain,
-    drawn from [speed_min, speed_max] and [gain_min, gain_max]); also `python env.py --check-skills --operator`."""
+    drawn from [speed_min, speed_max] and [gain_min, gain_max]); also `python diagnose.py skills --operator`."""
     return dict(noise=cfg.action_noise, noise_corr=cfg.noise_corr, p_via=cfg.p_via, via_scale=cfg.via_scale,
                 p_hesitate=cfg.p_hesitate, hesitate_max=cfg.hesitate_max, p_miss=cfg.p_miss, p_retry=cfg.p_retry,
                 drawer_tol_max=cfg.drawer_tol_max, push_tol_max=cfg.push_tol_max)
@@ -676,9 +636,8 @@ SETTINGS_EXEMPT = ('workers', 'episodes')           # may change between runs: t
 
 
 def collect(cfg: CollectConfig, out_dir) -> dict:
-    """Collect play data into <out_dir>/{training,validation} in CALVIN's layout. Resumable: finished episodes
-    are recorded in collect_progress.json and skipped; settings are stored in collect_config.json and a re-run
-    with different ones is refused. Returns {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts'}."""
+    """Collect play data into <out_dir>/{training,validation} in CALVIN's layout; resumable, with the same settings
+    only (see the module docstring). -> {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts', ...}"""
     global _DESK
     for name in ('episodes', 'episode_len', 'workers', 'image_size', 'gripper_size', 'skill_timeout', 'max_window'):
         if getattr(cfg, name) < 1:
@@ -772,11 +731,7 @@ def summarize(progress: dict) -> dict:
             'skill_success': success, 'dropped': sum(s['dropped'] for s in progress.values())}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts on disk ({'stage', 'task', 'step', 'done', 'key', 'config', 'model', ...}),
-# written atomically, read back as data only (weights_only=True), checked against what the caller expects.
-# ----------------------------------------------------------------------------------------------------
-
+# ---------------- Checkpoints: plain dicts on disk ({'stage', 'task', 'step', 'done', 'key', 'config', 'model', ...})
 def save_checkpoint(obj: dict, path) -> None:
     """torch.save to <path>.tmp<pid>, fsync, rename: a kill at any moment leaves the old file or the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -789,8 +744,7 @@ def save_checkpoint(obj: dict, path) -> None:
 
 
 def remove_stale_temps(path) -> None:
-    """Delete <path>.tmp<pid> files left by a process killed inside save_checkpoint (the checkpoint itself is
-    intact: the rename never happened)."""
+    """Delete <path>.tmp<pid> files left by a process killed inside save_checkpoint (the checkpoint is intact)."""
     for tmp in glob.glob(glob.escape(str(path)) + '.tmp*'):
         pid = tmp.rsplit('.tmp', 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f'/proc/{pid}'):
@@ -819,6 +773,40 @@ def writer_lock(path, error=None):
         yield                                   # leaving the with-block closes the file: the lock is released
 
 
+class MetricsLog:
+    """<checkpoint>_metrics.csv: one row per logged step. On resume, rows newer than the checkpoint are dropped,
+    so a killed run leaves a consistent history; a fresh run leaves an older file alone until its first
+    checkpoint replaces both."""
+
+    def __init__(self, path: str, resume_step: int = 0):
+        self.path, self.rows = path, []
+        if resume_step > 0 and os.path.isfile(path):
+            with open(path, newline='') as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
+            self.flush()
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})
+
+    def flush(self) -> None:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r)) or ['step']
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path + '.tmp', 'w', newline='') as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(self.path + '.tmp', self.path)
+
+
+def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str, error=None) -> None:
+    """A NaN/inf loss stops the stage with `error` (DataError), naming the term; the last good checkpoint on disk is
+    untouched."""
+    for k, v in metrics.items():
+        if isinstance(v, (float, int)) and not math.isfinite(v):
+            kept = f'last good checkpoint kept at {ckpt_path}' if os.path.isfile(ckpt_path) else 'no checkpoint written yet'
+            raise (error or DataError)(f"stage {stage}, step {step}: loss term '{k}' is {v}; stopped ({kept})")
+
+
 def load_checkpoint(path, stage: str | None = None, task: str | None = None) -> dict:
     """Load a checkpoint as data (weights_only=True) and check it holds what the caller expects."""
     if not os.path.isfile(path):
@@ -837,8 +825,7 @@ def load_checkpoint(path, stage: str | None = None, task: str | None = None) -> 
 
 
 def config_from(cls, config: dict, path, stage: str):
-    """The settings `config` of a checkpoint as dataclass `cls`. A checkpoint written by another version of diwa
-    (a setting missing or unknown) is a one-line error that says how to rebuild it, never a silent upgrade."""
+    """A checkpoint's settings as dataclass `cls`; another diwa version's are an error (never a silent upgrade)."""
     names = {f.name for f in dataclasses.fields(cls)}
     missing, unknown = sorted(names - set(config)), sorted(set(config) - names)
     if missing or unknown:
@@ -848,8 +835,7 @@ def config_from(cls, config: dict, path, stage: str):
 
 
 def dataset_key(root) -> str:
-    """Fingerprint of a dataset in CALVIN's layout: its segment list and annotation windows / tasks (cheap, no
-    frame reads). It hashes the *contents*, not the file bytes: pickle's bytes of equal annotations can differ."""
+    """Fingerprint of a dataset's segments and annotations (their contents: pickles of equal ones can differ)."""
     h = hashlib.sha1()
     for split in ('training', 'validation'):
         folder = os.path.join(root, split)
@@ -863,8 +849,7 @@ def dataset_key(root) -> str:
 
 
 def window_rows(episodes: np.ndarray, windows: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (W, T) covering each window plus `extra` frames after it (clipped to its episode), and a
-    (W, T) mask of the rows that belong to the window proper or its extension."""
+    """Rows (W, T) of each window plus `extra` frames after it (clipped to its episode), and their (W, T) mask."""
     ep_end = np.array([episodes[(episodes[:, 0] <= s) & (s <= episodes[:, 1])][0, 1] for s, _ in windows])
     stop = np.minimum(windows[:, 1] + extra, ep_end)                    # (W,) inclusive
     T = int((stop - windows[:, 0]).max()) + 1

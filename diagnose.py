@@ -447,18 +447,6 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
 
 
 # ----------------------------------------------------------------------------------------------------
-# The report: the paper's evidence re-made on the built-in desk, from the files of a run folder alone.
-#   Table I    base vs DiWA, 8 tasks x seeds; simulator steps during fine-tuning; DPPO's steps to match
-#   Fig. 2     world-model / reward variants          Fig. 3   real success of the fine-tuning snapshots
-#   Fig. S.6   alpha_BC: imagined vs real success     Table S.6  the unimodal Gaussian policy
-#   Fig. S.7   world-model rollouts (wm_report)
-# `train.py --stage report` runs whatever is missing and calls write_report after each piece of work;
-# `eval.py --report` only rewrites results.md / results.csv / figures from what is there (seconds).
-# ----------------------------------------------------------------------------------------------------
-
-# Variants: run folders <run>/variants/<name> that inherit every checkpoint they do not change (train.py --inherit).
-
-# ----------------------------------------------------------------------------------------------------
 # The desk itself: its scripted skills and its cameras
 # ----------------------------------------------------------------------------------------------------
 
@@ -627,7 +615,7 @@ def main(argv=None) -> int:
                 out = E.run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
                                      E.task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
                 E.summarize(task, 'scripted', args.seed, out, t0)
-    except TR.user_errors() as e:
+    except TR.USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

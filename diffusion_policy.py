@@ -1,16 +1,15 @@
 """Diffusion policy over action chunks, conditioned on world-model latents (DiWA §III.B, S.2.2).
 
-A DDPM (Ho et al. 2020) written out by hand, because PPO in the Dream Diffusion MDP (§III.D, Eq. 4-9)
-needs the Gaussian log-likelihood of every single denoising step:
+A DDPM (Ho et al. 2020) written out by hand: PPO in the Dream Diffusion MDP (§III.D, Eq. 4-9) needs the Gaussian
+log-likelihood of every single denoising step:
 
     x^K ~ N(0, I)                                        pure noise, an action chunk (Tp, Da)
     x^{k-1} ~ pi(x^{k-1} | z, x^k) = N(mu(z, x^k, k), sigma_k^2 I)    k = K..1   (Eq. 1, Eq. 5)
     a = x^0                                              the executed chunk, in [-1, 1]
 
-mu comes from an epsilon-predicting MLP: the noise estimate gives a denoised estimate x0_hat (clipped to
-[-1, 1]), and mu is the mean of the true posterior q(x^{k-1} | x^k, x0_hat). sigma_k is the posterior std
-of the fixed cosine schedule, clipped below by `min_std` (DPPO's trick: the last steps of a DDPM are nearly
-deterministic, which makes their likelihood ratios explode during PPO).
+mu is the mean of the posterior q(x^{k-1} | x^k, x0_hat), x0_hat the denoised estimate (clipped to [-1, 1]) that an
+epsilon-predicting MLP's noise estimate gives. sigma_k is the cosine schedule's posterior std, clipped below by
+`min_std` (DPPO's trick: a DDPM's last steps are nearly deterministic, so their PPO likelihood ratios explode).
 
 Chunking (Tab. S.3): observation horizon 1, the policy predicts Tp = 4 actions and all Ta = 4 are executed.
 
@@ -18,8 +17,7 @@ Chunking (Tab. S.3): observation horizon 1, the policy predicts Tp = 4 actions a
     noisy chunk ─┼─> eps-net MLP (3 x 512, Mish, residual) ─> eps_hat (Tp*Da)
     k ─ sin emb ─┘
 
-Also here: the unimodal Gaussian policy of S.5.3 (`GaussianPolicy`), with the same sample / log-prob
-interface (a "chain" of K = 1 step), so that dream_ppo.py drives both.
+Also here: S.5.3's unimodal `GaussianPolicy`, same interface (a "chain" of K = 1 step), so dream_ppo.py drives both.
 
 Glossary (paper symbol -> variable -> shape)
     z_t (WM latent, Eq. 2-3)      cond          (B, F)        F = deter + stoch*classes (2048 at paper preset)
@@ -75,15 +73,12 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------
-# The noise schedule: pure functions of K, tested against Bayes' rule in tests/test_diffusion_policy.py
-# ----------------------------------------------------------------------------------------------------
+# ---- The noise schedule: pure functions of K, tested against Bayes' rule in tests/test_diffusion_policy.py ---
 
 def cosine_beta_schedule(K, s=0.008, max_beta=0.999):
-    """Nichol & Dhariwal (2021) Eq. 17: bar-alpha(k) = f(k)/f(0), f(k) = cos^2((k/K + s)/(1 + s) * pi/2).
-    Returns betas (K,) float64 with beta_k = 1 - bar-alpha_k / bar-alpha_{k-1}, clipped at max_beta
-    (the cosine curve reaches 0 at k = K, where beta would be 1). Cosine keeps fewer steps near pure noise
-    than the linear schedule, which matters with only K = 20 steps."""
+    """Nichol & Dhariwal (2021) Eq. 17: bar-alpha(k) = f(k)/f(0), f(k) = cos^2((k/K + s)/(1 + s) * pi/2). -> betas
+    (K,) float64, beta_k = 1 - bar-alpha_k / bar-alpha_{k-1} clipped at max_beta (beta_K would be 1). Cosine keeps
+    fewer steps near pure noise than the linear schedule, which matters with only K = 20 steps."""
     t = torch.arange(K + 1, dtype=torch.float64) / K
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -112,9 +107,7 @@ def gaussian_logprob(x, mean, std):
     return lp.flatten(1).sum(1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------------------------------
+# ---- Networks --------------------------------------------------------------------------------------
 
 def sinusoidal_embedding(k, dim):
     """Transformer-style embedding of the (integer) denoising step: (B,) -> (B, dim)."""
@@ -125,8 +118,7 @@ def sinusoidal_embedding(k, dim):
 
 
 class ResidualMLP(nn.Module):
-    """in -> [Linear(width), Mish] -> (layers-1) x [h + Mish(Linear(h))] -> Linear(out). Widths: Tab. S.3;
-    Mish and the residual blocks are not in the paper (DPPO's residual MLP)."""
+    """in -> Mish(Linear) -> (layers-1) x [h + Mish(Linear(h))] -> out. Widths Tab. S.3; Mish, residuals: DPPO's."""
 
     def __init__(self, in_dim, out_dim, width, layers):
         super().__init__()
@@ -166,9 +158,7 @@ def _check_inputs(policy, cond, x=None):
             f'action chunk must be (B={cond.shape[0]}, Tp={policy.Tp}, Da={policy.Da}), got {tuple(x.shape)}'
 
 
-# ----------------------------------------------------------------------------------------------------
-# The diffusion policy (Eq. 1, 5, 12)
-# ----------------------------------------------------------------------------------------------------
+# ---- The diffusion policy (Eq. 1, 5, 12) -----------------------------------------------------------
 
 class DiffusionPolicy(nn.Module):
     def __init__(self, cond_dim, cfg):
@@ -195,9 +185,8 @@ class DiffusionPolicy(nn.Module):
         return mean, self._at('post_var', k).sqrt().expand_as(mean)
 
     def step_mean_std(self, x_k, k, cond, min_std=0.):
-        """Eq. 5: mean mu_theta(z, x^k, k) and std sigma_k (clipped below at min_std) of pi(x^{k-1} | z, x^k).
-        x_k (B,Tp,Da), k (B,) long in 1..K, cond (B,F) -> mean, std (B,Tp,Da). At k = 1 the posterior std
-        is 0 (the last step is deterministic): pass min_std > 0 wherever a log-prob is needed."""
+        """Eq. 5: mean mu_theta(z, x^k, k), std sigma_k >= min_std of pi(x^{k-1} | z, x^k); x_k (B,Tp,Da), k (B,) in
+        1..K, cond (B,F) -> (B,Tp,Da) x2. sigma_1 = 0 (deterministic last step): log-probs need min_std > 0."""
         _check_inputs(self, cond, x_k)
         assert k.shape == (x_k.shape[0],), f'k must be (B,) long in 1..{self.K}, got shape {tuple(k.shape)}'
         if k.device.type == 'cpu':       # the range check reads k: on a GPU that would sync every denoising step
@@ -211,13 +200,10 @@ class DiffusionPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, cond, deterministic=False, min_std=0.1, noise_clip=3.0, ft_policy=None, K_ft=0,
                generator=None):
-        """Run the denoising chain of Eq. 1. cond (B,F) -> chain (B, K+1, Tp, Da), chain[:, i] = x^{K-i}.
-        Steps k <= K_ft use ft_policy (DiWA fine-tunes only the last K' steps; the first K-K' stay frozen).
-        Exploration as in DPPO fine-tuning: std clipped below at min_std, standard-normal noise clipped to
-        +-noise_clip. deterministic=True adds no noise after the initial x^K (evaluation).
-        The final chunk is clipped to the action range [-1, 1] (S.3.1); not in the paper or DPPO's defaults
-        (DPPO's final_action_clip_value is None). Its log-prob is then evaluated at the clipped point, a small
-        bias. A generator must live on cond's device."""
+        """Denoising chain of Eq. 1: cond (B,F) -> chain (B, K+1, Tp, Da), chain[:, i] = x^{K-i}. Steps k <= K_ft use
+        ft_policy (DiWA fine-tunes only the last K'). Exploration as in DPPO: std >= min_std, noise clipped to
+        +-noise_clip; deterministic=True adds none after x^K (evaluation). The final chunk is clipped to [-1, 1]
+        (S.3.1; not in the paper or DPPO), its log-prob taken there (small bias). generator: on cond's device."""
         _check_inputs(self, cond)
         assert K_ft == 0 or ft_policy is not None, f'K_ft={K_ft} > 0 needs ft_policy'
         assert 0 <= K_ft <= self.K, f'K_ft={K_ft} must be in 0..K={self.K}'
@@ -241,9 +227,8 @@ class DiffusionPolicy(nn.Module):
         return gaussian_logprob(x_km1, mean, std)
 
     def chain_logprob(self, cond, chain, ks, min_std=0.1):
-        """Log-probs of chosen transitions of sampled chains, for PPO (Eq. 7, 9).
-        cond (N,F), chain (N,K+1,Tp,Da), ks (N,) or (N,n) long in 1..K -> (N,) or (N,n): entry [i(,j)] is
-        log pi(x^{k-1} | z_i, x^k) with k = ks[i(,j)], read from chain[i] at positions K-k and K-k+1."""
+        """Log-probs of chosen transitions of sampled chains (PPO, Eq. 7, 9): cond (N,F), chain (N,K+1,Tp,Da), ks (N,)
+        or (N,n) in 1..K -> [i(,j)] = log pi(x^{k-1} | z_i, x^k), k = ks[i(,j)], from chain[i] at K-k and K-k+1."""
         assert min_std > 0, 'log-probs need min_std > 0 (the k = 1 posterior std is 0)'
         assert chain.dim() == 4 and chain.shape[1] == self.K + 1, \
             f'chain must be (N, K+1={self.K + 1}, Tp, Da), got {tuple(chain.shape)}'
@@ -257,25 +242,19 @@ class DiffusionPolicy(nn.Module):
         return lp.view(ks.shape)
 
     def bc_loss(self, x0, cond):
-        """Behaviour cloning (Eq. 12). Eq. 12 is the negative log-likelihood of the expert chunks along the
-        denoising chain; its variational bound is a sum over k of KL terms between Gaussians, each a weighted
-        ||eps - eps_theta(x^k, k, z)||^2. Like Ho et al. (and DPPO, Diffusion Policy) we drop the weights and
-        sample one k per example: the 'simple' eps-MSE surrogate, which trains better in practice.
-        x0 (B,Tp,Da) in [-1,1], cond (B,F) -> scalar."""
+        """Behaviour cloning (Eq. 12): expert chunks' NLL, bounded by a sum over k of weighted ||eps - eps_theta||^2.
+        As Ho et al. (DPPO, Diffusion Policy) we drop the weights, one k per sample. (B,Tp,Da), (B,F) -> scalar."""
         _check_inputs(self, cond, x0)
         k = torch.randint(1, self.K + 1, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         return F.mse_loss(self.eps_net(self.q_sample(x0, k, eps), k, cond), eps)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The unimodal Gaussian policy (S.5.3): a "chain" with K = 1
-# ----------------------------------------------------------------------------------------------------
+# ---- The unimodal Gaussian policy (S.5.3): a "chain" with K = 1 ------------------------------------
 
 class GaussianPolicy(nn.Module):
-    """pi(a | z) = N(tanh(MLP(z)), diag(exp(log_std)^2)) over the whole chunk, with a learned
-    state-independent log std. It exposes the diffusion policy's interface with K = 1: the chain is
-    (B, 2, Tp, Da) with chain[:, 0] = zeros (a dummy x^1) and chain[:, 1] = the action chunk x^0."""
+    """pi(a | z) = N(tanh(MLP(z)), diag(exp(log_std)^2)) over the chunk, learned state-independent log std. The
+    diffusion interface with K = 1: chain (B, 2, Tp, Da), chain[:, 0] = zeros (dummy x^1), chain[:, 1] = chunk x^0."""
     LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
     def __init__(self, cond_dim, cfg):
@@ -335,15 +314,11 @@ def make_policy(cond_dim, cfg):
     return classes[cfg.policy](cond_dim, cfg)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training helpers: EMA, optimiser, schedule, one BC step
-# ----------------------------------------------------------------------------------------------------
+# ---- Training helpers: EMA, optimiser, schedule, one BC step ---------------------------------------
 
 class EMA:
-    """Exponential moving average of the policy weights (Tab. S.3): every `every` calls to update(),
-    theta_ema <- decay * theta_ema + (1 - decay) * theta once epoch >= start_epoch; before that the
-    average simply tracks the weights (so it starts from the trained, not the random, policy).
-    Evaluate and fine-tune the EMA copy `ema.model`."""
+    """EMA of the policy weights (Tab. S.3; evaluate and fine-tune `ema.model`): every `every` update() calls
+    theta_ema <- decay * theta_ema + (1 - decay) * theta from start_epoch on; before, a copy (so it starts trained)."""
 
     def __init__(self, model, decay=0.995, start_epoch=20, every=10):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -384,8 +359,7 @@ def make_ema(policy, cfg):
 
 
 def update_bc(policy, opt, ema, batch, epoch=0, sched=None):
-    """One BC step (Eq. 12). batch: {'actions': (B,Tp,Da) expert chunks in [-1,1], 'cond': (B,F) latents}.
-    ema (or None) is updated after the step; sched (or None) is stepped once. -> dict of float metrics."""
+    """One BC step (Eq. 12) on {'actions': (B,Tp,Da) in [-1,1], 'cond': (B,F)}, then ema / sched (each optional)."""
     policy.train()
     loss = policy.bc_loss(batch['actions'], batch['cond'])
     opt.zero_grad(set_to_none=True)
@@ -400,15 +374,11 @@ def update_bc(policy, opt, ema, batch, epoch=0, sched=None):
     return {'bc_loss': loss.item(), 'grad_norm': grad_norm.item(), 'lr': lr}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The demonstrations in latent space (Alg. 1 line 2): the 50 expert windows of a task, filtered by the frozen
-# world model from each window's first frame.
-#
+# ---- The demonstrations in latent space (Alg. 1 line 2): expert windows filtered from their first frame ---
 #   window      s ............ e  (first frame where the task's success test holds)  + post frames
 #   feat        z_s ........... z_e ......... z_{e+P}            (W, T, F)
 #   chunk       a_t..a_{t+3}    for t in [s, e]  (padded with the window's last action)  (W, T, Ta, 7)
 #   success     test(start=s, now=t) for t in [s, e+P]                                     (W, T)
-# ----------------------------------------------------------------------------------------------------
 
 def demo_latents(wm, split: dict, task: str, n: int, seed: int, post: int, device, Ta: int = 4) -> dict:
     """Latents, action chunks and success labels of n expert windows of `task` drawn with `seed` (diagram above)."""
@@ -427,9 +397,8 @@ def demo_latents(wm, split: dict, task: str, n: int, seed: int, post: int, devic
 
 
 def load(path, task: str, feat_dim: int, device='cpu'):
-    """The policy of a checkpoint (the EMA weights of a BC checkpoint, the fine-tuned weights of a finetune /
-    dppo one), checked against the world model's latent size: a policy only makes sense on the latents it was
-    trained on. -> (policy, ckpt)"""
+    """The policy of a checkpoint (BC: the EMA weights; finetune / dppo: the fine-tuned ones), checked against the
+    world model's latent size (a policy only makes sense on its own latents). -> (policy, ckpt)"""
     ckpt = data.load_checkpoint(path, None, task)
     cond_dim = ckpt['extra'].get('cond_dim')
     if cond_dim != feat_dim:

@@ -1,12 +1,9 @@
 """DiWA fine-tuning: PPO inside the Dream Diffusion MDP (paper §III.D-E, S.2.4, Algorithm 1, Tab. S.5).
 
-The pre-trained diffusion policy is fine-tuned *entirely in imagination*: episodes start from
-world-model states encoded from recorded frames, the frozen world model (world_model.py) rolls
-them forward with its prior (Eq. 3), the latent success classifier (reward.py) gives the reward,
-and the two-layer MDP of DPPO (denoising steps inside environment steps) turns every denoising
-step into a Gaussian policy step that PPO can update.  No simulator is created or imported on
-this path; `counters['sim_steps']` stays 0.  The same update driven by the real simulator
-(`real_rollout`) is the DPPO baseline.
+The pre-trained diffusion policy is fine-tuned *entirely in imagination*: episodes start from world-model states of
+recorded frames, the frozen world model rolls them forward with its prior (Eq. 3), the latent classifier (reward.py)
+gives the reward, and DPPO's two-layer MDP (denoising steps inside environment steps) makes every denoising step a
+PPO policy step. No simulator here (`counters['sim_steps']` stays 0); with one (`real_rollout`) it is the DPPO baseline.
 
 Dream Diffusion MDP (Eq. 4), K denoising steps per decision t, k runs K..1:
 
@@ -88,9 +85,8 @@ class FinetuneConfig:
 
 PRESETS = {
     'paper': {},
-    # cpu (2 cores, the 512-d cpu world model): 50 x 18 decisions, 4 epochs = 20 gradient steps per iteration
-    # (paper preset: ~24), ~4.5 s each; a larger actor lr for ~5x fewer iterations; success_threshold 0.8
-    # (FINDINGS.md, "Fine-tuning settings that depart from the paper").
+    # cpu (2 cores, 512-d cpu world model): 50 x 18 decisions, 4 epochs = 20 gradient steps per iteration (paper: ~24),
+    # ~4.5 s each; larger actor lr for ~5x fewer iterations; success_threshold: FINDINGS.md, "Fine-tuning settings..."
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
                 critic_hidden=128, sim_workers=2, success_threshold=0.8),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
@@ -130,16 +126,14 @@ def denoising_rewards(rewards: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def denoising_discount(k: torch.Tensor, gamma_denoise: float) -> torch.Tensor:
-    """Eq. 8: the advantage of denoising step k is gamma_denoise**k times the advantage at k=1.
-    (DPPO uses gamma**(k-1); we follow the paper.)"""
+    """Eq. 8: advantage of step k = gamma_denoise**k * advantage at k=1 (DPPO: gamma**(k-1); we follow the paper)."""
     return gamma_denoise ** k.to(torch.float32)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float, lam: float,
         last_value: torch.Tensor | None = None):
-    """Eq. 15, GAE at k=1 over decisions.  rewards (T,N); values (T+1,N), or (T,N) plus last_value (N,);
-    dones (T,N): the episode ended after decision t (no bootstrap through it; timeouts end the task too).
-    Returns advantages (T,N) and the lambda-returns adv + V (T,N), the value targets."""
+    """Eq. 15, GAE at k=1 over decisions. rewards (T,N); values (T+1,N), or (T,N) plus last_value (N,); dones (T,N):
+    episode ended after t (no bootstrap; timeouts end the task too). -> adv (T,N), value targets adv + V (T,N)."""
     T, N = rewards.shape
     if last_value is not None:
         values = torch.cat([values, last_value[None]], 0)
@@ -156,8 +150,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma:
 
 
 def clip_schedule(K_ft: int, eps_min: float, eps_max: float, rate: float = 3.0) -> torch.Tensor:
-    """PPO clip epsilon per fine-tuned step, index i = 0..K_ft-1 <-> k = K_ft..1: exponential from
-    eps_min (noisiest step) to eps_max (k=1), as DPPO does; noisy steps move the action least."""
+    """PPO clip eps per fine-tuned step i = 0..K_ft-1 (k = K_ft..1): exponential from eps_min to eps_max, as DPPO."""
     if K_ft == 1:
         return torch.tensor([eps_max])
     x = torch.arange(K_ft, dtype=torch.float64) / (K_ft - 1)
@@ -165,8 +158,7 @@ def clip_schedule(K_ft: int, eps_min: float, eps_max: float, rate: float = 3.0) 
 
 
 def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip):
-    """Eq. 7 as a loss to minimise: -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)), rho = pi_new/pi_old.
-    clip: float or (B,) per sample.  Returns (loss, dict of float diagnostics)."""
+    """Eq. 7 loss: -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)), rho = pi_new/pi_old; clip float or (B,)."""
     logratio = logp_new - logp_old
     ratio = logratio.exp()
     loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
@@ -177,23 +169,20 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, 
 
 
 def bc_loss(logp_actor_on_pre: torch.Tensor) -> torch.Tensor:
-    """Eq. 9/16 BC regulariser, working form.  As printed, Eq. 9 scores samples of pi_old under the
-    frozen pi_pre, which has no gradient w.r.t. theta.  Like DPPO's bc loss we instead sample chains
-    from the frozen pre-trained policy and maximise their log-likelihood under the fine-tuned policy
-    (the forward KL(pi_pre || pi_theta) up to a constant), for the fine-tuned steps k <= K'."""
+    """Eq. 9/16 BC regulariser, working form. As printed, Eq. 9 scores pi_old samples under the frozen pi_pre: no
+    gradient w.r.t. theta. Like DPPO we instead maximise the fine-tuned policy's log-likelihood of pi_pre's chains
+    (forward KL(pi_pre || pi_theta) up to a constant), for the fine-tuned steps k <= K'."""
     return -logp_actor_on_pre.mean()
 
 
 def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
-    """Eq. 17: (R_target - V_nu(z_t))^2.  The targets are GAE lambda-returns (Eq. 17's discounted
-    Monte-Carlo sum is the lambda=1 case); lower variance, as in DPPO/PPO."""
+    """Eq. 17: (R_target - V_nu(z_t))^2 on GAE lambda-returns (Eq. 17's Monte-Carlo sum is lambda=1), as DPPO/PPO."""
     return ((returns - values) ** 2).mean()
 
 
 class RunningRewardScaler:
     """Divide rewards by the running std of the discounted return (not in the paper; DPPO's reward_scale_running).
-    Every call is a fresh rollout (episodes restart each iteration), so the return starts at 0;
-    the mean/var/count statistics of all returns seen so far persist (exact parallel-variance merge)."""
+    Each call's return starts at 0 (a fresh rollout); the statistics persist (exact parallel-variance merge)."""
 
     def __init__(self, gamma: float, eps: float = 1e-8):
         self.gamma, self.eps = gamma, eps
@@ -224,8 +213,7 @@ class RunningRewardScaler:
 
 # ----------------------------------------------------------------------------- networks
 class Critic(nn.Module):
-    """V_nu: MLP on the world-model feature cat(h, z) of decision t (Tab. S.5: 3 x 256).
-    The paper writes V(z_t); the feature is the same input the policy sees."""
+    """V_nu(z_t): MLP on the feature cat(h, z) of decision t, the policy's input (Tab. S.5: 3 x 256)."""
 
     def __init__(self, feat_dim: int, hidden: int = 256, layers: int = 3):
         super().__init__()
@@ -281,9 +269,7 @@ def chain_transitions(chain: torch.Tensor):
 
 # ----------------------------------------------------------------------------- imagined rollout (Alg. 1 l. 8-26)
 def encode_start_pool(wm, batch: dict) -> dict:
-    """World-model posterior states of recorded frames: the filter runs over each (B,T) sequence and
-    its last posterior state is one imagined start {'h': (B,deter), 'z': (B,Z)} (+ 'target' (B,3) with the
-    world model's target_input)."""
+    """Imagined starts: last posterior states {'h': (B,deter), 'z': (B,Z)[, 'target' (B,3)]} of (B,T) sequences."""
     with torch.no_grad():
         post, _ = wm.observe(batch, sample=False)
     return wm.last_state(post)
@@ -324,10 +310,8 @@ def _sample_chain(policy_pre, actor, feat, cfg, generator):
 
 
 def imagine_chunk(wm, state: dict, actions: torch.Tensor, reward_clf, cfg: FinetuneConfig, start_feat=None):
-    """One decision's chunk (N, Ta, Da) executed in the world model's prior, Ta steps of Eq. 3
-    (h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}), or its mode when not cfg.latent_sample), each new latent
-    scored by the classifier (§III.C; against start_feat for the decoded-state reward of Fig. 2).
-    -> (state after the chunk, p (N,): success probability, max over the chunk's latents or its last)."""
+    """Run a chunk (N, Ta, Da) through Ta prior steps (Eq. 3; mode z unless cfg.latent_sample), scoring each new
+    latent (§III.C; vs start_feat: Fig. 2). -> (state after it, p (N,): success prob., max over the chunk or last)."""
     probs = []
     for j in range(actions.shape[1]):
         state = wm.img_step(state, actions[:, j], sample=cfg.latent_sample)
@@ -340,14 +324,12 @@ def imagine_chunk(wm, state: dict, actions: torch.Tensor, reward_clf, cfg: Finet
 @torch.no_grad()
 def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict, cfg: FinetuneConfig,
                     generator: torch.Generator | None = None) -> dict:
-    """N imagined episodes in parallel for T decisions in the frozen world model (Alg. 1 l. 8-26).
-    Episodes start from states drawn (with replacement) from start_pool and restart from a fresh draw
-    when they end (success p > threshold, or max_episode_steps decisions)."""
+    """N imagined episodes for T decisions (Alg. 1 l. 8-26), started from start_pool draws (with replacement), and
+    restarted from a fresh draw when they end (success p > threshold, or max_episode_steps decisions)."""
     _check_cfg(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
-    relative = getattr(reward_clf, 'relative', False)  # reward tested against z_0 (decoded-state reward, Fig. 2;
-    #                                                    RewardConfig.start_conditioned)
+    relative = getattr(reward_clf, 'relative', False)  # reward vs z_0 (Fig. 2 decoder reward, start_conditioned)
     start_feat = wm.feature(state) if relative else None
     ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
     feats, chains, rewards, dones, succs, values = [], [], [], [], [], []
@@ -376,9 +358,8 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
 # ----------------------------------------------------------------------------- PPO update (Alg. 1 l. 27-35)
 def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneConfig, alpha_bc: float,
            train_actor: bool = True, generator: torch.Generator | None = None) -> dict:
-    """GAE at k=1, flatten (decision x fine-tuned step) samples, update_epochs passes of minibatches of
-    the BC-regularised clipped PPO loss (Eq. 7-9, 16) and the value loss (Eq. 17).  buffer['rewards'] are
-    the (already scaled) rewards.  Returns float metrics."""
+    """GAE at k=1, then update_epochs passes of minibatches of (decision x fine-tuned step) samples: BC-regularised
+    clipped PPO loss (Eq. 7-9, 16) and value loss (Eq. 17). buffer['rewards'] are already scaled. -> float metrics."""
     T, N = buffer['rewards'].shape
     F = buffer['feat'].shape[-1]
     adv, returns = gae(buffer['rewards'], buffer['values'], buffer['dones'], cfg.gamma, cfg.gae_lambda)
@@ -395,8 +376,7 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
     with torch.no_grad():
         b_logp_old = torch.cat([step_logprob(actor, b_x_k[s:s + Bm], b_x_prev[s:s + Bm], b_k[s:s + Bm],
                                              feat[b_row[s:s + Bm]], cfg.min_logprob_std) for s in range(0, M, Bm)])
-        # BC targets: one chain of the frozen pi_pre per decision and iteration (pi_pre and the feats do
-        # not change during the update, so one draw per iteration replaces DPPO's draw per minibatch)
+        # BC targets: one pi_pre chain per decision and iteration (pi_pre, feats fixed; DPPO draws per minibatch)
         pre = torch.cat([policy_pre.sample(feat[s:s + Bm], min_std=cfg.min_std, noise_clip=cfg.noise_clip,
                                            generator=generator)[:, K - K_ft:] for s in range(0, T * N, Bm)])
         b_bc_x_k, b_bc_x_prev = pre[b_row, b_i], pre[b_row, b_i + 1]
@@ -472,8 +452,7 @@ def new_counters() -> dict:
 def iteration(wm, policy_pre, actor, critic, reward_clf, opts: dict, scaler: RunningRewardScaler | None,
               start_pool: dict, task: str, cfg: FinetuneConfig, counters: dict,
               generator: torch.Generator | None = None) -> dict:
-    """One DiWA iteration (Alg. 1 l. 6-36): imagined rollout + PPO update.  Updates counters in place
-    ('imagined_steps' += N*T*Ta world-model steps, 'sim_steps' stays 0)."""
+    """One DiWA iteration (Alg. 1 l. 6-36): imagined rollout + PPO update; counts world-model steps in counters."""
     buffer = imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool, cfg, generator)
     return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
 
@@ -487,9 +466,8 @@ def _info(obs: dict) -> dict:
 @torch.no_grad()
 def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
                  rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu') -> dict:
-    """DPPO baseline rollout: the same decisions in the simulator.  Observations are filtered online
-    by the world model (wm.obs_step), the reward is the simulator's own success test, and every
-    simulator step is counted.  Returns a buffer with the same fields as imagine_rollout."""
+    """DPPO baseline: the same decisions in the simulator, observations filtered online (wm.obs_step), the simulator's
+    success test as reward, every simulator step counted. -> a buffer with imagine_rollout's fields."""
     _check_cfg(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7
@@ -543,16 +521,12 @@ def dppo_iteration(sims, wm, policy_pre, actor, critic, opts: dict, scaler, task
     return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Around the loop: where imagined episodes start, the fine-tuned actor of a checkpoint, the loop's state
-# ----------------------------------------------------------------------------------------------------
+# ---- Around the loop: where imagined episodes start, the fine-tuned actor of a checkpoint, the loop's state ---
 
 @torch.no_grad()
 def start_pool(wm, split: dict, task: str, device, seed: int, n: int = 1024, where: str = 'rest') -> dict:
-    """Imagined episodes start from recorded play frames where the task's precondition holds (e.g. drawer
-    closed for open_drawer) and, with where='rest', the robot is near its rest pose, where the evaluation's
-    episodes start (Alg. 1 l. 10 'sample initial observation x_0'). Each frame is encoded alone from a fresh
-    state, as the evaluation encodes its first frame. No simulator is created: the pool is read from the dataset."""
+    """Alg. 1 l. 10's x_0: play frames where the task is possible (e.g. drawer closed for open_drawer) and, if where is
+    'rest', the robot near its rest pose, as in the evaluation; each encoded alone from a fresh state, as eval does."""
     ok = np.array([task_possible(task, s) for s in split['scene_obs']], bool)
     if where == 'rest':
         rest = ok & near_rest(split['robot_obs'])

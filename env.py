@@ -1,9 +1,8 @@
 """The built-in CALVIN-style desk: a pybullet Panda, CALVIN's observation/action conventions, the 8 tasks.
 
-Paper: §IV.A (CALVIN environment D), S.3.1 (the 7-D relative action, gripper thresholded at 0).
-The real CALVIN simulator (mees/calvin_env) is a GPU-or-patience job on a laptop (~18 steps/s with
-cameras); this file rebuilds its scene D from pybullet primitives with CALVIN's numbers (calvin_env's
-scene D, robot and task definitions; Mees et al. 2022) so that every phase of DiWA runs on a 2-core CPU.
+Paper: §IV.A (CALVIN environment D), S.3.1 (the 7-D relative action, gripper thresholded at 0). The real CALVIN
+simulator (mees/calvin_env) runs ~18 steps/s with cameras on a laptop; this file rebuilds its scene D from pybullet
+primitives with calvin_env's numbers (Mees et al. 2022), so that every phase of DiWA runs on a 2-core CPU.
 
 Desk (world frame, metres, z up; +q of each prismatic joint as in CALVIN):
 
@@ -23,7 +22,7 @@ Glossary (CALVIN name -> variable -> shape):
 
 API: DeskEnv(image_size, gripper_size, cameras, seed) .reset(robot_obs, scene_obs, seed) .step(a) .get_info();
 task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkill(task, rng, noise, speed).act;
-CalvinEnvAdapter (the real simulator, when installed). CLI: python env.py --check-skills | --render DIR
+CalvinEnvAdapter (the real simulator, when installed). CLI: python diagnose.py skills [--operator] | render DIR
 """
 import hashlib
 import os
@@ -36,8 +35,7 @@ p = pybullet_data = None       # pybullet, imported on first use: the success te
 
 
 def _import_pybullet_quietly():
-    """Import pybullet into this module's globals. Its C code prints a build-time banner on import; stderr is
-    kept clean for one-line errors."""
+    """Import pybullet into this module's globals, hiding the build banner its C code prints on stderr."""
     global p, pybullet_data
     if p is not None:
         return
@@ -62,21 +60,18 @@ Q_INIT = np.array([-1.21779206, 1.03987646, 2.11978261, -2.34205014, -0.87015947
 POS_SCALE, ORN_SCALE = 0.02, 0.05                           # metres / radians per action unit
 ARM_FORCE, ARM_MAX_VEL = 200.0, 2.0
 FINGER_OPEN, FINGER_OPEN_FORCE, FINGER_CLOSE_FORCE = 0.04, 2.0, 200.0
-# The stored TCP target is kept inside this box so that a jammed hand cannot drag it far away.
-WORKSPACE = np.array([[-0.55, -0.65, 0.26], [0.55, 0.25, 0.80]])
+WORKSPACE = np.array([[-0.55, -0.65, 0.26], [0.55, 0.25, 0.80]])  # TCP target box: a jammed hand can't drag it away
 ARM, FINGERS, TCP_LINK = list(range(7)), [9, 10], 11        # joint / link indices in pybullet's panda.urdf
 
 # Articulated parts: (joint upper limit, unit direction of +q, link origin at q = 0)
 DOOR_MAX, DRAWER_MAX, BUTTON_MAX, SWITCH_MAX = 0.28, 0.22, 0.02, 0.088
 DOOR_ORIGIN, DRAWER_ORIGIN = np.array([-0.10, 0.075, 0.535]), np.array([0.18, 0.0, 0.32])
-# The button sits on the table's left, ~0.4 m from the rest pose like the drawer knob and the switch (at CALVIN's
-# (-0.12, -0.12) the LED tasks were too easy to clone: base 87-99%)
+# Button ~0.4 m from the rest pose, like the knob and the switch (at CALVIN's (-0.12, -0.12): too easy, base 87-99%)
 BUTTON_ORIGIN, SWITCH_ORIGIN = np.array([-0.40, -0.10, 0.46]), np.array([0.30, 0.061, 0.495])
 SWITCH_DIR = np.array([0.0, 0.5, 0.866])
 LED_PRESS_THRESHOLD, BULB_SWITCH_THRESHOLD = 0.016, 0.044
 TABLE_TOP_Z = 0.44
-# Lights sit on the cabinet top. CALVIN has them ~5 cm further back (y 0.16) and the cabinet ~2 cm
-# higher; we bring them forward/down so that both stay inside the static camera's 64x64 frame.
+# Lights on the cabinet top, ~5 cm nearer and ~2 cm lower than CALVIN's: both stay in the static camera's 64x64 frame.
 LED_POS, BULB_POS = (-0.12, 0.115, 0.637), (0.30, 0.12, 0.655)
 # Handles (knobs) stand out 7 cm so that the hand never touches the surface behind them.
 DRAWER_KNOB = np.array([0.0, -0.2275, -0.02])   # knob centre relative to the drawer origin; tip at y = -0.265
@@ -89,25 +84,21 @@ BLOCKS = {  # name: (half extents, rgba); 1 kg, friction 0.7
     'blue': ((0.02, 0.02, 0.02), (0.1, 0.25, 0.9, 1)),
     'pink': ((0.04, 0.02, 0.02), (0.95, 0.45, 0.75, 1)),
 }
-# Block spawn regions (x range, y range): the open table top (away from the button) and the
-# cabinet shelf behind the sliding door.
+# Block spawn regions (x range, y range): the open table top (away from the button), the shelf behind the door.
 BLOCK_REGIONS = [((-0.05, 0.45), (-0.16, 0.0)), ((-0.45, 0.02), (0.14, 0.27))]
 
-# Cameras (CALVIN's values, calvin_env's static and gripper cameras)
 STATIC_CAM = dict(eye=(2.8715, -2.1666, 2.5552), target=(-0.0262, -0.0302, 0.3920), up=(0.4041, 0.2263, 0.8863),
                   fov=10.0, near=0.01, far=10.0)
 GRIPPER_CAM = dict(fov=75.0, near=0.01, far=2.0, behind=0.1)
 
 
 # ---------------------------------------------------------------- small math helpers
-
 def wrap_angle(a):
     """Map angles to [-pi, pi): TCP roll sits near +-pi, so raw Euler differences jump by 2 pi."""
     return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
 
 
-def drawer_knob_pos(q):
-    """World position of the drawer knob centre when the drawer joint is at q."""
+def drawer_knob_pos(q):                        # world position of the knob centre at joint value q
     return DRAWER_ORIGIN + DRAWER_KNOB + np.array([0.0, -q, 0.0])
 
 
@@ -120,7 +111,6 @@ def switch_knob_pos(q):
 
 
 # ---------------------------------------------------------------- the desk as a generated URDF
-
 def _box(xyz, half, rgba, collide=True, visual=True):
     """URDF <visual> (+ <collision>) of a box given its centre (in the link frame) and half extents."""
     o = f'<origin xyz="{xyz[0]} {xyz[1]} {xyz[2]}"/>'
@@ -142,8 +132,7 @@ def _joint(name, kind, child, origin, axis=(0, 0, 1), upper=0.0):
 
 
 def desk_urdf():
-    """One multibody: the static table + cabinet (base) and 6 links: door, drawer, button, switch, LED, bulb.
-    Colours are chosen so that every task-relevant state is visible in a 64x64 static image."""
+    """One multibody: table + cabinet (base), door, drawer, button, switch, LED, bulb; task states show at 64x64."""
     wood, body, cab, dark = (0.78, 0.6, 0.42, 1), (0.55, 0.55, 0.6, 1), (0.85, 0.8, 0.7, 1), (0.15, 0.15, 0.18, 1)
     top = TABLE_TOP_Z
     base = [
@@ -193,9 +182,7 @@ DOOR, DRAWER, BUTTON, SWITCH, LED, BULB = range(6)          # link/joint indices
 
 
 def _cached_file(name, text):
-    """Write text to a per-user cache file once (atomically) and return its path. The file's name carries a
-    hash of its text, so that two checkouts with different desks (e.g. two branches) running side by side
-    never load each other's file."""
+    """Write text once (atomically) to a per-user cache file named after its hash (checkouts never clash) -> path."""
     folder = os.path.join(tempfile.gettempdir(), f'diwa_env_{os.getuid() if hasattr(os, "getuid") else 0}')
     os.makedirs(folder, exist_ok=True)
     stem, ext = os.path.splitext(name)
@@ -209,8 +196,7 @@ def _cached_file(name, text):
 
 
 def _decimated_obj(src, cell=0.02):
-    """Vertex-clustering decimation of an OBJ mesh (snap vertices to a `cell` grid, drop collapsed
-    triangles); keeps the winding, so normals stay outward. ~2.5x fewer triangles for the Panda."""
+    """Vertex-clustering decimation of an OBJ mesh (snap to a `cell` grid, drop collapsed triangles, keep winding)."""
     V, F = [], []
     for line in open(src):
         t = line.split()
@@ -229,8 +215,7 @@ def _decimated_obj(src, cell=0.02):
 
 
 def panda_urdf():
-    """pybullet_data's panda.urdf whose visual meshes are decimated copies of its collision meshes:
-    the CPU TinyRenderer's cost grows with triangle count (~100k visual, ~3.5k collision, ~1.4k here)."""
+    """pybullet_data's panda.urdf with decimated collision meshes as visuals (TinyRenderer: 100k -> 1.4k triangles)."""
     _import_pybullet_quietly()
     root = os.path.join(pybullet_data.getDataPath(), 'franka_panda')
     text = open(os.path.join(root, 'panda.urdf')).read()
@@ -239,8 +224,7 @@ def panda_urdf():
         if name.endswith('.obj'):
             light = _cached_file('visual_' + name, _decimated_obj(os.path.join(collision_dir, name)))
             text = text.replace(f'package://meshes/visual/{name}', light)
-            # link0 and link7 already use their collision mesh as the visual one: only <visual> blocks are
-            # rewritten below, the <collision> blocks keep the full collision meshes.
+            # link0 and link7 use their collision mesh as visual: rewrite only <visual>, <collision> stays full
             text = text.replace(f'<visual>\n      <geometry>\n        <mesh filename="package://meshes/collision/{name}"/>',
                                 f'<visual>\n      <geometry>\n        <mesh filename="{light}"/>')
     text = text.replace('package://meshes/collision/', collision_dir + os.sep)
@@ -248,12 +232,9 @@ def panda_urdf():
 
 
 # ---------------------------------------------------------------- the environment
-
 class DeskEnv:
     """CALVIN-style desk. obs = {'rgb_obs': {'rgb_static', 'rgb_gripper'}, 'robot_obs' (15,), 'scene_obs' (24,)}.
-
-    DeskEnv(image_size=64, gripper_size=None, cameras=True, seed=None): gripper_size defaults to image_size
-    (CALVIN's dataset uses 200 and 84); cameras=False leaves 'rgb_obs' empty and runs ~5x faster."""
+    gripper_size defaults to image_size (CALVIN's dataset: 200 / 84); cameras=False: no 'rgb_obs', ~5x faster."""
 
     def __init__(self, image_size=64, gripper_size=None, cameras=True, seed=None):
         if int(image_size) < 8 or (gripper_size is not None and int(gripper_size) < 8):
@@ -278,8 +259,7 @@ class DeskEnv:
                                p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=rgba, physicsClientId=c))
                               for half, rgba in BLOCKS.values()]
         self.blocks = []
-        # Desk motors: door / drawer / switch hold still with a velocity motor (force 4 = friction),
-        # the button springs back with a position motor (force 4).
+        # Door / drawer / switch hold still (velocity motor, force 4 = friction); the button springs back (position).
         for j in (DOOR, DRAWER, SWITCH):
             p.setJointMotorControl2(self.desk, j, p.VELOCITY_CONTROL, targetVelocity=0, force=4, physicsClientId=c)
         p.setJointMotorControl2(self.desk, BUTTON, p.POSITION_CONTROL, targetPosition=0, force=4, physicsClientId=c)
@@ -346,8 +326,7 @@ class DeskEnv:
             p.resetJointState(self.robot, j, np.clip(robot_obs[6] / 2, 0, FINGER_OPEN), 0.0, physicsClientId=c)
         for j, q in zip((DOOR, DRAWER, BUTTON, SWITCH), scene_obs[0:4]):
             p.resetJointState(self.desk, j, q, 0.0, physicsClientId=c)
-        # Blocks are re-created on every reset: this also drops the solver's cached contacts (warm
-        # starting), so that a reset to a given state is followed by the same trajectory whatever came before.
+        # Re-creating the blocks drops the solver's cached contacts: one state, one trajectory, whatever came before.
         for uid in self.blocks:
             p.removeBody(uid, physicsClientId=c)
         self.blocks = []
@@ -398,9 +377,8 @@ class DeskEnv:
         self._command_gripper(self._gripper_action)
         for _ in range(SUBSTEPS):
             p.stepSimulation(physicsClientId=c)
-        # Light logic once per control step: the LED toggles on the rising edge of the button passing
-        # LED_PRESS_THRESHOLD (1.6 of its 2 cm travel: a firm press); the bulb is on exactly while the switch
-        # is above 0.044.
+        # The LED toggles when the button passes LED_PRESS_THRESHOLD going down (1.6 of its 2 cm travel: a firm
+        # press); the bulb is on exactly while the switch is above BULB_SWITCH_THRESHOLD.
         button, switch = [s[0] for s in p.getJointStates(self.desk, [BUTTON, SWITCH], physicsClientId=c)]
         led = (not self._led_on) if (self._button_prev <= LED_PRESS_THRESHOLD < button) else self._led_on
         self._button_prev = button
@@ -417,8 +395,7 @@ class DeskEnv:
         c, S, s = self.cid, self.image_size, self.gripper_size
         static = p.getCameraImage(S, S, self._view_static, self._proj_static, renderer=p.ER_TINY_RENDERER,
                                   flags=p.ER_NO_SEGMENTATION_MASK, shadow=0, physicsClientId=c)[2]
-        # Gripper camera: 0.1 m behind the TCP along the fingers (hand z axis), looking along them,
-        # image "up" along the hand's x axis.
+        # Gripper camera: 0.1 m behind the TCP along the fingers (hand z), looking along them, image up = hand x.
         R = np.array(p.getMatrixFromQuaternion(self._tcp_quat)).reshape(3, 3)
         eye = self._tcp_pos - GRIPPER_CAM['behind'] * R[:, 2]
         view = p.computeViewMatrix(eye, self._tcp_pos, R[:, 0])
@@ -447,8 +424,7 @@ class DeskEnv:
 
 
 def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
-    """A random scene_obs (24,): door/drawer uniform in their ranges, switch down or up, LED random,
-    blocks at random non-overlapping spots on the table / cabinet shelf. Pass a value to fix a part."""
+    """A random scene_obs (24,): door, drawer, switch (down / up), LED, blocks apart; pass a value to fix a part."""
     s = np.zeros(24)
     s[0] = rng.uniform(0, DOOR_MAX) if door is None else door
     s[1] = rng.uniform(0, DRAWER_MAX) if drawer is None else drawer
@@ -469,9 +445,7 @@ def random_scene(rng, door=None, drawer=None, switch_on=None, led_on=None):
 
 
 # ---------------------------------------------------------------- the 8 tasks (CALVIN's success tests)
-
 def task_success(task, start_info, info):
-    """Pure success test of one task between the info at the task's start and the current info."""
     return bool(task_success_batch(task, np.asarray(start_info['scene_obs']), np.asarray(info['scene_obs'])))
 
 
@@ -491,10 +465,9 @@ def task_success_batch(task, s0, s1):
 
 
 def task_progress(task, s0, s1) -> float:
-    """How far `task` has got from scene s0 (its start) to s1, as a fraction of what its success test needs
-    (1 = the test's threshold): the drawer / door displacement over 0.12 / 0.15 m, the switch's travel
-    towards BULB_SWITCH_THRESHOLD, the button's depth over LED_PRESS_THRESHOLD. Used by the operator's
-    aborted attempts (ScriptedSkill p_retry)."""
+    """Progress of `task` from scene s0 (its start) to s1 as a fraction of its success threshold: drawer / door
+    displacement over 0.12 / 0.15 m, switch travel towards BULB_SWITCH_THRESHOLD, button depth over
+    LED_PRESS_THRESHOLD. Used by the operator's aborted attempts (ScriptedSkill p_retry)."""
     s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
     sign = {'open_drawer': 1, 'close_drawer': -1, 'move_slider_left': 1, 'move_slider_right': -1,
             'turn_on_lightbulb': 1, 'turn_off_lightbulb': -1}
@@ -532,7 +505,7 @@ _KIN = {}
 
 
 def _kinematics():
-    """A private pybullet client holding only the Panda, for IK / FK of sampled start poses."""
+    """A private pybullet client holding only the Panda (IK / FK of start poses)."""
     _import_pybullet_quietly()
     if 'cid' not in _KIN or not p.isConnected(_KIN['cid']):
         cid = p.connect(p.DIRECT)
@@ -567,7 +540,7 @@ REST_BOX = np.array([0.08, 0.06, 0.05])      # random_robot_obs: TCP within +-RE
 
 
 def neutral_tcp() -> np.ndarray:
-    """TCP position (3,) of the neutral joint configuration Q_INIT (forward kinematics)."""
+    """TCP position (3,) of the neutral joints Q_INIT."""
     if 'neutral_tcp' not in _KIN:
         cid, robot = _kinematics()
         for j, q in zip(ARM, Q_INIT):
@@ -584,8 +557,7 @@ def near_rest(robot_obs, margin: float = 0.02) -> np.ndarray:
 
 
 def sample_task_start(task, rng):
-    """A random start state (robot_obs (15,), scene_obs (24,)) from which `task` is possible (with a margin):
-    robot near the neutral pose, the task's part at a random start value, all other parts random."""
+    """A random start (robot_obs (15,), scene_obs (24,)) from which `task` is possible (with a margin)."""
     kw = {'open_drawer': dict(drawer=rng.uniform(0, 0.06)), 'close_drawer': dict(drawer=rng.uniform(0.16, DRAWER_MAX)),
           'move_slider_left': dict(door=rng.uniform(0, 0.1)), 'move_slider_right': dict(door=rng.uniform(0.18, DOOR_MAX)),
           'turn_on_lightbulb': dict(switch_on=False), 'turn_off_lightbulb': dict(switch_on=True),
@@ -598,18 +570,14 @@ def sample_task_start(task, rng):
 
 
 # ---------------------------------------------------------------- scripted skills (play data and demos)
-
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes
-DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer); the play data's operator
-                           # may draw it per attempt from [DRAWER_GRASP_TOL, drawer_tol_max]
-DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes; the operator
-                           # may draw it per attempt from [DRAWER_PUSH_TOL, push_tol_max]
+DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer)
+DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
-# The switch sits at the edge of the (standard-finger) Panda's reach: tilting the hand by 0.3 rad
-# towards +y makes the whole switch travel reachable (CALVIN's Panda has longer fingers).
+# The switch is at the edge of our standard-finger Panda's reach (CALVIN's has longer fingers): tilt 0.3 rad towards +y.
 SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
 LEASH = 0.03     # metres the skill lets CALVIN's integrated TCP target lead the measured TCP (anti-windup)
 SKILLS = TASKS + ['reach', 'pause']
@@ -618,37 +586,25 @@ SKILLS = TASKS + ['reach', 'pause']
 class ScriptedSkill:
     """A waypoint controller that solves `task` with CALVIN relative actions only.
 
-    act(obs) -> action (7,) in [-1,1]; .done turns True after the last phase (or a phase timeout).
-    Plans are built from the first observation (part positions follow from scene_obs and the desk
-    geometry). Each phase moves the TCP towards a goal with a proportional law capped at `speed`
-    (action units per step), and ends at its goal, when its scene condition holds, or at a timeout.
-      speed     max |action| of the motion part (1 = 2 cm per step)
-      gain      proportional gain on the TCP error (0.5 = close half the error per step)
-      noise     std of Gaussian noise added to the 6 motion dims (play-data diversity)
+    act(obs) -> action (7,) in [-1,1]; .done turns True after the last phase (or a phase timeout). Plans are built
+    from the first observation (part positions follow from scene_obs and the desk geometry). Each phase moves the TCP
+    towards a goal with a P-law and ends at its goal, when its scene condition holds, or at a timeout.
+      speed, gain  max |action| of the motion (1 = 2 cm per step); P-gain on the TCP error (0.5 = half per step)
+      noise        std of Gaussian noise added to the 6 motion dims (play-data diversity)
       pause_steps / reach_target: parameters of the 'pause' and 'reach' skills (random if None)
-    A human operator is less regular than a waypoint script (CALVIN's play data is teleoperated), so that
-    cloning 50 demonstrations is not trivial (the paper's base policies succeed 36-63%, Table I):
-      noise_corr  AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
-      p_via, via_scale  with probability p_via a task first swings through a random via point (a detour
-                  of ~via_scale metres off the straight line towards its first waypoint)
-      p_hesitate  probability of a hesitation (3 to hesitate_max steps holding still) after each phase
-      p_miss      probability that the operator first misses (LED tasks: comes down onto the table 2.5-10 cm
-                  beside the button, where nothing happens) and then does the task: play data that shows the
-                  world model and the classifier what a miss looks like
-      drawer_tol_max  open_drawer: the hand closes on the knob once within a tolerance drawn per attempt from
-                  [DRAWER_GRASP_TOL, drawer_tol_max] (no draw when equal): an operator who does not always creep
-                  the last millimetres before closing
-      push_tol_max  close_drawer: the hand starts pushing once within a tolerance drawn per attempt from
-                  [DRAWER_PUSH_TOL, push_tol_max] of the point in front of the knob (no draw when equal): a push needs
-                  no grasp, and always creeping to 6 mm with a drifting hand made the operator slower than an
-                  evaluation episode
-      p_retry     probability that the operator abandons the task's main motion part-way (when task_progress
-                  reaches a random share RETRY_AT of the success threshold: a drawer pulled a few cm, a button
-                  pressed but not far enough to switch the LED), lets go, lifts the hand and starts over from
-                  the new state: play data that shows what an unfinished attempt looks like
+    A human operator is less regular than a script (CALVIN's play data is teleoperated), so that cloning 50 demos is
+    not trivial (the paper's base policies succeed 36-63%, Table I):
+      noise_corr   AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
+      p_via, via_scale  P(a task first swings through a random via point ~via_scale m off the line to its waypoint)
+      p_hesitate   P(a hesitation of 3 to hesitate_max steps holding still after a phase)
+      p_miss       P(an LED press first misses, onto the table 2.5-10 cm beside the button): play data of a miss
+      drawer_tol_max / push_tol_max  open_drawer closes on the knob / close_drawer starts pushing once within a
+                   tolerance drawn per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] / [DRAWER_PUSH_TOL, push_tol_max]
+                   (no draw when equal): always creeping to 6 mm with a drifting hand is slower than an evaluation
+      p_retry      P(the operator abandons the main motion at a random share RETRY_AT of the success threshold, lets
+                   go, lifts the hand and starts over from the new state): play data of unfinished attempts
     (FINDINGS.md, "The play data's operator" and "The LED: does imagination know a press switched it?")
-    All of these default to 0: the scripted skills of eval.py / check_skills are the clean ones.
-    """
+    All of these default to 0: the scripted skills of eval.py / diagnose.check_skills are the clean ones."""
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
                  noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
@@ -666,8 +622,7 @@ class ScriptedSkill:
         self.drawer_tol_max, self.push_tol_max = float(drawer_tol_max), float(push_tol_max)
 
     def _detour(self, tcp, phases, P):
-        """Prepend a via point between the TCP and the first waypoint, pushed sideways at random. Its height
-        stays above the lower of the two and it never goes further back (+y, towards the cabinet) than they do."""
+        """Prepend a random via point between the TCP and the first waypoint, never below or behind (+y) both."""
         first = phases[0]['goal']
         if (self.p_via <= 0 or self.task not in TASKS or isinstance(first, str) or first is None
                 or self.rng.random() >= self.p_via):
@@ -724,15 +679,13 @@ class ScriptedSkill:
             press = [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
                      P(b + (0, 0, 0.08), -1, 0.02)]
             if self.retry_at is not None:   # p_retry: first a press too light to switch the LED, then the press
-                # The hand comes down 1.5 cm a step, too fast to stop a full press part-way: the light press aims
-                # at the button's top and lets go once the button is retry_at of the way to switching (the
-                # operator's drifting hand sometimes presses through: then the LED is switched and done).
+                # The hand comes down 1.5 cm a step, too fast to stop a full press part-way: the light press aims at
+                # the top and lets go at retry_at of the way to switching (a drifting hand may still switch the LED).
                 f, self.retry_at = self.retry_at, None
                 press = [P(b + (0, 0, 0.08), -1, 0.015),
                          P(b + (0, 0, 0.003), -1, 0.003, until=lambda x: x[2] > f * LED_PRESS_THRESHOLD, max_steps=10),
                          P(None, -1, wait=2), P(b + (0, 0, 0.06), -1, 0.02)] + press[1:]
             if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button
-                # anywhere MISS_DIST off the button's axis, down onto the table (the table stops the hand)
                 angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(*MISS_DIST)
                 m = b + dist * np.array([np.cos(angle), np.sin(angle), 0.0])
                 press = [P(m + (0, 0, 0.08), -1, 0.015), P(m + (0, 0, -0.06), -1, 0.004, max_steps=15),
@@ -795,11 +748,9 @@ class ScriptedSkill:
             self.phases = self.phases[:self.i + 1] + [P(None, wait=3), P('up'), P('replan')]
             self.retry_at, self.hold, self.t = None, r[:3].copy(), 0
             self.i += 1
-            # This step already stops pushing. The action is measured from the target estimate that this step's
-            # push has already advanced, so the controller's real target ends one push behind the hand (the hand
-            # eases off the part), and the estimate stays one push (<= 2 cm) ahead of it for the rest of the
-            # task: the anti-windup leash is that much off. Kept so that existing play data can be collected again
-            # exactly; to be corrected with the next change of the play data.
+            # This step already stops pushing. The action is measured from the estimate this step's push already
+            # advanced, so the real target ends one push behind the hand (it eases off the part) and the estimate
+            # stays one push (<= 2 cm) ahead, the leash that much off: kept, as fixing it would change the play data.
             a[:3] = np.clip((r[:3] - self.target) / POS_SCALE, -1.0, 1.0)
             a[3:6] = 0.0
             self.target = self.target + POS_SCALE * a[:3]
@@ -820,12 +771,10 @@ class ScriptedSkill:
 
 
 # ---------------------------------------------------------------- the real CALVIN simulator (optional)
-
 class CalvinEnvAdapter:
-    """The real calvin_env (scene D) behind DeskEnv's interface (calvin_env's Hydra config, env.reset/step/get_info
-    and the task oracle's get_task_info / get_task_info_for_set). Untested here: calvin_env
-    is not on PyPI. Images come at CALVIN's resolution (200 / 84); data.preprocess_obs resizes them.
-    The gripper action is thresholded to exactly +-1 (CALVIN asserts it), success uses CALVIN's task oracle."""
+    """The real calvin_env (scene D; its Hydra config, env.reset/step/get_info and task oracle) behind DeskEnv's
+    interface. Untested here: calvin_env is not on PyPI. Images come at CALVIN's resolution (200 / 84);
+    data.preprocess_obs resizes them. The gripper action is thresholded to exactly +-1 (CALVIN asserts it)."""
 
     def __init__(self, scene='calvin_scene_D', seed=None):
         try:
@@ -847,8 +796,7 @@ class CalvinEnvAdapter:
 
     @classmethod
     def wrap(cls, calvin_env, task_oracle, seed=None):
-        """The adapter around an already built env and task oracle (e.g. a custom Hydra set-up, or a stand-in
-        with the interface of calvin_env and its task oracle in the tests)."""
+        """The adapter around an already built env and task oracle (a custom Hydra set-up, or the tests' stand-in)."""
         self = cls.__new__(cls)
         self.env, self.tasks, self.rng = calvin_env, task_oracle, np.random.default_rng(seed)
         return self
@@ -882,15 +830,12 @@ class CalvinEnvAdapter:
         return set(self.tasks.get_task_info(start_info, info))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Many desks at once: evaluation and the DPPO baseline step a batch of simulators, while the world
-# model and the policy run batched in the parent. Desks live in worker processes (one pybullet client
-# each); workers=0 keeps them in this process (tests, debugging).
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- many desks at once, for evaluation and DPPO:
+# in worker processes (one pybullet client each; workers=0: in this one), models run batched in the parent
 
 def _make_env(kind: str, seed: int, env_kwargs: dict):
     if kind == 'calvin':
-        return CalvinEnvAdapter(seed=seed)            # CALVIN renders at its own resolution (200 / 84)
+        return CalvinEnvAdapter(seed=seed)
     return DeskEnv(seed=seed, **env_kwargs)
 
 
@@ -915,11 +860,9 @@ def _vec_worker(conn, kind: str, n: int, seed: int, env_kwargs: dict) -> None:
 
 class VecDeskEnv:
     """`n` desks split over `workers` processes. Lists in, lists out, in env order.
-
         venv = VecDeskEnv(8, workers=2, image_size=64)         # kind='calvin': the real simulator
         obs = venv.reset(states)                 # states: list of (robot_obs (15,), scene_obs (24,))
-        obs = venv.step(actions, active)         # actions (n, 7); inactive desks are not stepped -> None
-    """
+        obs = venv.step(actions, active)         # actions (n, 7); inactive desks are not stepped -> None"""
 
     def __init__(self, n: int, workers: int = 2, seed: int = 0, kind: str = 'desk', **env_kwargs):
         self.n = n

@@ -26,6 +26,14 @@ import env
 import eval as E
 import train as TR
 
+# The report: the paper's evidence re-made on the built-in desk, from the files of a run folder alone.
+#   Table I    base vs DiWA, 8 tasks x seeds; simulator steps during fine-tuning; DPPO's steps to match
+#   Fig. 2     world-model / reward variants          Fig. 3   real success of the fine-tuning snapshots
+#   Fig. S.6   alpha_BC: imagined vs real success     Table S.6  the unimodal Gaussian policy
+#   Fig. S.7   world-model rollouts (diagnose.wm_report)
+# stage_report runs whatever is missing and calls write_report after each piece of work; --write-only only
+# rewrites results.md / results.csv / figures from what is there (seconds).
+
 # Variants: run folders <run>/variants/<name> that inherit every checkpoint they do not change (train.py --inherit).
 VARIANTS = {
     'alpha_bc_0': dict(overrides={'ft.alpha_bc': 0.0}, inherit=[], what='alpha_BC = 0 (no BC regulariser)'),
@@ -131,7 +139,7 @@ def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
 
 def diwa_beats_base(run: str, task: str, seeds) -> bool:
     """Whether DiWA's mean real success on `task` exceeds the base policy's (False until both are measured):
-    only then is there anything for DPPO to match (train.py --stage report, Table I)."""
+    only then is there anything for DPPO to match (stage_report, Table I)."""
     b, d = base_and_diwa(E.read_results(os.path.join(run, 'results.csv')), task, [str(s) for s in seeds])
     return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
@@ -524,7 +532,7 @@ def stage_report(args, device) -> str:
         TR.stage_wm(va, device)
         task_unit(va, args.report_task, first, reward=va.__dict__.get('ft.reward') != 'decoder')
     sa = TR.with_seed(args, first)
-    TR.stage_dppo(sa, device, args.report_task, first)
+    TR.stage_finetune(sa, device, args.report_task, first, simulator=True)
     TR.evaluate(sa, device, args.report_task, policies=['dppo'], snapshots=True)
     report()
     for seed in rest:
@@ -538,7 +546,7 @@ def stage_report(args, device) -> str:
             if not diwa_beats_base(args.run, task, args.seeds):
                 print(f'[report] DPPO on {task}: skipped, DiWA does not beat the base policy (nothing to match)')
                 continue
-            TR.stage_dppo(ca, device, task, first)
+            TR.stage_finetune(ca, device, task, first, simulator=True)
             TR.evaluate(ca, device, task, policies=['dppo'], snapshots=True)  # and its snapshots
             report()
     return os.path.join(args.report_dir, 'results.md')
@@ -572,7 +580,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to continue where it stopped', file=sys.stderr)
         return 130
-    except TR.user_errors() as e:
+    except TR.USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -1,30 +1,23 @@
 """Latent reward: a success classifier on world-model latents (DiWA §III.C, S.2.3, Eq. 13-14, Tab. S.4).
 
-The world model is trained on task-agnostic play and has no reward head. For each skill a classifier
-C_psi(z) is trained on latents of the expert demonstrations: annotated success frames are positives,
-distant / unsuccessful frames negatives (class-balanced batches). In imagination the reward of a step is
-the success probability of the next latent, R_psi(z_t, a_t) := C_psi(z_{t+1}) in [0, 1] (§III.C).
+The world model, trained on task-agnostic play, has no reward head. Per skill a classifier C_psi(z) is trained on
+latents of the expert demonstrations: success frames are positives, distant / unsuccessful frames negatives
+(class-balanced batches). The reward of an imagined step is the success *probability* R_psi(z_t, a_t) := C_psi(z_{t+1})
+in [0, 1] (§III.C); DiWA's released code thresholds it to 0/1, here only `precision_recall` does (evaluation).
 
     z (F) ─> f_psi: Linear 512, ReLU, Linear 512 ─> embedding e (512) ─> NT-Xent (Eq. 13)
                                                     └─> g_psi: Linear 512, ReLU, Linear 2 ─> logits ─> CE
     loss = NT-Xent + CE (Eq. 14)                reward = softmax(logits)[:, 1]
 
-With RewardConfig.imagined (cpu/test presets; not in the paper) every training frame is added again, as the
-world model imagines it open loop from its sequence's first frame (RewardConfig.imagined_samples times, each
-with its own sampled latents), with the recorded frame's label: the policy is only ever rewarded on such imagined
-latents (train.py reward_dataset; FINDINGS.md, "The reward classifier").
+Not in the paper: with RewardConfig.imagined (cpu/test presets) every training frame is added again as the world model
+imagines it open loop from its sequence's first frame (imagined_samples times, each with its own sampled latents),
+with the recorded label: the policy is only ever rewarded on such latents (FINDINGS.md, "The reward classifier").
+With start_conditioned (off in every preset) the classifier reads C_psi(z_t, z_t - z_0), z_0 the episode's first
+latent: the success tests are relative to the start.
 
-Neither class: the neg_margin demo frames (one action chunk) just before a window's first success, which look
-like success to a latent classifier, and with drop_relapses the post-success frames where the test no longer
-holds (episodes end at their first success, so such states are never judged). Play snippets add negatives
-(play_frac per demo success frame).
-
-With RewardConfig.start_conditioned (an option, off in every preset; not in the paper) the classifier reads
-C_psi(z_t, z_t - z_0), z_0 the latent its episode started from: the success tests are relative to the start.
-
-The paper defines the reward as the success *probability*; DiWA's released code thresholds it (argmax, a
-0/1 reward). We follow the paper: `success_prob` is the reward, `precision_recall` thresholds only for
-evaluation.
+Neither class: the neg_margin demo frames (one action chunk) just before a window's first success, which look like
+success to a latent classifier, and with drop_relapses the post-success frames where the test no longer holds
+(episodes end at their first success, so such states are never judged). Play snippets add negatives (play_frac).
 
 Glossary (paper symbol -> variable -> shape)
     z_t (WM latent)        feat      (B, F)
@@ -75,15 +68,11 @@ PRESETS = {
 
 
 def nt_xent(emb, labels, tau=0.5):
-    """Eq. 13, supervised-contrastive reading. emb (B,E), labels (B,) -> scalar.
-    For an anchor i and a positive j (another sample with the same label),
+    """Eq. 13, supervised-contrastive reading. emb (B,E), labels (B,) -> scalar. For an anchor i and a positive j,
         l(i, j) = -log exp(sim_ij / tau) / sum_{k != i} exp(sim_ik / tau),   sim = cosine similarity,
-    averaged over all ordered positive pairs in the batch. SimCLR's positives are two augmented views of
-    one image; here there are no augmentations, and Tab. S.4 says the positives are the success frames,
-    so every pair of same-label samples is a positive pair (as in SupCon, Khosla et al. 2020, L_out). With
-    class-balanced batches every anchor has the same number of positives, so averaging over pairs and
-    averaging over anchors coincide. The anchor itself is excluded from the denominator (the indicator
-    of Eq. 13)."""
+    averaged over all ordered positive pairs. SimCLR's positives are two augmented views of one image; with no
+    augmentations and Tab. S.4 naming success frames the positives, every same-label pair is positive (SupCon, Khosla
+    et al. 2020, L_out); balanced batches make pair and anchor averages coincide. Eq. 13's indicator: k != i."""
     assert emb.dim() == 2 and labels.shape == (emb.shape[0],) and emb.shape[0] >= 2, \
         f'nt_xent needs emb (B>=2, E) and labels (B,), got {tuple(emb.shape)} and {tuple(labels.shape)}'
     z = F.normalize(emb, dim=1)
@@ -124,8 +113,7 @@ class RewardClassifier(nn.Module):
 
     @torch.no_grad()
     def success_prob(self, feat, start=None):
-        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1] in [0, 1]. (B, F) -> (B,)
-        `start` (B, F), the episode's first latents, is read only by a start-conditioned classifier."""
+        """The reward of §III.C / S.2.3: C_psi(z) = softmax(g_psi(f_psi(z)))[:, 1]. (B, F) [, start (B, F)] -> (B,)"""
         return self(feat, start).softmax(dim=1)[:, 1]
 
 
@@ -139,8 +127,7 @@ def reward_loss(clf, feat, labels, start=None):
 
 
 def balanced_indices(labels, batch, generator=None):
-    """A class-balanced minibatch (Tab. S.4): batch//2 success rows and the rest non-success rows, each
-    drawn uniformly with replacement. labels (N,) -> (batch,) long."""
+    """Class-balanced minibatch (Tab. S.4): batch//2 success rows, the rest others, with replacement. -> (batch,)"""
     pos, neg = torch.nonzero(labels == 1)[:, 0], torch.nonzero(labels == 0)[:, 0]
     assert len(pos) and len(neg), f'need both classes, got {len(pos)} success and {len(neg)} other frames'
     half = batch // 2
@@ -179,9 +166,8 @@ def precision_recall(clf, feat, labels, threshold=0.5, chunk=4096, start=None):
 
 
 class DecodedStateReward(nn.Module):
-    """Fig. 2's third variant: no classifier; the hybrid world model decodes the scene state (door, drawer,
-    lights, ...) from the latent and the task's own success test (env.task_success_batch) is applied between
-    the episode's first latent and the current one. 'relative' tells dream_ppo to pass the start latent."""
+    """Fig. 2's third variant: no classifier; the task's success test (env.task_success_batch) between the scene states
+    that the hybrid world model decodes from the episode's first and current latents (dream_ppo passes the first)."""
     relative = True
 
     def __init__(self, wm, task: str):
@@ -196,23 +182,18 @@ class DecodedStateReward(nn.Module):
         return env.task_success_batch(self.task, self.wm.decode_scene(start_feat), self.wm.decode_scene(feat)).float()
 
 
-# ----------------------------------------------------------------------------------------------------
-# The classifier's data (Tab. S.4): demo frames labelled by the success test relative to the window start,
-# plus play frames where the task is still possible as 'distant/unsuccessful' negatives.
-# ----------------------------------------------------------------------------------------------------
+# ---- The classifier's data (Tab. S.4): labelled demo frames, play frames as 'distant/unsuccessful' negatives ---
 
 def play_negatives(wm, split: dict, task: str, device, n_seq: int, seed: int, imagined: int = 0,
                    relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents of play frames where the task is still possible, i.e. certainly not its success state, over
-    32-frame play snippets whose first 8 frames are context only. imagined=n adds the same frames n times more,
-    each imagined open loop from the snippet's first frame with its own sampled latents. relative=True
-    (RewardConfig.start_conditioned) takes instead every frame where the test fails relative to the snippet's
-    first frame. -> (feat (N, F), start (N, F)): each frame's latent and its snippet's first latent."""
+    """Latents of play frames where the task is still possible (not its success state) from 32-frame snippets, first
+    8 frames context only; imagined=n adds them n times more, imagined from the snippet's first frame; relative=True
+    instead takes every frame failing the test relative to it. -> (feat (N, F), start (N, F): the snippet's z_0)."""
     rng = np.random.default_rng(seed)
     starts = data.sample_sequences(split, n_seq, 32, rng)['rows'][:, 0]
     rows = starts[:, None] + np.arange(32)                                # (n_seq, 32)
     scene = split['scene_obs']
-    if relative:        # every frame where the test fails relative to the snippet's start
+    if relative:
         keep = ~np.array([[env.task_success(task, {'scene_obs': scene[r[0]]}, {'scene_obs': scene[t]}) for t in r[8:]]
                           for r in rows], bool)
     else:
@@ -230,12 +211,9 @@ def reward_dataset(wm, demos: dict, split: dict, task: str, device, post: int, s
                    margin: int = 0, play_frac: float = 0.125, drop_relapses: bool = False,
                    relative: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(feat (N, F), start (N, F), label (N,)): the frames of `demos` (diffusion_policy.demo_latents of `split`)
-    labelled by the success test relative to the window start, each with its window's first latent (z_0 of a
-    start-conditioned classifier), plus play_negatives. imagined=n (RewardConfig.imagined_samples) adds every
-    demo frame n times more as the world model imagines it along the recorded actions, with the recorded label.
-    margin: the demo frames just before a window's first success are left out (RewardConfig.neg_margin);
-    drop_relapses: so are post-success frames where the test no longer holds (RewardConfig.drop_relapses);
-    play_frac: play snippets drawn per demo success frame (RewardConfig.play_frac)."""
+    labelled by the success test relative to the window start, with its window's z_0, plus play_negatives.
+    imagined=n adds every demo frame n times more, imagined along the recorded actions, with the recorded label;
+    margin and drop_relapses leave frames out (module docstring); play_frac: play snippets per demo success."""
     success = demos['success']
     first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
     offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it

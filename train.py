@@ -1,30 +1,20 @@
 """DiWA end to end: the command line that runs every phase of Algorithm 1.
 
-    python train.py --stage collect            # play data on the built-in desk   (data.py,        §II)
-    python train.py --stage wm                 # world model on play frames        (world_model.py, §III.A)
-    python train.py --stage bc     --task T    # diffusion policy from 50 demos    (diffusion_policy.py, §III.B)
-    python train.py --stage reward --task T    # latent success classifier         (reward.py,      §III.C)
-    python train.py --stage finetune --task T  # DiWA: PPO in imagination, 0 simulator steps (dream_ppo.py, §III.D-E)
-    python train.py --stage dppo   --task T    # baseline: the same PPO in the simulator
-    python train.py --stage eval   --task T    # success in the simulator           (eval.py, §IV)
+    python train.py --stage collect|wm                 # play data (data.py, §II); world model (world_model.py, §III.A)
+    python train.py --stage bc|reward --task T         # policy (diffusion_policy.py, §III.B); reward (reward.py, §III.C)
+    python train.py --stage finetune|dppo --task T     # DiWA in imagination / DPPO in the simulator (dream_ppo.py)
+    python train.py --stage eval --task T              # success in the simulator (eval.py, §IV)
     python train.py --stage all --tasks all --seeds 0 1 2   # everything missing, skipping what is done
 
-Each stage's hyperparameters are the fields of the dataclass config in the file that owns the stage
-(defaults = the paper's appendix tables), shifted by a preset (`paper`, `cpu`, `test`) and then by any
-`--<prefix>.<field> value` flag, e.g. `--wm.steps 2000 --ft.alpha_bc 0.0`. The values in force are printed
-at start and stored in every checkpoint.
-
-Run folder (default runs/<preset>/):
-    data/{training,validation}/   wm.pt   <task>/bc_s<seed>.pt   <task>/reward.pt   <task>/diwa_s<seed>.pt ...
-Fine-tuning seed S (diwa_s<S>.pt, dppo_s<S>.pt) starts from BC seed S, the base policy of seed S's evaluation.
-Checkpoints are plain dicts {'stage','task','step','done','key','config','model','optim',...} (data.py writes
-them atomically and loads them with weights_only=True). 'key' hashes the stage's config and the keys of the
-checkpoints it was built from: `--stage all` re-runs a stage exactly when its key changed.
+Hyperparameters: the dataclass config of the file that owns the stage (defaults = the paper's appendix tables),
+shifted by a preset (`paper`, `cpu`, `test`), then by `--<prefix>.<field> value` flags (`--ft.alpha_bc 0.0`).
+Run folder (default runs/<preset>/): data/, wm.pt, <task>/{bc_s<seed>,reward,diwa_s<seed>,dppo_s<seed>}.pt.
+Checkpoints are plain dicts (data.save_checkpoint); their 'key' hashes the stage's config and the keys of the
+checkpoints it was built from: a stage re-runs exactly when its key changed, and resumes when it was killed.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import inspect
@@ -54,10 +44,7 @@ class StageError(RuntimeError):
     """A stage cannot go on (a NaN loss, a second writer, no data for a task). main() prints one line, exits 2."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Configs -> argparse flags. Each module's dataclass documents its fields with a trailing comment;
-# that comment becomes the flag's help text, so the paper's table citation shows up in --help.
-# ----------------------------------------------------------------------------------------------------
+# ---- Configs -> argparse flags: each dataclass field's trailing comment (its paper citation) is its --help text.
 
 CONFIGS = {'collect': (data.CollectConfig, data.PRESETS), 'wm': (W.WMConfig, W.PRESETS),
            'bc': (D.BCConfig, D.PRESETS), 'reward': (R.RewardConfig, R.PRESETS),
@@ -109,9 +96,7 @@ def print_config(stage: str, cfg) -> None:
     print(f'[{stage}] config: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items()))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Keys: a checkpoint is up to date when it was made with the same settings from the same inputs.
-# ----------------------------------------------------------------------------------------------------
+# ---- Keys: a checkpoint is up to date when it was made with the same settings from the same inputs.
 
 def config_key(config: dict, upstream: list) -> str:
     """Hash of a stage's settings and of the keys of the checkpoints it consumes (a Merkle chain)."""
@@ -149,43 +134,8 @@ def _seed_of(upstream: list) -> int | None:
     return next((int(u[5:]) for u in upstream if isinstance(u, str) and u.startswith('seed=')), None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The one training loop every learned stage shares: resume, periodic atomic checkpoints, NaN guard,
-# metrics.csv, progress bar. Stages differ only in what `step_fn` does (an update_* of their module).
-# ----------------------------------------------------------------------------------------------------
-
-class MetricsLog:
-    """<checkpoint>_metrics.csv: one row per logged step. On resume, rows newer than the checkpoint are dropped,
-    so a killed run leaves a consistent history; a fresh run leaves an older file alone until its first
-    checkpoint replaces both."""
-
-    def __init__(self, path: str, resume_step: int = 0):
-        self.path, self.rows = path, []
-        if resume_step > 0 and os.path.isfile(path):
-            with open(path, newline='') as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
-            self.flush()
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})
-
-    def flush(self) -> None:
-        keys = list(dict.fromkeys(k for r in self.rows for k in r)) or ['step']
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path + '.tmp', 'w', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(self.path + '.tmp', self.path)
-
-
-def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str) -> None:
-    """A NaN/inf loss stops the stage, naming the term; the last good checkpoint on disk is untouched."""
-    for k, v in metrics.items():
-        if isinstance(v, (float, int)) and not math.isfinite(v):
-            kept = f'last good checkpoint kept at {ckpt_path}' if os.path.isfile(ckpt_path) else 'no checkpoint written yet'
-            raise StageError(f"stage {stage}, step {step}: loss term '{k}' is {v}; stopped ({kept})")
-
+# ---- The training loop of every learned stage: resume, atomic checkpoints, NaN guard, metrics.csv, progress bar.
+# Stages differ only in what `step_fn` does (an update_* of their module).
 
 def finished(stage: str, task: str | None, path: str, config: dict, upstream: list, force: bool = False,
              inherited: list | None = None) -> dict | None:
@@ -225,12 +175,14 @@ def _resume_point(stage, task, path, config, upstream, force, extendable, n_step
 
 def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstream: list, objects: dict,
                step_fn, n_steps: int, ckpt_every: int, force: bool = False, rng: np.random.Generator | None = None,
-               extra: dict | None = None, log_every: int = 1, quiet: bool = False, snapshot_every: int = 0,
+               generator: torch.Generator | None = None, extra: dict | None = None, log_every: int = 1,
+               quiet: bool = False, snapshot_every: int = 0,
                inherited: list | None = None, extendable: tuple = (), upstream_names: dict | None = None) -> dict:
     """Run `step_fn(step) -> metrics` for steps [resume, n_steps) with checkpoints every `ckpt_every` steps.
 
     objects: {'model': nn.Module, 'optim': Optimizer, ...}: everything with state_dict()/load_state_dict() that
-    defines the run's state, saved under the same names. Returns the final checkpoint dict.
+    defines the run's state, saved under the same names; rng / generator: the stage's own random streams, saved
+    with torch's, so that a resumed run draws what an uninterrupted one would. Returns the final checkpoint dict.
     snapshot_every > 0 also keeps the model weights every that many steps in <path>_snapshots/step<N>.pt (Fig. 3).
     inherited: the same checkpoint in the runs this one inherits from (--inherit), used as it is when finished.
     extendable: config fields (e.g. 'steps') that may be raised on an existing checkpoint: training goes on from
@@ -253,16 +205,19 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
             torch.set_rng_state(ckpt['rng']['torch'])
             if rng is not None and 'numpy' in ckpt['rng']:
                 rng.bit_generator.state = ckpt['rng']['numpy']
+            if generator is not None and 'generator' in ckpt['rng']:
+                generator.set_state(ckpt['rng']['generator'])
             start, wall0 = ckpt['step'], float(ckpt.get('wall_s', 0.0))
             print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
-        log = MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
+        log = data.MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
         meta = {'stage': stage, 'task': task, 'key': key, 'config': config, 'extra': extra or {}}
         t0 = time.time()
 
         def save(step: int, metrics: dict, done: bool) -> dict:
             out = {**meta, 'step': step, 'done': done, 'wall_s': wall0 + time.time() - t0,
                    'upstream': list(upstream), 'metrics': metrics,
-                   'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng else {})},
+                   'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng else {}),
+                           **({'generator': generator.get_state()} if generator is not None else {})},
                    **{name: obj.state_dict() for name, obj in objects.items()}}
             data.save_checkpoint(out, path)
             log.flush()
@@ -273,7 +228,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                    total=n_steps, mininterval=2.0, dynamic_ncols=True, disable=quiet)
         for step in bar:
             metrics = step_fn(step)
-            check_finite(stage, step + 1, metrics, path)
+            data.check_finite(stage, step + 1, metrics, path, StageError)
             if (step + 1) % log_every == 0 or step + 1 == n_steps:
                 log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
             if 'loss' in metrics:
@@ -286,15 +241,12 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
         return save(max(start, n_steps), metrics, done=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The run folder. A variant run (--inherit PARENT ...) reads what it lacks from its parents:
-# `--run runs/cpu/alpha0 --inherit runs/cpu --ft.alpha_bc 0` fine-tunes the parent's policy with another
-# alpha_BC and writes only the new checkpoint (and results.csv) into runs/cpu/alpha0.
-# ----------------------------------------------------------------------------------------------------
+# ---- The run folder. A variant run reads what it lacks from its parents: `--run runs/cpu/alpha0 --inherit
+# runs/cpu --ft.alpha_bc 0` fine-tunes the parent's policy and writes only diwa_s0.pt (and results.csv) there.
 
 def find(args, *parts) -> str:
     """Path of a file of this run, or of the first parent run that has it."""
-    for root in [args.run] + list(getattr(args, 'inherit', None) or []):
+    for root in [args.run] + list(args.inherit or []):
         if os.path.exists(os.path.join(root, *parts)):
             return os.path.join(root, *parts)
     return os.path.join(args.run, *parts)
@@ -302,8 +254,7 @@ def find(args, *parts) -> str:
 
 def out_path(args, *parts) -> dict:
     """train_loop's path= and inherited= for a checkpoint this stage writes."""
-    return {'path': os.path.join(args.run, *parts),
-            'inherited': [os.path.join(root, *parts) for root in getattr(args, 'inherit', None) or []]}
+    return {'path': os.path.join(args.run, *parts), 'inherited': [os.path.join(r, *parts) for r in args.inherit or []]}
 
 
 def data_root(args) -> str:
@@ -315,19 +266,16 @@ def split_of(args, name: str, image_size: int) -> dict:
 
 
 def seed_tag(args) -> list:
-    """--seed's part of the key of stages whose file does not name the seed (wm.pt, reward.pt): train_loop refuses
-    to overwrite a checkpoint of another seed, so a second world-model seed needs its own --run (or --force)."""
+    """--seed in the key of wm.pt / reward.pt: train_loop refuses to overwrite a checkpoint of another seed."""
     return [f'seed={args.seed}']
 
 
 def bc_file(seed: int) -> str:
-    """<task>/<this>: the policy behaviour-cloned with --seed `seed`. Each seed clones its own (another 50 demos,
-    another initialisation): fine-tuning seed S starts from it and the base row of seed S evaluates it."""
+    """<task>/<this>: BC seed `seed` (its own 50 demos and weights), the start and the base of fine-tuning seed S."""
     return f'bc_s{seed}.pt'
 
 
-def with_seed(args, seed: int) -> argparse.Namespace:
-    """A copy of `args` with --seed `seed` (--seeds runs a stage once per seed)."""
+def with_seed(args, seed: int) -> argparse.Namespace:     # --seeds runs a stage once per seed
     return argparse.Namespace(**{**vars(args), 'seed': seed})
 
 
@@ -344,9 +292,7 @@ def load_bc_policy(args, task: str, seed: int, feat_dim: int, device):
     return D.load(path, task, feat_dim, device)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stages. Each one: build its config, load what it consumes (checked), run the shared loop.
-# ----------------------------------------------------------------------------------------------------
+# ---- Stages. Each one: build its config, load what it consumes (checked), run the shared loop.
 
 def stage_collect(args) -> None:
     """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
@@ -369,12 +315,9 @@ def _warm_start(args, wm) -> list:
             raise StageError(f'--wm-init {args.wm_init}: {e}') from None
         print(f"[wm] warm start from {args.wm_init} (step {src['step']}); new inputs start at zero in: {grown or 'none'}")
         return [f"init={src['key']}"]
-    where = out_path(args, 'wm.pt')
-    path = next((p for p in [where['path']] + where['inherited'] if os.path.isfile(p)), None)
-    if args.force or path is None:
-        return []
+    path = find(args, 'wm.pt')
     try:
-        upstream = data.load_checkpoint(path, 'wm').get('upstream', [])
+        upstream = [] if args.force or not os.path.isfile(path) else data.load_checkpoint(path, 'wm').get('upstream', [])
     except data.DataError:        # unreadable: train_loop says so (or --force replaces it)
         upstream = []
     return [u for u in upstream if str(u).startswith('init=')]
@@ -447,17 +390,7 @@ def stage_bc(args, device, task: str) -> dict:
                       config=dataclasses.asdict(cfg), upstream=[demos['key']] + seed_tag(args),
                       objects={'model': policy, 'optim': opt, 'sched': sched, 'ema': ema}, step_fn=step_fn,
                       n_steps=n_steps, ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
-                      extra={'cond_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
-
-
-def reward_data(args, wm, wm_ckpt, task: str, device, split_name: str, cfg) -> tuple:
-    """reward.reward_dataset for this run's demos of `split_name` with the classifier settings of `cfg`."""
-    split = split_of(args, split_name, wm.cfg.image_size)
-    demos = demo_latents(args, wm, wm_ckpt, task, device, split_name)
-    return R.reward_dataset(wm, demos, split, task, device, args.post_success_frames,
-                            seed=args.seed + (split_name != 'training'), imagined=cfg.imagined_samples if cfg.imagined
-                            else 0, margin=cfg.neg_margin, play_frac=cfg.play_frac, drop_relapses=cfg.drop_relapses,
-                            relative=cfg.start_conditioned)
+                      generator=gen, extra={'cond_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
 
 
 def stage_reward(args, device, task: str) -> dict:
@@ -471,7 +404,10 @@ def stage_reward(args, device, task: str) -> dict:
     done = finished('reward', task, config=dataclasses.asdict(cfg), upstream=upstream, force=args.force, **where)
     if done is not None:
         return done
-    b_feat, b_start, b_label = reward_data(args, wm, wm_ckpt, task, device, 'training', cfg)
+    b_feat, b_start, b_label = R.reward_dataset(
+        wm, demo_latents(args, wm, wm_ckpt, task, device), split_of(args, 'training', wm.cfg.image_size), task, device,
+        args.post_success_frames, seed=args.seed, imagined=cfg.imagined_samples if cfg.imagined else 0,
+        margin=cfg.neg_margin, play_frac=cfg.play_frac, drop_relapses=cfg.drop_relapses, relative=cfg.start_conditioned)
     pos, neg = torch.nonzero(b_label == 1)[:, 0], torch.nonzero(b_label == 0)[:, 0]
     if len(pos) == 0 or len(neg) == 0:
         raise StageError(f'reward/{task}: {len(pos)} positive and {len(neg)} negative frames; need both')
@@ -490,7 +426,7 @@ def stage_reward(args, device, task: str) -> dict:
 
     return train_loop(stage='reward', task=task, **where, config=dataclasses.asdict(cfg), upstream=upstream,
                       objects={'model': clf, 'optim': opt}, step_fn=step_fn, n_steps=n_steps,
-                      ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force,
+                      ckpt_every=args.ckpt_every or max(1, n_steps // 10), force=args.force, generator=gen,
                       extra={'feat_dim': wm.feat_dim}, log_every=max(1, n_steps // 500))
 
 
@@ -556,10 +492,6 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     return ckpt
 
 
-def stage_dppo(args, device, task: str, seed: int) -> dict:
-    return stage_finetune(args, device, task, seed, simulator=True)
-
-
 def evaluate(args, device, task: str, policies=None, snapshots: bool = False) -> list:
     """`--stage eval`: success in the simulator of the run's policies for one task and seed, each row of
     <run>/results.csv replaced only when its checkpoint changed (eval.py, §IV)."""
@@ -568,7 +500,7 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
     policy_pre, bc_ckpt = load_bc_policy(args, task, args.seed, wm.feat_dim, device)
     finetuned = {k: os.path.join(args.run, task, f'{k}_s{args.seed}.pt') for k in ('diwa', 'dppo')}
     candidates = E.candidates(bc_ckpt, policy_pre, task, finetuned, policies, snapshots)
-    known = [os.path.join(r, 'results.csv') for r in [args.run] + list(getattr(args, 'inherit', None) or [])]
+    known = [os.path.join(r, 'results.csv') for r in [args.run] + list(args.inherit or [])]
     return E.evaluate(candidates, policy_pre, task, args.seed, cfg, wm, device, known, args.preset, args.env)
 
 
@@ -587,9 +519,7 @@ def stage_all(args, device, tasks: list) -> None:
             evaluate(with_seed(args, seed), device, task)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# ---- Command line
 
 STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all']
 TASK_STAGES = ('bc', 'reward', 'finetune', 'dppo', 'eval')
@@ -605,9 +535,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else torch.device(name)
 
 
-def user_errors() -> tuple:
-    """Errors that are the user's to fix (a missing file, a bad dataset, a NaN loss): printed as one line."""
-    return StageError, data.DataError, OSError
+USER_ERRORS = (StageError, data.DataError, OSError)     # the user's to fix: printed as one line, exit code 2
 
 
 def make_parser(stage: bool = True) -> argparse.ArgumentParser:
@@ -616,22 +544,18 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if stage:
         p.add_argument('--stage', choices=STAGES, required=True, help='phase of Algorithm 1 to run')
-    p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu',
-                   help='paper = appendix tables (GPU); cpu = scaled for a laptop; test = seconds')
+    p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu', help='paper (GPU), cpu, test (seconds)')
     p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
-    p.add_argument('--inherit', nargs='+', default=[], metavar='RUN',
-                   help='parent run folder(s): checkpoints this run lacks are read from them, and stages whose '
-                        'settings match a finished parent checkpoint are skipped (variants and ablations)')
-    p.add_argument('--data', default=None, help='dataset root in CALVIN layout (default <run>/data; a real CALVIN '
-                                                'download works too)')
+    p.add_argument('--inherit', nargs='+', default=[], metavar='RUN', help='parent run folder(s): checkpoints this '
+                   'run lacks are read there; a finished parent checkpoint with the same settings is used as it is')
+    p.add_argument('--data', default=None, help='dataset root in CALVIN layout (default <run>/data; or real CALVIN)')
     p.add_argument('--tasks', '--task', dest='tasks', nargs='+', default=None,
                    help="task(s) for bc/reward/finetune/dppo/eval/all ('all' = the 8; --stage all: open_drawer)")
     p.add_argument('--seed', type=int, default=0, help='seeds Python, NumPy, torch and the simulator')
     p.add_argument('--seeds', type=int, nargs='+', default=None,
                    help='seeds for bc (one policy each), finetune, dppo, eval and all (default: --seed)')
     p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
-    p.add_argument('--threads', type=int, default=0,
-                   help='torch CPU threads (0 = torch default); 1 is faster when other jobs share the cores')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = torch default)')
     p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
     p.add_argument('--wm-init', default=None, metavar='WM_PT',
                    help='--stage wm: start from this trained world model (wm.pt) instead of random weights; inputs '
@@ -641,8 +565,7 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--snapshots', type=int, default=5, help='policy snapshots kept during fine-tuning (Fig. 3)')
     p.add_argument('--post-success-frames', type=int, default=16,
                    help='frames after a demo succeeds that still count as success examples for the classifier')
-    p.add_argument('--env', choices=['desk', 'calvin'], default='desk', help='simulator for eval: the built-in desk '
-                   'or the real calvin_env (installed separately)')
+    p.add_argument('--env', choices=['desk', 'calvin'], default='desk', help='eval: the built-in desk or calvin_env')
     p.add_argument('--policies', nargs='+', default=None, help='--stage eval: only these (base, diwa, dppo)')
     p.add_argument('--eval-snapshots', action='store_true', help="--stage eval: also the weights kept along "
                    "fine-tuning and DPPO ('diwa@<step>', 'dppo@<step>' in results.csv: Fig. 3, Fig. S.5)")
@@ -658,14 +581,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     bad = [t for t in args.tasks if t not in env.TASKS]
     if bad:
         p.error(f'--tasks: unknown task(s) {", ".join(bad)}; choose from {", ".join(env.TASKS)} or all')
-    for name in ('seed', 'ckpt_every', 'demos', 'post_success_frames', 'snapshots', 'threads'):
-        if getattr(args, name) < 0:
-            p.error(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
+    for key, value in vars(args).items():      # counts, sizes and rates are never negative
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            p.error(f'--{key if "." in key else key.replace("_", "-")} must be >= 0, got {value}')
     if args.demos == 0:
         p.error('--demos must be > 0')
-    for key, value in vars(args).items():      # config flags: sizes and rates are never negative
-        if '.' in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            p.error(f'--{key} must be >= 0, got {value}')
     K, K_ft = build_config('bc', args).K, build_config('ft', args).K_ft
     if K_ft > K:
         p.error(f"--ft.K_ft {K_ft} exceeds the number of denoising steps --bc.K {K} (need K' <= K)")
@@ -721,7 +641,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to continue from the last checkpoint', file=sys.stderr)
         return 130
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

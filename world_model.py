@@ -1,8 +1,7 @@
 """DiWA world model: a DreamerV2-style recurrent state-space model (RSSM) of the desk.
 
-Paper: §III.A (Eq. 2-3), appendix S.2.1 (Eq. 10-11, Table S.2), Fig. 2 (vision vs hybrid), Fig. S.7
-(open-loop rollouts). The model is trained once on play data, then frozen: the diffusion policy and the
-reward classifier read its features, and fine-tuning rolls its prior forward in imagination.
+Paper: §III.A (Eq. 2-3), S.2.1 (Eq. 10-11, Tab. S.2), Fig. 2 (vision vs hybrid), Fig. S.7 (open loop). Trained
+once on play data, then frozen: the policy and reward classifier read its features, fine-tuning imagines with it.
 
     x_t = (static image, gripper image, proprio [, scene])     frame t of a recorded sequence
     e_t = embed(x_t)                                            two CNNs -> linear fusion, proprio appended
@@ -20,9 +19,8 @@ Glossary (paper symbol -> variable -> shape, B batch, T time, S = stoch, C = cla
     (not in the paper) -> target         (B, 3)              with target_input: the controller's stored TCP target
     beta, delta, zeta  -> kl_scale, kl_balance, reset_prob   Tab. S.2
 
-A batch (data.to_torch) is a dict of 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in [-1,1], 'proprio' (B,T,18),
-'scene' (B,T,24) raw CALVIN scene_obs, 'actions' (B,T,7), 'is_first' (B,T), and 'target' (B,T,3) where the
-batch was recorded with absolute actions.
+A batch (data.to_torch): 'rgb_static', 'rgb_gripper' (B,T,3,64,64) in [-1,1], 'proprio' (B,T,18), 'scene' (B,T,24)
+raw scene_obs, 'actions' (B,T,7), 'is_first' (B,T), and 'target' (B,T,3) where recorded with absolute actions.
 """
 import math
 from dataclasses import dataclass
@@ -68,9 +66,8 @@ class WMConfig:
 
 PRESETS = {
     'paper': {},
-    # Same architecture, scaled down for a CPU (feature 256 + 16*16 = 512): ~80 min for 10k steps on 2 cores;
-    # proprio_scaled so that the small latent knows the gripper position to a centimetre (FINDINGS.md,
-    # "The imagination gap"); the paper preset keeps DreamerV2's unit variance.
+    # Same architecture scaled for a CPU (feature 256 + 16*16 = 512; ~80 min / 10k steps on 2 cores); proprio_scaled:
+    # the small latent must know the gripper position to a centimetre (FINDINGS.md, "The imagination gap").
     'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
                 batch=8, seq_len=32, steps=10000, proprio_scaled=True),
     'test': dict(cnn_depth=4, deter=32, stoch=4, classes=4, hidden=32, mlp_hidden=32,
@@ -84,33 +81,29 @@ _SCENE_OFFSET = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.0, 0.0, 0.5, 0.0
 _SCENE_SCALE = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.3, 0.3, 0.3, math.pi, math.pi, math.pi] * 3
 
 # proprio = [tcp xyz (m), rot6d, gripper width (m), 7 joints (rad), gripper action +-1] (data.robot_obs_to_proprio).
-# With proprio_scaled, the encoder sees (p - offset) / range, roughly [-1, 1] on the desk, and the decoder's
-# Gaussian has std _PROPRIO_STD instead of 1: with unit variance a 2 cm error of the gripper position costs
-# 0.0004 nats against ~150 for the images, so nothing asks the latent to know where the gripper is to the
-# centimetre a knob needs (FINDINGS.md, "The imagination gap").
+# With proprio_scaled the encoder sees (p - offset) / range (~[-1, 1]) and the decoder's std is _PROPRIO_STD, not 1:
+# at unit variance a 2 cm gripper error costs 0.0004 nats against ~150 for the images, so nothing asks the latent
+# to know the gripper position to the centimetre a knob needs (FINDINGS.md, "The imagination gap").
 _PROPRIO_OFFSET = [0.0, -0.13, 0.53] + [0.0, 1.0, 0.0, 1.0, 0.0, 0.0] + [0.04] + \
                   [0.03, -0.65, 1.02, 1.82, -1.98, -0.93, 1.77] + [0.0]
 _PROPRIO_RANGE = [0.3, 0.2, 0.15] + [0.2] * 6 + [0.04] + [1.0] * 7 + [1.0]
 _PROPRIO_STD = [0.01] * 3 + [0.02] * 6 + [0.005] + [0.1] * 7 + [0.2]   # [:3] is WMConfig.proprio_pos_std's default
 
-# CALVIN's relative controller (env.DeskEnv.step): the stored TCP target moves by POS_SCALE m per action
-# unit and is clipped to WORKSPACE; on reset it is the measured TCP. Same numbers as env.py (tested), kept here so
-# that the world model does not import the simulator. With target_input the GRU sees the target as
-# (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit, so that millimetres are not lost in the projection.
+# CALVIN's relative controller (env.DeskEnv.step): the stored TCP target moves POS_SCALE m per action unit, clipped
+# to WORKSPACE; on reset it is the measured TCP. Same numbers as env.py (tested), so no simulator import here.
+# target_input feeds the GRU (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit keeps the millimetres.
 POS_SCALE = 0.02
 WORKSPACE = ((-0.55, -0.65, 0.26), (0.55, 0.25, 0.80))
 _TARGET_OFFSET, _TARGET_SCALE = _PROPRIO_OFFSET[:3], 0.05
 
 
 def target_step(target, action):
-    """The controller's stored TCP target after one relative action: clip(target + POS_SCALE * a[:3]).
-    target (B,3) m, action (B,7) -> (B,3)."""
+    """Stored TCP target after one relative action: clip(target + POS_SCALE * a[:3]). (B,3) m, (B,7) -> (B,3)."""
     lo, hi = (torch.tensor(w, dtype=target.dtype, device=target.device) for w in WORKSPACE)
     return torch.minimum(torch.maximum(target + POS_SCALE * action[..., :3], lo), hi)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Categorical latents: straight-through samples and the balanced KL (pure functions)
+# ---- Categorical latents: straight-through samples and the balanced KL (pure functions) ------------
 
 def mix_uniform(logits, unimix):
     """Logits of (1 - unimix) * softmax(logits) + unimix / C (keeps every class's probability > 0)."""
@@ -121,11 +114,8 @@ def mix_uniform(logits, unimix):
 
 
 def straight_through_sample(logits, sample=True):
-    """One-hot sample of each categorical in logits (..., S, C), gradients to logits by straight-through.
-
-    Forward value: an exact one-hot (a Gumbel-max sample, or the argmax when sample=False).
-    Backward: d onehot / d logits := d softmax / d logits (Bengio et al. 2013; DreamerV2 §2).
-    """
+    """One-hot sample (Gumbel-max, or argmax if not sample) of each categorical in logits (..., S, C); backward:
+    d onehot / d logits := d softmax / d logits (straight-through, Bengio et al. 2013; DreamerV2 §2)."""
     probs = logits.softmax(-1)
     if sample:  # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits))
         u = torch.rand_like(logits).clamp_(1e-20, 1.0)
@@ -144,20 +134,15 @@ def kl_categorical(q_logits, p_logits):
 
 def kl_balance(post_logits, prior_logits, delta):
     """Eq. 11 as printed: delta * KL(q || sg(p)) + (1 - delta) * KL(sg(q) || p), shape (...).
-
-    The value is always KL(q || p); delta only splits the gradient: delta = 1 trains only the posterior q
-    (towards the prior), delta = 0 only the prior p (towards the posterior). NOTE: DreamerV2 (Hafner et
-    al. 2021) and the DiWA/LUMOS released code put the Tab. S.2 value 0.8 on the *prior* term, matching
-    the paper's prose ("accelerates the prior's convergence toward the richer posterior"); the printed
-    Eq. 11 puts delta on the posterior term. loss_wm() therefore calls kl_balance(q, p, 1 - cfg.kl_balance).
-    """
+    The value is always KL(q || p); delta only splits the gradient (1: only q learns, 0: only p). DreamerV2 and the
+    DiWA/LUMOS code put Tab. S.2's 0.8 on the *prior* term, as the paper's prose says ("accelerates the prior's
+    convergence toward the richer posterior"); printed Eq. 11 puts it on q, so loss_wm passes 1 - cfg.kl_balance."""
     post_term = kl_categorical(post_logits, prior_logits.detach())   # posterior regulariser
     prior_term = kl_categorical(post_logits.detach(), prior_logits)  # prior regulariser
     return delta * post_term + (1 - delta) * prior_term
 
 
-# ----------------------------------------------------------------------------------------------------
-# Networks
+# ---- Networks --------------------------------------------------------------------------------------
 
 class CameraEncoder(nn.Module):
     """64x64 RGB -> 32*depth features: 4 convs (kernel 4, stride 2, ELU), 64 -> 31 -> 14 -> 6 -> 2."""
@@ -194,7 +179,6 @@ class CameraDecoder(nn.Module):
 
 
 def mlp(in_dim, hidden, out_dim, layers):
-    """ELU MLP with `layers` hidden layers."""
     mods, d = [], in_dim
     for _ in range(layers):
         mods += [nn.Linear(d, hidden), nn.ELU()]
@@ -219,8 +203,7 @@ class WorldModel(nn.Module):
         if cfg.hybrid:  # Fig. 2 hybrid: the scaled scene state is encoded by an MLP and appended too
             self.enc_scene = mlp(cfg.scene_dim, cfg.mlp_hidden, cfg.mlp_hidden, 1)
             self.embed_dim += cfg.mlp_hidden
-        # RSSM. Linear layers on concatenated inputs are split into a sum of per-input linears, so that the
-        # action and observation parts can be computed for the whole sequence before the time loop.
+        # RSSM. Linears on concatenated inputs are split per input: action/observation parts run before the time loop.
         self.img_z = nn.Linear(S * C, H)                         # (z_{t-1}, a_{t-1}) -> GRU input
         self.img_a = nn.Linear(cfg.action_dim + (3 if cfg.target_input else 0), H, bias=False)
         self.img_norm = nn.LayerNorm(H)
@@ -321,10 +304,8 @@ class WorldModel(nn.Module):
         return {'h': h, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits, **out}
 
     def obs_step(self, state, prev_action, obs_t, sample=True):
-        """One filtering step for online use (eval, DPPO): obs_t dict of (B,...) tensors, optional
-        obs_t['is_first'] (B,) bool resets the state first. With target_input, a reset (or a state without
-        'target', as from initial) takes the measured TCP as the stored target, as the controller does on reset.
-        Returns (post_state, prior_state)."""
+        """One online filtering step (eval, DPPO) -> (post, prior); obs_t dict of (B,...), 'is_first' (B,) resets first.
+        With target_input a reset (or a state without 'target') takes the measured TCP as target, as the controller."""
         B = prev_action.shape[0]
         reset = obs_t['is_first'].bool() if 'is_first' in obs_t else \
             torch.zeros(B, dtype=torch.bool, device=prev_action.device)
@@ -380,8 +361,7 @@ class WorldModel(nn.Module):
         return self.feature(post)
 
     def decode(self, feat):
-        """feat (..., feat_dim) -> dict 'rgb_static','rgb_gripper' (...,3,64,64), 'proprio' (...,18)
-        [, 'scene' (...,24) raw units when hybrid]: the means of p(x_t | s^_t)."""
+        """Means of p(x_t | s^_t): (..., F) -> 'rgb_*' (...,3,64,64), 'proprio' (...,18) [, raw 'scene' (...,24)]."""
         lead, flat = feat.shape[:-1], feat.reshape(-1, self.feat_dim)
         out = {'rgb_static': self.dec_static(flat), 'rgb_gripper': self.dec_gripper(flat),
                'proprio': self.dec_proprio(flat) * self.proprio_range + self.proprio_offset}
@@ -396,13 +376,11 @@ class WorldModel(nn.Module):
         return self.unscale_scene(self.dec_scene(feat))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loss (Eq. 10), optimiser and one training step
+# ---- Loss (Eq. 10), optimiser and one training step ------------------------------------------------
 
 def loss_wm(wm, batch, sample=True):
-    """Negative ELBO (Eq. 10) of a batch: unit-variance Gaussian NLL of every decoded modality (summed over
-    its dims, up to a constant) + beta * balanced KL (Eq. 11); all averaged over (B,T).
-    Returns (loss, dict of scalar tensors)."""
+    """Negative ELBO (Eq. 10): Gaussian NLL of every decoded modality (summed over its dims, up to a constant)
+    + beta * balanced KL (Eq. 11), averaged over (B,T). -> (loss, dict of scalar tensors)."""
     cfg = wm.cfg
     post, prior = wm.observe(batch, sample=sample)
     dec = wm.decode(wm.feature(post))
@@ -412,7 +390,6 @@ def loss_wm(wm, batch, sample=True):
     if cfg.hybrid:  # compared in the scaled space, where all dims are O(1)
         err = wm.scale_scene(dec['scene']) - wm.scale_scene(batch['scene'])
         m['scene'] = 0.5 * err.square().sum(-1).mean()
-    # Eq. 11 with the prior term weighted by cfg.kl_balance (see kl_balance's docstring)
     m['kl'] = kl_balance(post['logits'], prior['logits'], 1 - cfg.kl_balance).mean()
     loss = sum(v for k, v in m.items() if k != 'kl') + cfg.kl_scale * m['kl']  # Eq. 10
     m['loss'] = loss
@@ -426,8 +403,7 @@ def make_optimizer(wm, cfg):
 
 
 def update_wm(wm, opt, batch):
-    """One gradient step on a batch (data.to_torch); returns float metrics (loss, recon_static, recon_gripper,
-    proprio, kl, [scene], grad_norm)."""
+    """One gradient step on a batch (data.to_torch) -> float metrics (loss_wm's and grad_norm)."""
     wm.train()
     cfg = wm.cfg
     is_first = batch['is_first'].bool()
@@ -441,14 +417,12 @@ def update_wm(wm, opt, batch):
     return {k: float(v.detach()) for k, v in m.items()}  # the only sync point of the step
 
 
-# ----------------------------------------------------------------------------------------------------
-# Read-outs used by the evaluation
+# ---- Read-outs used by the evaluation --------------------------------------------------------------
 
 @torch.no_grad()
 def open_loop_features(wm, batch, context=2, horizon=50, sample=False):
-    """Filter the first `context` frames, then imagine `horizon` more with the recorded actions (the step to
-    frame t consumes actions[:, t-1]). -> features (B, context + horizon, F): [:context] posterior,
-    [context:] prior (open loop) predictions of batch frames context.."""
+    """Filter the first `context` frames, then imagine `horizon` more along the recorded actions (frame t consumes
+    actions[:, t-1]). -> (B, context + horizon, F): [:context] posterior, [context:] open-loop prior."""
     T = batch['actions'].shape[1]
     if not 1 <= context < T:
         raise ValueError(f'open_loop: need 1 <= context < T, got context={context}, T={T}')
@@ -464,16 +438,13 @@ def open_loop_features(wm, batch, context=2, horizon=50, sample=False):
 
 @torch.no_grad()
 def open_loop(wm, batch, context=2, horizon=50, sample=False):
-    """Fig. S.7: wm.decode of open_loop_features: frames [:context] are reconstructions, [context:] open-loop
-    predictions."""
+    """Fig. S.7: decoded open_loop_features ([:context] reconstructions, [context:] open-loop predictions)."""
     return wm.decode(open_loop_features(wm, batch, context, horizon, sample))
 
 
 def warm_start(wm, state_dict) -> list:
-    """Copy a trained world model's weights into `wm` (same sizes) to continue training with an added input:
-    a weight whose input grew (img_a with target_input) keeps its trained columns and gets zeros for the new
-    ones, so that the warm-started model starts out computing exactly what the trained one did.
-    -> names of the grown weights. Any other mismatch is an error naming it."""
+    """Copy trained weights into `wm` for training with an added input: a weight whose input grew (img_a, target_input)
+    gets zero columns, so `wm` starts out computing what the trained one did. -> grown names; other mismatches fail."""
     own, grown = wm.state_dict(), []
     missing = sorted(set(own) - set(state_dict))
     if missing or set(state_dict) - set(own):
@@ -494,9 +465,8 @@ def warm_start(wm, state_dict) -> list:
 
 
 def fit_linear_probe(feats, targets, ridge=1e-3):
-    """Ridge least squares targets ~ feats @ W + b. feats (N,F), targets (N,D) -> W (F,D), b (D,).
-    Used to read the articulated-part state (drawer, door, lights) out of the vision latents. The penalty is
-    ridge * N * |W|^2 (scale-free in N); features and targets are centred, so b is not penalised."""
+    """Ridge least squares targets ~ feats @ W + b, (N,F), (N,D) -> W (F,D), b (D,): reads drawer, door, lights out
+    of vision latents. Penalty ridge * N * |W|^2 (scale-free in N); data are centred, so b is not penalised."""
     if feats.ndim != 2 or targets.ndim != 2 or len(feats) != len(targets):
         raise ValueError(f'fit_linear_probe: want feats (N,F) and targets (N,D), got '
                          f'{tuple(feats.shape)} and {tuple(targets.shape)}')
@@ -522,9 +492,8 @@ def load(path, device='cpu'):
 
 @torch.no_grad()
 def featurize_rows(wm, split: dict, rows, device, chunk: int = 16, imagined: bool = False) -> torch.Tensor:
-    """Features (W, T, F) of the recorded frame sequences rows[w] (W, T) of a split, each from a fresh state:
-    posterior (filtered on every frame), or with imagined=True prior (frame rows[w, 0] filtered, the rest
-    imagined open loop along the recorded actions with sampled latents, as in the Dream Diffusion MDP)."""
+    """Features (W, T, F) of the frame sequences rows (W, T) of a split, each from a fresh state: posterior, or with
+    imagined=True the prior (rows[w, 0] filtered, the rest imagined with sampled latents, as in the Dream MDP)."""
     feats = []
     for i in range(0, len(rows), chunk):
         r = rows[i:i + chunk]

@@ -1,5 +1,5 @@
 """Shared by every test file: the project root on sys.path (the core files are flat modules, not a package), the
-command-line helpers, and one test-preset run folder per stage, built once per session: a stage that fails
+command-line helpers, and one test-preset run folder per stage, built once per test run: a stage that fails
 fails its own tests (and those of the stages after it), not the earlier stages'."""
 import csv
 import os
@@ -30,7 +30,7 @@ def read_csv(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='package')
 def data_dir(tmp_path_factory):
     """`--stage collect` on the test preset: a run folder holding play data only."""
     d = str(tmp_path_factory.mktemp('run'))
@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='package')
 def run_dir(data_dir):
     """The same folder after `--stage all` for TASK: world model, BC, classifier, DiWA and their evaluation."""
     run('--stage', 'all', '--preset', 'test', '--run', data_dir, '--tasks', TASK)

@@ -14,7 +14,7 @@ mutant is reported, as it means the reason is wrong).
     python tests/mutate.py --only 3 7        # run some
     python tests/mutate.py --all-tests       # every mutant against every unit test file (slower)
 
-Snippets are code, never comments (other people edit the comments). Exit status: 0 when every mutant is killed or
+Snippets are code, never comments (comments are reworded more often than code). Exit status: 0 when every mutant is killed or
 marked equivalent, 1 when a mutant survives unexplained, 2 on a snippet that is not found exactly once.
 """
 from __future__ import annotations
@@ -224,7 +224,7 @@ PIPELINE_FIXTURES = ('(run_dir', '(data_dir', ' run_dir,', ' data_dir,')
 
 
 def unit_test_files() -> list:
-    """tests/test_*.py except tests/test_cli*.py and files whose tests use the session's pipeline run folder
+    """tests/test_*.py except tests/test_cli*.py and files whose tests use conftest's pipeline run folder
     (conftest's run_dir / data_dir: the whole train.py pipeline, minutes per mutant)."""
     out = []
     for p in sorted(glob.glob(os.path.join(ROOT, 'tests', 'test_*.py'))):

@@ -1,15 +1,12 @@
 """CLI of the first stages on the `test` preset: invalid flags fail at parse time; the shared training loop's NaN guard,
 writer lock, seeds, extension and resume; a SIGKILLed world model resumes; the same seed gives the same metrics."""
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,16 +1,11 @@
 """`train.py --stage eval` on the `test` preset: the snapshots kept along fine-tuning, and resume after SIGKILL."""
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-import torch
 
 from conftest import ROOT, TASK, read_csv, run
 

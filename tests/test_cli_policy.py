@@ -1,9 +1,7 @@
 """CLI of the policy stages on the `test` preset (bc, reward, finetune, dppo, all): outputs, re-runs that skip or
 say why they re-run, one BC policy per seed, one-line errors for bad checkpoints, the classifier's data, resume
 after SIGKILL."""
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -263,7 +261,9 @@ def test_reward_data_drops_post_success_relapses_only(run_dir, monkeypatch):
 ])
 def test_sigkill_any_learned_stage_resumes(run_dir, tmp_path, stage, flags, n_steps):
     """SIGKILL in the middle of bc / reward / finetune / dppo (after a few checkpoints), then the same command:
-    it resumes from the last checkpoint, finishes, and leaves no temp file or duplicated metrics row."""
+    it resumes from the last checkpoint, finishes, and leaves no temp file or duplicated metrics row. For bc,
+    reward and finetune the result equals an uninterrupted run's, weight for weight and metric for metric (DPPO's
+    simulators restart from new episodes on a resume, so its continuation differs)."""
     d = str(tmp_path / stage)
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns('diwa_s*', 'dppo_s*', 'results.csv'))
     name = {'bc': 'bc_s0', 'reward': 'reward', 'finetune': 'diwa_s0', 'dppo': 'dppo_s0'}[stage]
@@ -287,6 +287,17 @@ def test_sigkill_any_learned_stage_resumes(run_dir, tmp_path, stage, flags, n_st
     assert f"resuming from step {killed['step']}" in out.stdout
     final = torch.load(ckpt, weights_only=True)
     assert final['done'] and (n_steps is None or final['step'] == n_steps)
-    steps = [int(r['step']) for r in read_csv(os.path.join(d, TASK, f'{name}_metrics.csv'))]
+    metrics = read_csv(os.path.join(d, TASK, f'{name}_metrics.csv'))
+    steps = [int(r['step']) for r in metrics]
     assert steps == sorted(set(steps)) and steps[-1] == final['step']
     assert not [f for _, _, fs in os.walk(d) for f in fs if '.tmp' in f]
+    if stage == 'dppo':
+        return
+    u = str(tmp_path / f'{stage}_uninterrupted')
+    shutil.copytree(run_dir, u, ignore=shutil.ignore_patterns('diwa_s*', 'dppo_s*', 'results.csv', f'{name}.pt',
+                                                              f'{name}_metrics.csv'))
+    run(*[u if a == d else a for a in args])
+    whole = torch.load(os.path.join(u, TASK, f'{name}.pt'), weights_only=True)
+    assert whole['step'] == final['step'] and all(torch.equal(whole['model'][k], final['model'][k]) for k in final['model'])
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
+    assert drop_time(read_csv(os.path.join(u, TASK, f'{name}_metrics.csv'))) == drop_time(metrics)

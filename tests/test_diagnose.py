@@ -2,19 +2,13 @@
 the scripted skills through the evaluation loop and the skills table."""
 import json
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import diagnose as E
-from conftest import ROOT, TASK, read_csv, run
+from conftest import TASK, read_csv, run
 
 
 def test_eval_reports_and_scripted_loop(run_dir):

@@ -396,7 +396,7 @@ def test_task_success_batch_matches_task_success():
 
 
 class _StandInCalvin:
-    """The interface of the real calvin_env (REFERENCE §5): CALVIN-resolution images, depth keys, a step that
+    """The interface of the real calvin_env: CALVIN-resolution images, depth keys, a step that
     insists on a gripper action of exactly +-1, and info dicts for the task oracle."""
 
     def __init__(self):

@@ -32,7 +32,7 @@ def test_success_is_relative_to_the_start_and_strict():
     assert env.task_success('open_drawer', info(drawer=0.05), info(drawer=0.18))
     # ... and a drawer that was open and stayed open is no close_drawer success
     assert not env.task_success('close_drawer', info(drawer=0.05), info(drawer=0.0))
-    # REFERENCE §2 thresholds are strict: exactly 0.12 / 0.15 of travel is not yet a success
+    # CALVIN's task thresholds are strict: exactly 0.12 / 0.15 of travel is not yet a success
     assert not env.task_success('open_drawer', info(drawer=0.0), info(drawer=0.12))
     assert not env.task_success('close_drawer', info(drawer=0.12), info(drawer=0.0))
     assert not env.task_success('move_slider_left', info(door=0.0), info(door=0.15))

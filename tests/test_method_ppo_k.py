@@ -2,7 +2,7 @@
 
 These tests fail on plausible *wrong versions* of the method, not only on crashes: the denoising step index k
 of every flattened sample (reversed / shifted by one), the pairing of (x^k, x^{k-1}) for PPO and for the BC
-targets drawn from the frozen policy, the order of the per-step clip epsilons (paper / REFERENCE §4: 0.001 at
+targets drawn from the frozen policy, the order of the per-step clip epsilons (DPPO's schedule: 0.001 at
 the noisiest fine-tuned step, 0.01 at k=1), the gamma_denoise^k factor (Eq. 8: power k, not k-1), the
 clipped surrogate with negative advantages, and the direction of the BC regulariser (Eq. 16) on the diffusion
 policy. The expectations are written independently of the code's formulas: chains whose entries *name* their
@@ -192,7 +192,7 @@ def test_update_old_logprobs_equal_the_policys_own_chain_logprob(monkeypatch):
 
 
 def test_clip_epsilon_per_k_follows_the_paper_schedule(monkeypatch):
-    """REFERENCE §4 / DPPO: eps = 0.001 at the noisiest fine-tuned step (k = K_ft), 0.01 at the last (k = 1),
+    """DPPO's schedule: eps = 0.001 at the noisiest fine-tuned step (k = K_ft), 0.01 at the last (k = 1),
     exponential (rate 3) in between: a reversed schedule gives k = 1 the smallest clip."""
     cfg = replace(TEST, K_ft=K_FT, update_epochs=1, batch_size=5, clip_min=0.001, clip_max=0.01, clip_rate=3.0)
     _, ppo_calls = spy_update(monkeypatch, hand_buffer(), cfg)

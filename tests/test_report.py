@@ -1,16 +1,10 @@
 """report.py: the whole report on top of a finished test run (variants, DPPO, figures, an idempotent re-run), and
 its tables from hand-written results rows."""
-import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
-import numpy as np
-import pytest
 import torch
 
 import diagnose
