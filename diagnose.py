@@ -592,33 +592,33 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(E.EvalConfig(), **E.PRESETS[args.preset])
     cfg.episodes = args.episodes or cfg.episodes
     cfg.workers = cfg.workers if args.workers is None else args.workers
-    try:
-        if args.report == 'wm':
-            wm_report(args, device)
-        elif args.report == 'press':
-            press_report(args, device)
-        elif args.report == 'skills':
-            style = operator_skill_style(p, args.set) if args.operator or args.set else {}
-            check_skills(args.episodes or 100, seed=args.seed, tasks=tasks, **style)
-        elif args.report == 'render':
-            render_examples(args.path, image_size=args.size, gripper_size=args.size, seed=args.seed)
-        elif args.report == 'dataset':
-            dataset_summary(args.path, args.size)
-        for task in tasks if args.report in ('reward', 'gap', 'scripted') else []:
-            if args.report == 'reward':
-                reward_report(args, device, task)
-            elif args.report == 'gap':
-                for name in args.policy:
-                    imagination_gap(args, device, task, cfg, name)
-            else:
-                t0 = time.time()
-                out = E.run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
-                                     E.task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
-                E.summarize(task, 'scripted', args.seed, out, t0)
-    except TR.USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return TR.guarded(run_report, args, p, tasks, cfg, device)
+
+
+def run_report(args, p, tasks: list, cfg, device) -> None:
+    """The diagnostic `args.report` (see the module docstring), once or for each task."""
+    if args.report == 'wm':
+        wm_report(args, device)
+    elif args.report == 'press':
+        press_report(args, device)
+    elif args.report == 'skills':
+        style = operator_skill_style(p, args.set) if args.operator or args.set else {}
+        check_skills(args.episodes or 100, seed=args.seed, tasks=tasks, **style)
+    elif args.report == 'render':
+        render_examples(args.path, image_size=args.size, gripper_size=args.size, seed=args.seed)
+    elif args.report == 'dataset':
+        dataset_summary(args.path, args.size)
+    for task in tasks if args.report in ('reward', 'gap', 'scripted') else []:
+        if args.report == 'reward':
+            reward_report(args, device, task)
+        elif args.report == 'gap':
+            for name in args.policy:
+                imagination_gap(args, device, task, cfg, name)
+        else:
+            t0 = time.time()
+            out = E.run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
+                                 E.task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
+            E.summarize(task, 'scripted', args.seed, out, t0)
 
 
 if __name__ == '__main__':

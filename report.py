@@ -575,15 +575,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     TR.seed_everything(args.seed)
-    try:
-        stage_report(args, TR.pick_device(args.device))
-    except KeyboardInterrupt:
-        print('interrupted: re-run the same command to continue where it stopped', file=sys.stderr)
-        return 130
-    except TR.USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return TR.guarded(stage_report, args, TR.pick_device(args.device))
 
 
 if __name__ == '__main__':

@@ -139,9 +139,8 @@ def _seed_of(upstream: list) -> int | None:
 
 def finished(stage: str, task: str | None, path: str, config: dict, upstream: list, force: bool = False,
              inherited: list | None = None) -> dict | None:
-    """The checkpoint that train_loop would skip to, or None: `path` finished with the same key, or, while `path`
-    does not exist, such a checkpoint in a run it inherits from. Stages ask before their set-up (datasets, start
-    pools, simulator processes), so that re-running finished work takes seconds."""
+    """The checkpoint that train_loop would skip to (`path`, else an inherited one, finished with the same key), or
+    None. Stages ask before their set-up (datasets, simulators), so that re-running finished work takes seconds."""
     if force:
         return None
     key = config_key(config, upstream)
@@ -184,9 +183,8 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     defines the run's state, saved under the same names; rng / generator: the stage's own random streams, saved
     with torch's, so that a resumed run draws what an uninterrupted one would. Returns the final checkpoint dict.
     snapshot_every > 0 also keeps the model weights every that many steps in <path>_snapshots/step<N>.pt (Fig. 3).
-    inherited: the same checkpoint in the runs this one inherits from (--inherit), used as it is when finished.
-    extendable: config fields (e.g. 'steps') that may be raised on an existing checkpoint: training goes on from
-    it (for stages with a constant learning rate, so that 5000 + 5000 steps equal 10000 steps).
+    inherited: the same checkpoint in parent runs (--inherit). extendable: fields (e.g. 'steps') that may be raised
+    on a checkpoint to go on from it (constant learning rate: 5000 + 5000 steps equal 10000 steps).
     upstream_names: {upstream key: what it is} for the message when a changed input makes `path` start over."""
     key = config_key(config, upstream)
     done = finished(stage, task, path, config, upstream, force, inherited)
@@ -298,15 +296,13 @@ def stage_collect(args) -> None:
     """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
     cfg = build_config('collect', args)
     if args.data:
-        raise StageError(f'--data {args.data}: collect writes into the run folder; drop --data to collect, '
-                         'or skip collect when you bring your own (e.g. real CALVIN) dataset')
+        raise StageError(f'--data {args.data}: collect writes into the run folder; drop --data, or skip collect')
     print_config('collect', cfg)
     data.collect(cfg, data_root(args))
 
 
 def _warm_start(args, wm) -> list:
-    """The 'init=<key>' upstream entry of a world model warm-started with --wm-init (kept by later commands that do
-    not name it again, read from the run's wm.pt), loading the weights when --wm-init is given."""
+    """Loads --wm-init's weights; -> its 'init=<key>' upstream entry, kept by later commands that do not name it."""
     if args.wm_init:
         src = data.load_checkpoint(args.wm_init, 'wm')
         try:
@@ -432,8 +428,7 @@ def stage_reward(args, device, task: str) -> dict:
 
 def fine_tuning_step(args, wm, policy_pre, actor, critic, clf, opts, scaler, counters, gen, task, cfg, seed,
                      device, simulator: bool):
-    """(iteration -> metrics, close): DiWA's iteration in imagination (dream_ppo.iteration), or with simulator=True
-    DPPO's in the built-in desk (dream_ppo.dppo_iteration), with its simulator processes."""
+    """(iteration -> metrics, close): DiWA's in imagination, or with simulator=True DPPO's in the built-in desk."""
     if simulator:
         rng = np.random.default_rng(seed)
         sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
@@ -493,8 +488,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
 
 
 def evaluate(args, device, task: str, policies=None, snapshots: bool = False) -> list:
-    """`--stage eval`: success in the simulator of the run's policies for one task and seed, each row of
-    <run>/results.csv replaced only when its checkpoint changed (eval.py, §IV)."""
+    """`--stage eval`: success in the simulator of the run's policies for one task and seed (eval.py, §IV)."""
     cfg = build_config('eval', args)
     wm, _ = load_world_model(args, device)
     policy_pre, bc_ckpt = load_bc_policy(args, task, args.seed, wm.feat_dim, device)
@@ -602,7 +596,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     return args
 
 
-def run_stage(args, device) -> None:
+def run_stage(args, device) -> None:       # --seeds: the bc / finetune / dppo / eval stages once per seed
     if args.stage == 'collect':
         stage_collect(args)
     elif args.stage == 'wm':
@@ -614,13 +608,12 @@ def run_stage(args, device) -> None:
             stage_reward(args, device, task)
             continue
         for seed in args.seeds:
-            seed_args = with_seed(args, seed)
             if args.stage == 'bc':
-                stage_bc(seed_args, device, task)
+                stage_bc(with_seed(args, seed), device, task)
             elif args.stage in ('finetune', 'dppo'):
-                stage_finetune(seed_args, device, task, seed, simulator=args.stage == 'dppo')
+                stage_finetune(with_seed(args, seed), device, task, seed, simulator=args.stage == 'dppo')
             else:
-                evaluate(seed_args, device, task, args.policies, args.eval_snapshots)
+                evaluate(with_seed(args, seed), device, task, args.policies, args.eval_snapshots)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -631,13 +624,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return check_args(p, args)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+def guarded(fn, *args) -> int:
+    """fn(*args) as a command's exit status: 0 done, 130 on Ctrl-C (the same command resumes), 2 with one line
+    for the user's errors (a missing file, a bad dataset, a NaN loss)."""
     try:
-        run_stage(args, pick_device(args.device))
+        fn(*args)
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to continue from the last checkpoint', file=sys.stderr)
         return 130
@@ -645,6 +636,14 @@ def main(argv=None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    return guarded(run_stage, args, pick_device(args.device))
 
 
 if __name__ == '__main__':

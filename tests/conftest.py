@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -46,3 +47,13 @@ def run_dir(data_dir):
     """The same folder after `--stage all` for TASK: world model, BC, classifier, DiWA and their evaluation."""
     run('--stage', 'all', '--preset', 'test', '--run', data_dir, '--tasks', TASK)
     return data_dir
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules use it with pytestmark): on a shared 2-core machine OpenMP contention
+    makes the small models of the unit tests about 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

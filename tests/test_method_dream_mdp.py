@@ -25,12 +25,7 @@ CFG = replace(dp.FinetuneConfig(**dp.PRESETS['test']), n_envs=5, n_steps=4, max_
               success_threshold=THR, reward_binary=False, reward_over_chunk='max')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class StepCountWM(nn.Module):

@@ -15,12 +15,7 @@ import torch
 from world_model import PRESETS, WMConfig, WorldModel, loss_wm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def closed_form_grads(q_logits, p_logits):

@@ -22,12 +22,7 @@ F_DIM = 4          # feature size of the hand-made buffers
 K_FT = 3           # fine-tuned steps (the policy's test preset has K = 5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_policies(seed=0, perturb=0.0):

@@ -11,13 +11,7 @@ from world_model import (PRESETS, WMConfig, WorldModel, fit_linear_probe, kl_bal
                          loss_wm, make_optimizer, open_loop, straight_through_sample, update_wm)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine is a shared 2-core box: one thread avoids OpenMP contention (10x slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_wm(**over):
