@@ -11,11 +11,25 @@ Absolute times on shared machines are noisy: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import diffusion_policy as D
+import dream_ppo as P
+import env
+import reward as R
+import world_model as W
 
 
 def timeit(fn, min_time: float = 1.0, warmup: int = 1) -> float:
@@ -55,7 +69,6 @@ def peak_rss_gib() -> float:
 
 def count_flops(fn) -> int:
     """FLOPs of one call of fn(), counted by torch from the shapes of its matmuls and convolutions."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -67,7 +80,6 @@ CONFIG_CLASS = {'world_model': 'WMConfig', 'diffusion_policy': 'BCConfig', 'rewa
 
 def presets(module) -> dict:
     """{preset name: config} of a stage module (paper defaults shifted by each preset)."""
-    import dataclasses
     cls = getattr(module, CONFIG_CLASS[module.__name__])
     return {name: dataclasses.replace(cls(), **over) for name, over in module.PRESETS.items()}
 
@@ -76,10 +88,6 @@ def presets(module) -> dict:
 def bench_env(quick: bool) -> None:
     """Control steps/s of one desk in this process, with and without both 64x64 cameras, and the frames/s
     of a 2-worker play-data collection (writing CALVIN-layout files)."""
-    import tempfile
-    import numpy as np
-    import data
-    import env
     n = 150 if quick else 600
     for cameras in (True, False):
         desk = env.DeskEnv(image_size=64, cameras=cameras, seed=0)
@@ -95,7 +103,6 @@ def bench_env(quick: bool) -> None:
         desk.close()
         print(f'env: {"both 64x64 cameras" if cameras else "no cameras":>20s}: {n / dt:7.0f} control steps/s')
     cfg = presets(data)['cpu']
-    import dataclasses
     cfg = dataclasses.replace(cfg, episodes=2 if quick else 4, episode_len=300 if quick else 600, workers=2)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -118,7 +125,6 @@ def _wm_batch(cfg, device):
 
 def bench_wm_one(preset: str, device, quick: bool) -> dict:
     """World-model training frames/s (frames = batch x seq_len per step) at one preset."""
-    import world_model as W
     cfg = presets(W)[preset]
     wm = W.WorldModel(cfg).to(device)
     opt = W.make_optimizer(wm, cfg)
@@ -149,10 +155,6 @@ def bench_wm(device, quick: bool, limit: float) -> None:
 # ---------------------------------------------------------------------------------------------------- policy, dream, ppo
 def make_agent_models(preset: str, device):
     """World model, pre-trained policy, classifier and critic of a preset, with random weights (speed only)."""
-    import diffusion_policy as D
-    import dream_ppo as P
-    import reward as R
-    import world_model as W
     wm = W.WorldModel(presets(W)[preset]).to(device).requires_grad_(False)
     policy = D.make_policy(wm.feat_dim, presets(D)[preset]).to(device)
     clf = R.RewardClassifier(wm.feat_dim, presets(R)[preset]).to(device).requires_grad_(False)
@@ -173,8 +175,6 @@ def random_pool(wm, n: int, device) -> dict:
 
 def bench_bc(device, quick: bool, limit: float) -> None:
     """BC training samples/s (one sample = one (latent, chunk) pair, one random denoising step)."""
-    import diffusion_policy as D
-    import world_model as W
     for preset in ('cpu', 'paper'):
         cfg, feat_dim = presets(D)[preset], W.WorldModel(presets(W)[preset]).feat_dim
         policy = D.make_policy(feat_dim, cfg).to(device)
@@ -190,8 +190,6 @@ def bench_bc(device, quick: bool, limit: float) -> None:
 def bench_dream(device, quick: bool, limit: float) -> None:
     """Imagination (Alg. 1 l. 8-26): imagined world-model steps/s and policy decisions/s for N parallel
     episodes, each decision = K denoising steps + Ta world-model steps + Ta classifier calls."""
-    import dataclasses
-    import dream_ppo as P
     for preset in ('cpu', 'paper'):
         wm, policy, actor, critic, clf, ft = make_agent_models(preset, device)
         for N in (50, 500):
@@ -208,8 +206,6 @@ def bench_dream(device, quick: bool, limit: float) -> None:
 
 def bench_ppo(device, quick: bool, limit: float) -> None:
     """The PPO update (Alg. 1 l. 27-35): samples/s, sample = one decision x one fine-tuned denoising step."""
-    import dataclasses
-    import dream_ppo as P
     for preset in ('cpu', 'paper'):
         wm, policy, actor, critic, clf, ft = make_agent_models(preset, device)
         cfg = dataclasses.replace(ft, n_envs=min(ft.n_envs, 64), n_steps=4, update_epochs=1)
@@ -226,7 +222,6 @@ def bench_ppo(device, quick: bool, limit: float) -> None:
 
 def bench_finetune_one(preset: str, device) -> dict:
     """Seconds per DiWA iteration (rollout + update) at one preset, measured on 2 iterations after a warm-up."""
-    import dream_ppo as P
     wm, policy, actor, critic, clf, cfg = make_agent_models(preset, device)
     pool = random_pool(wm, 256, device)
     opts, scaler, counters = P.make_optimizers(actor, critic, cfg), P.RunningRewardScaler(cfg.gamma), P.new_counters()
@@ -256,9 +251,6 @@ def bench_finetune(device, quick: bool) -> None:
 
 def _subprocess_json(section: str, preset: str, device, quick: bool = False) -> dict | None:
     """Run one internal bench section in a fresh process (so that its peak memory is its own) -> its JSON."""
-    import json
-    import subprocess
-    import sys
     cmd = [sys.executable, __file__, section, preset, '--device', str(device)] + (['--quick'] if quick else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -284,7 +276,6 @@ def main(argv=None):
     what = sections if not args.what or 'all' in args.what else args.what
     print(f'device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}')
     if internal:                  # one preset of one section in its own process (_subprocess_json)
-        import json
         one = bench_wm_one(args.what[1], device, args.quick) if args.what[0] == '_wm' else \
             bench_finetune_one(args.what[1], device)
         print(json.dumps(one))

@@ -25,6 +25,7 @@ task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkil
 CalvinEnvAdapter (the real simulator, when installed). CLI: python diagnose.py skills [--operator] | render DIR
 """
 import hashlib
+import multiprocessing as mp
 import os
 import tempfile
 
@@ -870,7 +871,6 @@ class VecDeskEnv:
         if self.workers == 0:
             self.envs = [_make_env(kind, seed + i, env_kwargs) for i in range(n)]
             return
-        import multiprocessing as mp
         ctx = mp.get_context('spawn')           # fresh interpreters: safe next to torch's thread pools
         sizes = [n // self.workers + (w < n % self.workers) for w in range(self.workers)]
         self.splits = np.cumsum([0] + sizes)

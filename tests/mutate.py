@@ -38,6 +38,7 @@ ENV = ['tests/test_env.py', 'tests/test_method_labels.py']
 EVAL = ['tests/test_method_eval.py']
 DP = ['tests/test_diffusion_policy.py', 'tests/test_method_ppo_k.py']
 LABELS = ['tests/test_method_labels.py', 'tests/test_reward.py']
+CKPT = ['tests/test_checkpoints.py']
 
 
 @dataclass
@@ -217,6 +218,33 @@ MUTANTS = [
     Mutant('eval.py', 'return lambda B: ChunkAgent(_Pair(), Ta=Ta, deterministic=True, generator=gen)',
            'return lambda B: ChunkAgent(_Pair(), Ta=Ta, deterministic=False, generator=gen)',
            'evaluation samples with noise instead of deterministic denoising', EVAL),
+    # ---- the training loop's resume and the checkpoint checks (train.py, data.py, the loaders)
+    Mutant('train.py', "torch.set_rng_state(ckpt['rng']['torch'])", "torch.get_rng_state()",
+           "resume: torch's random state not restored", CKPT),
+    Mutant('train.py', "rng.bit_generator.state = ckpt['rng']['numpy']", "rng.bit_generator.state = rng.bit_generator.state",
+           "resume: the stage's numpy Generator not restored", CKPT),
+    Mutant('train.py', "generator.set_state(ckpt['rng']['generator'])", "generator.get_state()",
+           "resume: the stage's torch Generator (minibatch draws) not restored", CKPT),
+    Mutant('train.py', "obj.load_state_dict(ckpt[name])", "pass",
+           'resume: model and optimiser start afresh from the resumed step', CKPT),
+    Mutant('data.py', "if stage is not None and ckpt['stage'] != stage:", "if False:",
+           "a checkpoint of another stage is accepted", CKPT),
+    Mutant('data.py', "if task is not None and ckpt.get('task') != task:", "if False:",
+           "a checkpoint of another task is accepted", CKPT),
+    Mutant('data.py', "if missing or unknown:", "if False:",
+           "settings of another version reach the dataclass (TypeError traceback)", CKPT),
+    Mutant('world_model.py', "if not ckpt.get('done'):", "if False:",
+           "an unfinished world model is used", CKPT),
+    Mutant('reward.py', "if ckpt['extra'].get('feat_dim') != feat_dim:", "if False:",
+           "a classifier of another latent size is used", CKPT),
+    Mutant('diffusion_policy.py', "if cond_dim != feat_dim:", "if False:",
+           "a policy of another latent size is used", CKPT),
+    Mutant('eval.py', "if ck.get('done') and bc_ckpt['key'] not in ck.get('upstream', []):", "if False:",
+           "a fine-tuned policy is evaluated with a BC policy it was not fine-tuned from", CKPT),
+    Mutant('eval.py', "K_ft = ck['config']['K_ft'] if actor is not None else 0", "K_ft = 0",
+           "the DiWA row runs the base policy (K' = 0)", CKPT),
+    Mutant('eval.py', "out[name] = (ck, P.load_actor(ck, policy_pre))", "out[name] = (ck, policy_pre)",
+           "the DiWA row runs the pre-trained weights as its actor", CKPT),
 ]
 
 
