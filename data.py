@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -299,15 +300,44 @@ def read_episodes(folder) -> np.ndarray:
     return ep
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles containers, strings, numbers and numpy arrays only: a pickle that names any other callable (the
+    way a crafted file runs code) is refused before anything is called."""
+    ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')}
+    ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('builtins', 'slice'), ('collections', 'OrderedDict')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refused to load {module}.{name}: the file may run code')
+        return super().find_class(module, name)
+
+
+def load_pickled_npy(path) -> np.ndarray:
+    """np.load(path, allow_pickle=True) for the object arrays of CALVIN's annotation files, with _DataOnlyUnpickler:
+    a dataset downloaded from anywhere cannot run code on the reader's machine."""
+    with open(path, 'rb') as fh:
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                 np.lib.format.read_array_header_2_0)(fh)
+        if not dtype.hasobject:
+            return np.fromfile(fh, dtype=dtype).reshape(shape, order='F' if fortran else 'C')
+        try:
+            return _DataOnlyUnpickler(fh).load()
+        except pickle.UnpicklingError as e:
+            raise DataError(f'{path}: {_one_line(e)}') from None
+
+
 def read_annotations(folder) -> tuple[np.ndarray, list]:
     """lang_annotations/auto_lang_ann.npy -> (windows (W, 2) frame ids, task names). Missing file = no windows."""
     path = Path(folder) / 'lang_annotations' / 'auto_lang_ann.npy'
     if not path.is_file():
         return np.zeros((0, 2), np.int64), []
     try:
-        ann = np.load(path, allow_pickle=True).item()
+        ann = load_pickled_npy(path).item()
         indx, tasks = ann['info']['indx'], list(ann['language']['task'])
         windows = np.asarray(indx, np.int64).reshape(-1, 2)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: not a CALVIN annotation dict with ['info']['indx'] and ['language']['task'] "
                         f'({_one_line(e)})') from None
@@ -360,7 +390,7 @@ def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fin
     N, tag = len(frame_ids), f'{TMP_TAG}{os.getpid()}'
     tmp = {k: cdir / f'{k}.npy{tag}' for k in CACHE_KEYS}
     try:
-        cdir.mkdir(exist_ok=True)
+        cdir.mkdir(parents=True, exist_ok=True)
         (cdir / 'meta.json').unlink(missing_ok=True)                      # invalid until rebuilt
         arrays = {k: np.lib.format.open_memmap(tmp[k], 'w+', CACHE_KEYS[k], (N, size, size, 3)) for k in IMAGE_KEYS}
     except OSError as e:
@@ -393,6 +423,28 @@ def _build_cache(folder: Path, cdir: Path, frame_ids: np.ndarray, size: int, fin
             p.unlink(missing_ok=True)
 
 
+def cache_dir(folder: Path, image_size: int) -> Path:
+    """<split>/cache_<S>, or, when the split folder cannot be written (a read-only or shared copy of a dataset),
+    $DIWA_CACHE (default ~/.cache/diwa)/<name of the split>-<hash of its path>/cache_<S>."""
+    own = folder / f'cache_{image_size}'
+    if own.is_dir() or _writable(folder):
+        return own
+    root = Path(os.environ.get('DIWA_CACHE', Path.home() / '.cache' / 'diwa'))
+    tag = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+    return root / f'{folder.name}-{tag}' / f'cache_{image_size}'
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried: permission bits do not bind root, read-only mounts do)."""
+    probe = folder / f'.write_test{TMP_TAG}{os.getpid()}'
+    try:
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict:
     """A CALVIN split folder -> dict of numpy arrays (see the module docstring), images at image_size. workers:
     processes that read frames when cache_<S>/ is built (None: 1 below 20k frames, else up to 4)."""
@@ -406,7 +458,7 @@ def load_split(folder, image_size: int = 64, workers: int | None = None) -> dict
     frame_ids = np.concatenate([np.arange(s, e + 1) for s, e in ep])      # (N,) global ids, row order
     windows = _windows_to_rows(win_ids, ep, row0, folder / 'lang_annotations' / 'auto_lang_ann.npy')
     fingerprint = _fingerprint(folder, ep, image_size)
-    cdir = folder / f'cache_{image_size}'
+    cdir = cache_dir(folder, image_size)
     arrays = _load_cache(cdir, fingerprint, len(frame_ids), image_size)
     if arrays is None:
         if workers is None:

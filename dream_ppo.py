@@ -465,15 +465,18 @@ def _info(obs: dict) -> dict:
 
 @torch.no_grad()
 def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
-                 rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu') -> dict:
+                 rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu',
+                 starts: list | None = None) -> dict:
     """DPPO baseline: the same decisions in the simulator, observations filtered online (wm.obs_step), the simulator's
-    success test as reward, every simulator step counted. -> a buffer with imagine_rollout's fields."""
+    success test as reward, every simulator step counted. -> a buffer with imagine_rollout's fields.
+    starts: the states episodes start from, drawn with rng (default: the desk's sampler, env.sample_task_start)."""
     _check_cfg(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7
 
     def start(ids):
-        obs = sims.reset([sample_task_start(task, rng) for _ in ids], ids=ids)
+        obs = sims.reset([sample_task_start(task, rng) if starts is None else starts[rng.integers(len(starts))]
+                          for _ in ids], ids=ids)
         infos = [_info(o) for o in obs]
         post, _ = wm.obs_step(wm.initial(len(ids)), torch.zeros(len(ids), Da, device=device),
                               preprocess_obs(obs, S, device), sample=False)  # mode, as featurize for BC
@@ -515,9 +518,9 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
 
 def dppo_iteration(sims, wm, policy_pre, actor, critic, opts: dict, scaler, task: str,
                    cfg: FinetuneConfig, counters: dict, rng: np.random.Generator,
-                   generator: torch.Generator | None = None, device='cpu') -> dict:
+                   generator: torch.Generator | None = None, device='cpu', starts: list | None = None) -> dict:
     """One DPPO-baseline iteration: simulator rollout + the same update; counts simulator steps."""
-    buffer = real_rollout(sims, wm, policy_pre, actor, critic, task, cfg, rng, generator, device)
+    buffer = real_rollout(sims, wm, policy_pre, actor, critic, task, cfg, rng, generator, device, starts)
     return _finish_iteration(buffer, actor, critic, policy_pre, opts, scaler, task, cfg, counters, generator)
 
 

@@ -774,8 +774,8 @@ class ScriptedSkill:
 # ---------------------------------------------------------------- the real CALVIN simulator (optional)
 class CalvinEnvAdapter:
     """The real calvin_env (scene D; its Hydra config, env.reset/step/get_info and task oracle) behind DeskEnv's
-    interface. Untested here: calvin_env is not on PyPI. Images come at CALVIN's resolution (200 / 84);
-    data.preprocess_obs resizes them. The gripper action is thresholded to exactly +-1 (CALVIN asserts it)."""
+    interface (tests/test_calvin.py). Images come at CALVIN's resolution (200 / 84); data.preprocess_obs resizes
+    them. The gripper action is thresholded to exactly +-1 (CALVIN asserts it)."""
 
     def __init__(self, scene='calvin_scene_D', seed=None):
         try:
@@ -783,9 +783,9 @@ class CalvinEnvAdapter:
             from hydra import compose, initialize_config_dir
             import calvin_env
         except ImportError as err:
-            raise ImportError('CalvinEnvAdapter needs the real CALVIN simulator: git clone --recursive '
-                              'https://github.com/mees/calvin_env && pip install -e calvin_env hydra-core '
-                              f'hydra-colorlog ({err})') from err
+            raise ImportError('CalvinEnvAdapter needs the real CALVIN simulator, installed from a git checkout: '
+                              'git clone https://github.com/mees/calvin_env DIR && pip install -e DIR '
+                              f'({err})') from err
         conf = os.path.join(os.path.dirname(os.path.dirname(calvin_env.__file__)), 'conf')
         overrides = ['cameras=static_and_gripper', f'scene={scene}', 'robot=panda_longer_finger',
                      'use_vr=false', 'env.use_egl=false']
@@ -811,9 +811,17 @@ class CalvinEnvAdapter:
     def reset(self, robot_obs=None, scene_obs=None, seed=None):
         if seed is not None:
             self.rng = np.random.default_rng(seed)
+        # calvin_env's robot keeps the last episode's gripper command through a reset: start from the stored one
+        self.env.robot.gripper_action = 1 if robot_obs is None or robot_obs[14] >= 0 else -1
         if robot_obs is None and scene_obs is None:
             return self._obs(self.env.reset())
         return self._obs(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
+
+    def close(self):
+        """Disconnect calvin_env's pybullet client once (its destructor would disconnect it again, loudly)."""
+        if getattr(self.env, 'ownsPhysicsClient', False) and getattr(self.env, 'p', None) is not None:
+            self.env.p.disconnect(physicsClientId=self.env.cid)
+        self.env.ownsPhysicsClient = False
 
     def step(self, action):
         a = np.clip(np.asarray(action, dtype=float).reshape(7), -1.0, 1.0)
@@ -933,9 +941,10 @@ class VecDeskEnv:
 
 
 def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size: int = 64) -> VecDeskEnv:
-    """n simulators of `kind` ('desk' = the built-in desk, 'calvin' = the real calvin_env, in this process)."""
+    """n simulators of `kind` ('desk' = the built-in desk, 'calvin' = the real calvin_env, at CALVIN's own image
+    sizes) in `workers` processes (0: in this one)."""
     if kind == 'calvin':
-        return VecDeskEnv(n, workers=0, seed=seed, kind='calvin')
+        return VecDeskEnv(n, workers=workers, seed=seed, kind='calvin')
     if kind != 'desk':
         raise ValueError(f"unknown simulator {kind!r}; use 'desk' or 'calvin'")
     return VecDeskEnv(n, workers=workers, seed=seed, image_size=image_size)

@@ -53,6 +53,20 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def window_starts(split: dict, task: str, n: int, seed: int) -> list:
+    """n start states (robot_obs, scene_obs) in the real CALVIN: the first frames of the task's annotated windows
+    in `split` (CALVIN's own states, in which the task is possible), in an order drawn with `seed`, cycled when
+    there are fewer than n. The built-in desk's sampler would put blocks inside CALVIN's cabinet and solve the arm
+    for another gripper."""
+    rows = [r for r in split['windows'][split['window_tasks'] == task][:, 0]
+            if env.task_possible(task, split['scene_obs'][r])]
+    if not rows:
+        raise data.DataError(f'no annotated window of {task} starts where it is possible: no CALVIN start states')
+    order = np.random.default_rng([seed, env.TASKS.index(task), 4321]).permutation(len(rows))
+    return [(split['robot_obs'][rows[order[i % len(rows)]]].astype(np.float64),
+             split['scene_obs'][rows[order[i % len(rows)]]].astype(np.float64)) for i in range(n)]
+
+
 def task_starts(task: str, n: int, seed: int) -> list:
     """n start states (robot_obs, scene_obs) where `task` is possible; the same for every policy at a seed,
     so base and fine-tuned policies are compared on identical episodes."""
@@ -246,10 +260,10 @@ def already_done(results_paths: list, task: str, policy: str, seed: int, key: st
 
 
 def evaluate(policies: dict, policy_pre, task: str, seed: int, cfg: EvalConfig, wm, device, results_paths: list,
-             preset: str, env_kind: str = 'desk') -> list:
-    """Run every policy of `policies` (candidates) from the same start states (task_starts) and write one row
-    each into results_paths[0]; a policy whose row is up to date in any of results_paths is skipped."""
-    rows, starts = [], task_starts(task, cfg.episodes, seed)
+             preset: str, env_kind: str = 'desk', starts: list | None = None) -> list:
+    """Run every policy of `policies` (candidates) from the same start states (default task_starts) and write one
+    row each into results_paths[0]; a policy whose row is up to date in any of results_paths is skipped."""
+    rows, starts = [], starts or task_starts(task, cfg.episodes, seed)
     for name, (ck, actor) in policies.items():
         if already_done(results_paths, task, name, seed, ck['key'], cfg.episodes, env_kind):
             print(f'[eval] {task} {name} seed {seed}: up to date in {results_paths[0]}: skipped')

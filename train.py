@@ -83,17 +83,15 @@ def add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls) -> None:
                            help=f"{helps.get(f.name, '')} (paper: {default})".replace('%', '%%'))
 
 
-def build_config(prefix: str, args: argparse.Namespace):
-    """paper defaults <- preset overrides <- command-line flags; printed as it is in force."""
+def build_config(prefix: str, args: argparse.Namespace, stage: str = ''):
+    """paper defaults <- preset overrides <- command-line flags; with `stage`, printed as it is in force."""
     cls, presets = CONFIGS[prefix]
     cfg = dataclasses.replace(cls(), **presets.get(args.preset, {}))
-    flags = {f.name: getattr(args, f'{prefix}.{f.name}') for f in dataclasses.fields(cls)
-             if getattr(args, f'{prefix}.{f.name}', None) is not None}
-    return dataclasses.replace(cfg, **flags)
-
-
-def print_config(stage: str, cfg) -> None:
-    print(f'[{stage}] config: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items()))
+    cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f'{prefix}.{f.name}') for f in dataclasses.fields(cls)
+                                      if getattr(args, f'{prefix}.{f.name}', None) is not None})
+    if stage:
+        print(f'[{stage}] config: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items()))
+    return cfg
 
 
 # ---- Keys: a checkpoint is up to date when it was made with the same settings from the same inputs.
@@ -294,10 +292,10 @@ def load_bc_policy(args, task: str, seed: int, feat_dim: int, device):
 
 def stage_collect(args) -> None:
     """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
-    cfg = build_config('collect', args)
-    if args.data:
-        raise StageError(f'--data {args.data}: collect writes into the run folder; drop --data, or skip collect')
-    print_config('collect', cfg)
+    cfg = build_config('collect', args, 'collect')
+    if args.data or args.env == 'calvin':
+        raise StageError(f'--data / --env calvin: collect records play data on the built-in desk into the run folder; '
+                         'bring a CALVIN dataset with --data and skip collect')
     data.collect(cfg, data_root(args))
 
 
@@ -321,8 +319,7 @@ def _warm_start(args, wm) -> list:
 
 def stage_wm(args, device) -> dict:
     """World model on play frames only: Eq. 10-11, Table S.2 (world_model.py, paper §III.A)."""
-    cfg = build_config('wm', args)
-    print_config('wm', cfg)
+    cfg = build_config('wm', args, 'wm')
     train = split_of(args, 'training', cfg.image_size)
     wm = W.WorldModel(cfg).to(device)
     upstream = [data.dataset_key(data_root(args))] + seed_tag(args) + _warm_start(args, wm)
@@ -360,8 +357,7 @@ def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'traini
 def stage_bc(args, device, task: str) -> dict:
     """Pre-train the diffusion policy on the task's 50 demos in latent space: Eq. 12, Table S.3 (§III.B).
     --seed draws the demos and the initial weights; each seed writes its own file (bc_file)."""
-    cfg = build_config('bc', args)
-    print_config('bc', cfg)
+    cfg = build_config('bc', args, 'bc')
     seed_everything(args.seed)       # initial weights and noise: the same in any process, after any other stage
     wm, wm_ckpt = load_world_model(args, device)
     demos = demo_latents(args, wm, wm_ckpt, task, device)
@@ -391,8 +387,7 @@ def stage_bc(args, device, task: str) -> dict:
 
 def stage_reward(args, device, task: str) -> dict:
     """Latent success classifier C_psi: NT-Xent + cross-entropy, Eq. 13-14, Table S.4 (§III.C)."""
-    cfg = build_config('reward', args)
-    print_config('reward', cfg)
+    cfg = build_config('reward', args, 'reward')
     seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
     where = out_path(args, task, 'reward.pt')
@@ -431,9 +426,11 @@ def fine_tuning_step(args, wm, policy_pre, actor, critic, clf, opts, scaler, cou
     """(iteration -> metrics, close): DiWA's in imagination, or with simulator=True DPPO's in the built-in desk."""
     if simulator:
         rng = np.random.default_rng(seed)
-        sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
+        starts = E.window_starts(split_of(args, 'validation', wm.cfg.image_size), task, 256, seed) \
+            if args.env == 'calvin' else None      # CALVIN's own states, as the evaluation's
+        sims = env.make_vec_env(args.env, cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
         return (lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg, counters,
-                                            rng, gen, device)), sims.close
+                                            rng, gen, device, starts)), sims.close
     split = split_of(args, 'training', wm.cfg.image_size)
     pool = P.start_pool(wm, split, task, device, seed=seed, where=cfg.start_states)
     return (lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters,
@@ -445,8 +442,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     0 simulator steps. With simulator=True: the DPPO baseline, the same update driven by the built-in desk.
     Seed `seed` fine-tunes BC seed `seed`'s policy (bc_file) and writes diwa_s<seed>.pt / dppo_s<seed>.pt."""
     stage = 'dppo' if simulator else 'finetune'
-    cfg = build_config('ft', args)
-    print_config(stage, cfg)
+    cfg = build_config('ft', args, stage)
     seed_everything(seed)
     wm, wm_ckpt = load_world_model(args, device)
     policy_pre, bc_ckpt = load_bc_policy(args, task, seed, wm.feat_dim, device)     # BC seed `seed`
@@ -495,7 +491,9 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
     finetuned = {k: os.path.join(args.run, task, f'{k}_s{args.seed}.pt') for k in ('diwa', 'dppo')}
     candidates = E.candidates(bc_ckpt, policy_pre, task, finetuned, policies, snapshots)
     known = [os.path.join(r, 'results.csv') for r in [args.run] + list(args.inherit or [])]
-    return E.evaluate(candidates, policy_pre, task, args.seed, cfg, wm, device, known, args.preset, args.env)
+    starts = E.window_starts(split_of(args, 'validation', wm.cfg.image_size), task, cfg.episodes, args.seed) \
+        if args.env == 'calvin' else None          # CALVIN's own states; the desk samples its own (eval.task_starts)
+    return E.evaluate(candidates, policy_pre, task, args.seed, cfg, wm, device, known, args.preset, args.env, starts)
 
 
 def stage_all(args, device, tasks: list) -> None:

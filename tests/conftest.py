@@ -16,6 +16,10 @@ if ROOT not in sys.path:
 TASK = 'turn_on_led'      # the test preset's play data (seed 0) has a window of it in each split; checked below
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'calvin: needs the real calvin_env (skipped with the reason when absent)')
+
+
 def run(*args, check=True, timeout=600, script='train.py'):
     """`python <script> args...` in the project root; with check, a non-zero exit fails with its output."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,

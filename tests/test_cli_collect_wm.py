@@ -173,3 +173,9 @@ def test_help_prints(script):
     """--help lists every flag (a '%' in a help string once crashed argparse)."""
     out = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and 'usage:' in out.stdout, out.stderr[-500:]
+
+
+def test_collect_in_calvin_is_refused_not_done_on_the_desk(tmp_path):
+    """Play data is recorded on the built-in desk only: --env calvin says so instead of collecting on the desk."""
+    out = run('--stage', 'collect', '--preset', 'test', '--run', str(tmp_path), '--env', 'calvin', check=False)
+    assert out.returncode == 2 and 'built-in desk' in out.stderr and len(out.stderr.strip().splitlines()) == 1
