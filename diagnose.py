@@ -8,6 +8,7 @@
     python diagnose.py skills [--operator]     # success table of the desk's scripted skills
     python diagnose.py render DIR              # PNGs of both cameras for a few desk states
     python diagnose.py dataset FOLDER          # frames, segments and windows per task of a CALVIN-layout split
+    python diagnose.py calvin-starts --data D --task T   # CALVIN's start states in calvin_env: blocks, gripper
 
 Each report prints a table and writes a json / csv into the run folder (FINDINGS.md reads them).
 """
@@ -507,6 +508,31 @@ def render_examples(folder, image_size=200, gripper_size=84, seed=0):
     print(f'wrote {2 * len(states)} PNGs to {folder}')
 
 
+def calvin_start_report(args, task: str, n: int = 100, settle: int = 15) -> dict:
+    """The start states of an evaluation in the real CALVIN (eval.window_starts: the task's validation windows):
+    calvin_env reset to each, then `settle` steps holding still; how many blocks then lie more than 1 cm from their
+    stored place (fallen or stuck), and how far the gripper starts from the stored robot_obs (max over x, y, z)."""
+    split = TR.split_of(args, 'validation', 64)
+    adapter, moved, err = env.CalvinEnvAdapter(seed=args.seed), [], []
+    try:
+        for robot_obs, scene_obs in E.window_starts(split, task, n, args.seed):
+            obs = adapter.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+            err.append(float(np.abs(obs['robot_obs'][:3] - robot_obs[:3]).max()))
+            for _ in range(settle):
+                obs = adapter.step(np.append(np.zeros(6), 1.0 if robot_obs[14] >= 0 else -1.0))[0]
+            blocks, stored = obs['scene_obs'][6:].reshape(3, 6)[:, :3], scene_obs[6:].reshape(3, 6)[:, :3]
+            moved.append(int((np.linalg.norm(blocks - stored, axis=1) > 0.01).sum()))
+    finally:
+        adapter.close()
+    out = {'task': task, 'starts': len(err), 'blocks_moved': int(sum(moved)), 'starts_with_a_moved_block':
+           int(np.count_nonzero(moved)), 'gripper_error_mm_max': round(1000 * max(err), 2),
+           'gripper_error_mm_mean': round(1000 * float(np.mean(err)), 2)}
+    print(f"[calvin/{task}] {out['starts']} starts: {out['blocks_moved']} of {3 * out['starts']} blocks more than 1 cm "
+          f"from their stored place after {settle} still steps; gripper {out['gripper_error_mm_mean']} mm from the "
+          f"stored robot_obs on average, {out['gripper_error_mm_max']} mm at most")
+    return out
+
+
 class ScriptedAgent:
     """The scripted skills (env.ScriptedSkill) as an agent of eval.run_episodes: a check of the loop itself."""
 
@@ -547,7 +573,7 @@ def operator_skill_style(ap, settings: list) -> dict:
     return dict(data.operator_style(c), speed_range=(c.speed_min, c.speed_max), gain_range=(c.gain_min, c.gain_max))
 
 
-REPORTS = ('wm', 'press', 'reward', 'gap', 'scripted', 'skills', 'render', 'dataset')
+REPORTS = ('wm', 'press', 'reward', 'gap', 'scripted', 'skills', 'render', 'dataset', 'calvin-starts')
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -608,9 +634,11 @@ def run_report(args, p, tasks: list, cfg, device) -> None:
         render_examples(args.path, image_size=args.size, gripper_size=args.size, seed=args.seed)
     elif args.report == 'dataset':
         dataset_summary(args.path, args.size)
-    for task in tasks if args.report in ('reward', 'gap', 'scripted') else []:
+    for task in tasks if args.report in ('reward', 'gap', 'scripted', 'calvin-starts') else []:
         if args.report == 'reward':
             reward_report(args, device, task)
+        elif args.report == 'calvin-starts':
+            calvin_start_report(args, task, args.episodes or 100)
         elif args.report == 'gap':
             for name in args.policy:
                 imagination_gap(args, device, task, cfg, name)
