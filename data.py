@@ -157,8 +157,10 @@ def to_torch(batch: dict, device='cpu') -> dict:
     else:
         is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
         is_first[:, 0] = True
-    # The controller's TCP target at frame t (the world model's target_input): CALVIN's absolute 'actions' hold it
-    # after a_t, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3] (exact unless the workspace clip hits).
+    # The controller's TCP target at frame t (the world model's target_input): our play data's absolute 'actions'
+    # hold it after a_t, so before a_t it is actions[:3] - POS_SCALE * rel_actions[:3] (exact unless the workspace
+    # clip hits). In a real CALVIN dataset 'actions' is the measured TCP pose of the next frame instead: there this
+    # 'target' is only an estimate, and --wm.target_input (off in every preset) should stay off.
     target = {'target': f32(np.asarray(batch['actions'])[..., :3] - env.POS_SCALE * np.asarray(batch['rel_actions'])[..., :3])} \
         if 'actions' in batch else {}
     return {'rgb_static': images_to_tensor(batch['rgb_static'], device),
@@ -662,7 +664,8 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
         seg_t += 1
         frame = {'rel_actions': a, 'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs'], **obs['rgb_obs']}
         obs, _, _, _ = desk.step(a)
-        # CALVIN's absolute action: the TCP target pose the relative action produced, and the gripper command
+        # The absolute action: the TCP target pose the relative action produced, and the gripper command (real
+        # CALVIN's datasets store the measured pose of the next frame there instead; data.to_torch says where it matters)
         frame['actions'] = np.concatenate([desk.target_pos, desk.target_euler, [1.0 if a[6] >= 0 else -1.0]])
         write_frame(folder, start_id + t, frame, compress=cfg.compress)
         if _PARENT is not None and t % 100 == 0 and os.getppid() != _PARENT:

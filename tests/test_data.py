@@ -1,6 +1,7 @@
 """data.py: preprocessing math against closed forms, CALVIN layout round trips (real CALVIN shapes), clear errors
 on bad input, crash safety, sequence sampling, and a tiny real collection on the built-in desk."""
 import json
+import shutil
 import os
 
 import numpy as np
@@ -411,3 +412,36 @@ def test_dataset_key_depends_on_contents_not_pickle_bytes(tmp_path):
     assert data.dataset_key(str(tmp_path)) == k1
     data.write_split_index(d, [(0, 99)], [(0, 10), (20, 31), (40, 50)], [shared, shared, 'close_drawer'])
     assert data.dataset_key(str(tmp_path)) != k1
+
+
+def test_an_annotation_file_whose_pickle_would_run_code_is_refused(tmp_path):
+    """auto_lang_ann.npy is unpickled data-only: a crafted file naming a callable is a one-line DataError naming the
+    file, and the callable never runs; CALVIN's own containers, strings and arrays still load."""
+    d = tmp_path / 'training'
+    data.write_split_index(d, [(0, 99)], [(0, 10)], ['open_drawer'])
+    assert data.read_annotations(d)[1] == ['open_drawer']
+    marker = tmp_path / 'ran'
+
+    class Crafted:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    ann = {'info': {'indx': [(0, 10)]}, 'language': {'task': [Crafted()]}}
+    np.save(d / 'lang_annotations' / 'auto_lang_ann.npy', np.array(ann, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r'auto_lang_ann\.npy: UnpicklingError: refused to load \w+\.system') as err:
+        data.read_annotations(d)
+    assert not marker.exists() and '\n' not in str(err.value)
+
+
+def test_the_frame_cache_of_a_read_only_dataset_goes_elsewhere(tmp_path, monkeypatch):
+    """A split folder that cannot be written (a shared, read-only copy) keeps nothing of ours: its cache goes to
+    $DIWA_CACHE/<split>-<hash of the path>/cache_<S>, and the split reads the same."""
+    cfg = data.CollectConfig(**{**data.PRESETS['test'], 'episodes': 1, 'episode_len': 60, 'val_every': 10})
+    data.collect(cfg, tmp_path / 'd')
+    split = tmp_path / 'd' / 'training'
+    own = data.load_split(split, 64)
+    shutil.rmtree(split / 'cache_64')
+    monkeypatch.setenv('DIWA_CACHE', str(tmp_path / 'elsewhere'))
+    monkeypatch.setattr(data, '_writable', lambda folder: False)
+    other = data.load_split(split, 64)
+    assert not (split / 'cache_64').exists() and len(list((tmp_path / 'elsewhere').glob('training-*/cache_64'))) == 1
+    assert all(np.array_equal(own[k], other[k]) for k in ('rgb_static', 'robot_obs', 'windows'))

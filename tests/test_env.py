@@ -397,10 +397,12 @@ def test_task_success_batch_matches_task_success():
 
 class _StandInCalvin:
     """The interface of the real calvin_env: CALVIN-resolution images, depth keys, a step that
-    insists on a gripper action of exactly +-1, and info dicts for the task oracle."""
+    insists on a gripper action of exactly +-1, info dicts for the task oracle, and a robot whose gripper command
+    survives a reset."""
 
     def __init__(self):
         self.actions, self.t = [], 0
+        self.robot = type('Robot', (), {'gripper_action': -1})()
 
     def _obs(self):
         rng = np.random.default_rng(self.t)
@@ -436,6 +438,7 @@ def test_calvin_adapter_maps_observations_and_gripper_sign():
     fake = _StandInCalvin()
     adapter = E.CalvinEnvAdapter.wrap(fake, _StandInTasks())
     obs = adapter.reset()
+    assert fake.robot.gripper_action == 1                                 # a reset opens: no command carried over
     assert set(obs) == {'rgb_obs', 'robot_obs', 'scene_obs'} and set(obs['rgb_obs']) == {'rgb_static', 'rgb_gripper'}
     assert obs['robot_obs'].dtype == np.float32 and obs['robot_obs'].shape == (15,) and obs['scene_obs'].shape == (24,)
     for a6, expected in [(0.3, 1.0), (-0.2, -1.0), (0.0, 1.0), (-1.7, -1.0), (5.0, 1.0)]:
