@@ -818,10 +818,12 @@ class CalvinEnvAdapter:
         return self._obs(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
 
     def close(self):
-        """Disconnect calvin_env's pybullet client once (its destructor would disconnect it again, loudly)."""
+        """Disconnect calvin_env's pybullet client once: its own close() (also run by its destructor) would print
+        about it, or try again."""
         if getattr(self.env, 'ownsPhysicsClient', False) and getattr(self.env, 'p', None) is not None:
             self.env.p.disconnect(physicsClientId=self.env.cid)
         self.env.ownsPhysicsClient = False
+        self.env.close = lambda: None
 
     def step(self, action):
         a = np.clip(np.asarray(action, dtype=float).reshape(7), -1.0, 1.0)
