@@ -640,12 +640,16 @@ def run_report(args, p, tasks: list, cfg, device) -> None:
         elif args.report == 'calvin-starts':
             calvin_start_report(args, task, args.episodes or 100)
         elif args.report == 'gap':
+            if args.env != 'desk':
+                raise TR.StageError('gap: the imagination gap is measured on the built-in desk only (drop --env)')
             for name in args.policy:
                 imagination_gap(args, device, task, cfg, name)
         else:
             t0 = time.time()
-            out = E.run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task,
-                                 E.task_starts(task, cfg.episodes, args.seed), cfg, seed=args.seed, env_kind=args.env)
+            starts = E.window_starts(TR.split_of(args, 'validation', 64), task, cfg.episodes, args.seed) \
+                if args.env == 'calvin' else E.task_starts(task, cfg.episodes, args.seed)
+            out = E.run_episodes(lambda B: ScriptedAgent(task, B, args.seed), task, starts, cfg, seed=args.seed,
+                                 env_kind=args.env)
             E.summarize(task, 'scripted', args.seed, out, t0)
 
 
