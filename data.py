@@ -1,12 +1,9 @@
 """Play data, CALVIN's dataset layout, and preprocessing (paper §II, §IV.A, S.2.1, S.4).
 
-DiWA learns from two offline datasets (§II): a large task-agnostic *play* dataset D_play for the world model, and 50
-expert demonstrations per skill D_exp, which in CALVIN are annotated windows of that same play data (S.2.2: "randomly
-selected from task-annotated episodes"). This file
-  1. preprocesses observations as S.4 says: images resized to 64x64 and scaled to [-1, 1], the TCP orientation
-     turned from Euler angles into the continuous 6-D rotation of Zhou et al. [65];
-  2. reads and writes CALVIN's on-disk layout (mees/calvin), so that the same code trains on our play data and on a
-     real CALVIN download, with a compact cache so that training does not reopen 100k small files;
+DiWA learns from two offline datasets (§II): task-agnostic *play* D_play (world model) and 50 expert demos per skill
+D_exp, in CALVIN annotated windows of the same play (S.2.2: "randomly selected from task-annotated episodes"). This file
+  1. preprocesses as S.4: images to 64x64 in [-1, 1], TCP Euler angles -> continuous 6-D rotation (Zhou et al. [65]);
+  2. reads / writes CALVIN's on-disk layout (mees/calvin): the same code trains on our play data or a real download;
   3. samples world-model sequences and expert windows, and labels frames by the task's success test;
   4. collects human-like play on the built-in desk (env.py) with scripted skills, noise and random timing.
 
@@ -24,10 +21,8 @@ CALVIN split folder (one per split, 'training' / 'validation'):
   ep_start_end_ids.npy            (E, 2) inclusive frame ids of contiguous segments (gaps between them allowed)
   lang_annotations/auto_lang_ann.npy   pickled dict: ['info']['indx'] [(start, end)] frame ids,
                                        ['language']['task'|'ann'|'emb'] per window (re-read on every load)
-  cache_<S>/      ours: one .npy per array at image size S + meta.json, images memory-mapped; rebuilt when
-                  ep_start_end_ids.npy or the frames change
-collect(cfg, out_dir) also keeps out_dir/collect_config.json (settings) and collect_progress.json (finished
-episodes with their windows) to resume an interrupted collection.
+  cache_<S>/      ours: one .npy per array + meta.json, images memory-mapped; rebuilt when segments or frames change
+collect() resumes from out_dir/collect_config.json (settings) and collect_progress.json (finished episodes, windows).
 """
 from __future__ import annotations
 
@@ -181,8 +176,7 @@ def preprocess_obs(obs_list: list, image_size: int = 64, device='cpu') -> dict:
     return out
 
 
-# ---------------- CALVIN layout: writing, every file through atomic_write; frames of unfinished episodes are on
-# disk but not listed in ep_start_end_ids.npy, so readers never see them.
+# ---------------- CALVIN layout: writing via atomic_write; ep_start_end_ids.npy never lists unfinished episodes' frames
 
 TMP_TAG = '.tmp-'                                                      # <name>.tmp-<pid>: never read
 
@@ -315,8 +309,7 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 
 
 def load_pickled_npy(path) -> np.ndarray:
-    """np.load(path, allow_pickle=True) for the object arrays of CALVIN's annotation files, with _DataOnlyUnpickler:
-    a dataset downloaded from anywhere cannot run code on the reader's machine."""
+    """np.load(path, allow_pickle=True) of CALVIN's annotation object arrays via _DataOnlyUnpickler (runs no code)."""
     with open(path, 'rb') as fh:
         version = np.lib.format.read_magic(fh)
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
@@ -486,10 +479,9 @@ def light_switch_frames(data: dict) -> np.ndarray:
 
 
 def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event_frac: float = 0.0) -> dict:
-    """B sequences of L consecutive frames in one segment, start uniform over all valid starts (every frame equally
-    likely). With event_frac > 0, that share of them holds a light switching (one of light_switch_frames uniformly,
-    then a start uniform among those whose window holds it; FINDINGS.md, "The LED: does imagination know a press
-    switched it?"). -> (B, L, ...) arrays of SEQ_KEYS, 'rows' (B, L), 'is_first' (B, L) (True at t = 0)."""
+    """B sequences of L consecutive frames in one segment, start uniform over all valid starts; a share event_frac holds
+    a light switching (a light_switch_frames row drawn uniformly, then a start whose window holds it; FINDINGS.md, "The
+    LED: does imagination know a press switched it?"). -> SEQ_KEYS (B, L, ...), 'rows', 'is_first' (B, L)."""
     ep = data['episodes']
     n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
     if n_starts.sum() == 0:
@@ -560,7 +552,6 @@ class CollectConfig:
     image_size: int = 200       # static camera pixels (CALVIN's dataset: 200; load_split resizes to 64, S.4)
     gripper_size: int = 84      # gripper camera pixels (CALVIN's dataset: 84)
     seed: int = 0               # episode e is generated from (seed, e) alone: the same data for any #workers
-    # The scripted operator stands in for CALVIN's teleoperators, so that cloning 50 demos is good but imperfect.
     p_task: float = 0.85  # not in the paper: share of segments that are tasks (FINDINGS.md, "The play data's operator")
     p_pause: float = 0.3  # not in the paper: share of pauses among the rest (FINDINGS.md, "The play data's operator")
     p_home: float = 0.5  # not in the paper: P(a reach home after a task) (FINDINGS.md, "The play data's operator")
@@ -600,8 +591,7 @@ def episode_split(cfg: CollectConfig, e: int) -> str:
 
 def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_kind, home):
     """The next play segment -> (kind, skill): after a task, sometimes a reach back near the rest pose `home` (p_home;
-    evaluation and DiWA's imagined episodes start there); otherwise env.ScriptedSkill of a task possible now (p_task),
-    a pause or a random reach; each with its own random speed and gain and the operator's action noise."""
+    evaluation and imagined episodes start there); else a task possible now (p_task), a pause or a random reach."""
     speed, gain = rng.uniform(cfg.speed_min, cfg.speed_max), rng.uniform(cfg.gain_min, cfg.gain_max)
     if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
         target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
@@ -664,8 +654,7 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
         seg_t += 1
         frame = {'rel_actions': a, 'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs'], **obs['rgb_obs']}
         obs, _, _, _ = desk.step(a)
-        # The absolute action: the TCP target pose the relative action produced, and the gripper command (real
-        # CALVIN's datasets store the measured pose of the next frame there instead; data.to_torch says where it matters)
+        # The absolute action: the TCP target pose the relative action produced, and the gripper command (see to_torch)
         frame['actions'] = np.concatenate([desk.target_pos, desk.target_euler, [1.0 if a[6] >= 0 else -1.0]])
         write_frame(folder, start_id + t, frame, compress=cfg.compress)
         if _PARENT is not None and t % 100 == 0 and os.getppid() != _PARENT:
@@ -829,9 +818,8 @@ def writer_lock(path, error=None):
 
 
 class MetricsLog:
-    """<checkpoint>_metrics.csv: one row per logged step. On resume, rows newer than the checkpoint are dropped,
-    so a killed run leaves a consistent history; a fresh run leaves an older file alone until its first
-    checkpoint replaces both."""
+    """<checkpoint>_metrics.csv, one row per logged step. Resuming drops rows newer than the checkpoint (a killed run
+    leaves a consistent history); a fresh run leaves an older file alone until its first checkpoint replaces both."""
 
     def __init__(self, path: str, resume_step: int = 0):
         self.path, self.rows = path, []
@@ -854,8 +842,7 @@ class MetricsLog:
 
 
 def check_finite(stage: str, step: int, metrics: dict, ckpt_path: str, error=None) -> None:
-    """A NaN/inf loss stops the stage with `error` (DataError), naming the term; the last good checkpoint on disk is
-    untouched."""
+    """A NaN/inf loss stops the stage with `error` (DataError), naming the term; the last good checkpoint stays."""
     for k, v in metrics.items():
         if isinstance(v, (float, int)) and not math.isfinite(v):
             kept = f'last good checkpoint kept at {ckpt_path}' if os.path.isfile(ckpt_path) else 'no checkpoint written yet'

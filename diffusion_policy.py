@@ -1,7 +1,6 @@
 """Diffusion policy over action chunks, conditioned on world-model latents (DiWA §III.B, S.2.2).
 
-A DDPM (Ho et al. 2020) written out by hand: PPO in the Dream Diffusion MDP (§III.D, Eq. 4-9) needs the Gaussian
-log-likelihood of every single denoising step:
+A DDPM (Ho et al. 2020) by hand: PPO in the Dream Diffusion MDP (§III.D, Eq. 4-9) needs every step's log-likelihood:
 
     x^K ~ N(0, I)                                        pure noise, an action chunk (Tp, Da)
     x^{k-1} ~ pi(x^{k-1} | z, x^k) = N(mu(z, x^k, k), sigma_k^2 I)    k = K..1   (Eq. 1, Eq. 5)
@@ -9,9 +8,8 @@ log-likelihood of every single denoising step:
 
 mu is the mean of the posterior q(x^{k-1} | x^k, x0_hat), x0_hat the denoised estimate (clipped to [-1, 1]) that an
 epsilon-predicting MLP's noise estimate gives. sigma_k is the cosine schedule's posterior std, clipped below by
-`min_std` (DPPO's trick: a DDPM's last steps are nearly deterministic, so their PPO likelihood ratios explode).
-
-Chunking (Tab. S.3): observation horizon 1, the policy predicts Tp = 4 actions and all Ta = 4 are executed.
+`min_std` (DPPO's trick: a DDPM's last steps are nearly deterministic, so their PPO likelihood ratios explode). Chunking
+(Tab. S.3): observation horizon 1, the policy predicts Tp = 4 actions and all Ta = 4 are executed.
 
     latent z_t ──┐
     noisy chunk ─┼─> eps-net MLP (3 x 512, Mish, residual) ─> eps_hat (Tp*Da)
@@ -397,8 +395,7 @@ def demo_latents(wm, split: dict, task: str, n: int, seed: int, post: int, devic
 
 
 def load(path, task: str, feat_dim: int, device='cpu'):
-    """The policy of a checkpoint (BC: the EMA weights; finetune / dppo: the fine-tuned ones), checked against the
-    world model's latent size (a policy only makes sense on its own latents). -> (policy, ckpt)"""
+    """A checkpoint's policy (bc: EMA weights, else fine-tuned), checked against the WM's feat_dim. -> (policy, ckpt)"""
     ckpt = data.load_checkpoint(path, None, task)
     cond_dim = ckpt['extra'].get('cond_dim')
     if cond_dim != feat_dim:

@@ -5,15 +5,13 @@ recorded frames, the frozen world model rolls them forward with its prior (Eq. 3
 gives the reward, and DPPO's two-layer MDP (denoising steps inside environment steps) makes every denoising step a
 PPO policy step. No simulator here (`counters['sim_steps']` stays 0); with one (`real_rollout`) it is the DPPO baseline.
 
-Dream Diffusion MDP (Eq. 4), K denoising steps per decision t, k runs K..1:
+Dream Diffusion MDP (Eq. 4), K denoising steps per decision t, k runs K..1; only the last K' are fine-tuned (S.2.4):
 
     t(t,k) = tK + (K-k)          s = (z_t, a_t^k)   a = a_t^{k-1}   R = C(z_{t+1}) if k == 1 else 0
 
     decision t:  x^K ~ N(0,I) --pi_pre--> ... --pi_pre--> x^{K'} --actor--> ... --actor--> x^0 = chunk
                  |<------ K-K' frozen steps ------>|<--- K' fine-tuned steps --->|
                  chunk (Ta=4 actions) --4 x wm.img_step--> z_{t+1} --reward_clf--> R_t, done_t
-
-Only the last K' steps are fine-tuned (S.2.4) and only they enter the PPO batch.
 
 Glossary (paper symbol -> variable -> shape):
     N parallel imagined episodes       cfg.n_envs            T decisions per iteration  cfg.n_steps
@@ -324,8 +322,7 @@ def imagine_chunk(wm, state: dict, actions: torch.Tensor, reward_clf, cfg: Finet
 @torch.no_grad()
 def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict, cfg: FinetuneConfig,
                     generator: torch.Generator | None = None) -> dict:
-    """N imagined episodes for T decisions (Alg. 1 l. 8-26), started from start_pool draws (with replacement), and
-    restarted from a fresh draw when they end (success p > threshold, or max_episode_steps decisions)."""
+    """N imagined episodes, T decisions (Alg. 1 l. 8-26), from start_pool; an ended one restarts from a fresh draw."""
     _check_cfg(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
@@ -467,9 +464,8 @@ def _info(obs: dict) -> dict:
 def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
                  rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu',
                  starts: list | None = None) -> dict:
-    """DPPO baseline: the same decisions in the simulator, observations filtered online (wm.obs_step), the simulator's
-    success test as reward, every simulator step counted. -> a buffer with imagine_rollout's fields.
-    starts: the states episodes start from, drawn with rng (default: the desk's sampler, env.sample_task_start)."""
+    """DPPO baseline: decisions run in the simulator (wm.obs_step filters, its success test rewards, every step counts)
+    -> imagine_rollout's buffer. starts: start states drawn with rng (default env.sample_task_start)."""
     _check_cfg(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7

@@ -1,8 +1,7 @@
 """The built-in CALVIN-style desk: a pybullet Panda, CALVIN's observation/action conventions, the 8 tasks.
 
-Paper: §IV.A (CALVIN environment D), S.3.1 (the 7-D relative action, gripper thresholded at 0). The real CALVIN
-simulator (mees/calvin_env) runs ~18 steps/s with cameras on a laptop; this file rebuilds its scene D from pybullet
-primitives with calvin_env's numbers (Mees et al. 2022), so that every phase of DiWA runs on a 2-core CPU.
+Paper: §IV.A (CALVIN environment D), S.3.1 (7-D relative action, gripper thresholded at 0). calvin_env's scene D (Mees
+et al. 2022; ~18 steps/s with cameras on a laptop) rebuilt from pybullet primitives with its numbers, for 2 CPU cores.
 
 Desk (world frame, metres, z up; +q of each prismatic joint as in CALVIN):
 
@@ -308,8 +307,7 @@ class DeskEnv:
         self._led_on, self._bulb_on = bool(led_on), bool(bulb_on)
 
     def reset(self, robot_obs=None, scene_obs=None, seed=None):
-        """Reset to the given CALVIN state (robot via joints robot_obs[7:14] and the gripper; scene exactly,
-        LED included), or, where a part is None, to the neutral robot / a random scene. Returns obs."""
+        """Reset to a CALVIN state (robot via joints [7:14] + gripper, scene exactly; None: neutral / random). -> obs"""
         if seed is not None:
             self.rng = np.random.default_rng(seed)
         if robot_obs is None:
@@ -378,8 +376,7 @@ class DeskEnv:
         self._command_gripper(self._gripper_action)
         for _ in range(SUBSTEPS):
             p.stepSimulation(physicsClientId=c)
-        # The LED toggles when the button passes LED_PRESS_THRESHOLD going down (1.6 of its 2 cm travel: a firm
-        # press); the bulb is on exactly while the switch is above BULB_SWITCH_THRESHOLD.
+        # The LED toggles when the button sinks past LED_PRESS_THRESHOLD (1.6 of its 2 cm travel: a firm press).
         button, switch = [s[0] for s in p.getJointStates(self.desk, [BUTTON, SWITCH], physicsClientId=c)]
         led = (not self._led_on) if (self._button_prev <= LED_PRESS_THRESHOLD < button) else self._led_on
         self._button_prev = button
@@ -451,8 +448,7 @@ def task_success(task, start_info, info):
 
 
 def task_success_batch(task, s0, s1):
-    """The 8 success tests (CALVIN's task oracle) on scene states s0 (task start), s1 (now) of shape (..., 24), numpy
-    or torch -> bool (...). Batched for the decoded-state reward of Fig. 2 (scene states decoded from latents)."""
+    """Success tests on scenes s0 (start), s1 (now) (..., 24), numpy or torch -> bool (...); Fig. 2's decoder reward."""
     d = lambda i: s1[..., i] - s0[..., i]
     off_on = lambda i: (s0[..., i] < 0.5) & (s1[..., i] > 0.5)
     on_off = lambda i: (s0[..., i] > 0.5) & (s1[..., i] < 0.5)
@@ -466,9 +462,8 @@ def task_success_batch(task, s0, s1):
 
 
 def task_progress(task, s0, s1) -> float:
-    """Progress of `task` from scene s0 (its start) to s1 as a fraction of its success threshold: drawer / door
-    displacement over 0.12 / 0.15 m, switch travel towards BULB_SWITCH_THRESHOLD, button depth over
-    LED_PRESS_THRESHOLD. Used by the operator's aborted attempts (ScriptedSkill p_retry)."""
+    """Progress of `task` from scene s0 to s1 as a share of its success threshold: drawer / door displacement over 0.12
+    / 0.15 m, switch travel towards BULB_SWITCH_THRESHOLD, button depth over LED_PRESS_THRESHOLD (for p_retry)."""
     s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
     sign = {'open_drawer': 1, 'close_drawer': -1, 'move_slider_left': 1, 'move_slider_right': -1,
             'turn_on_lightbulb': 1, 'turn_off_lightbulb': -1}
@@ -515,8 +510,7 @@ def _kinematics():
 
 
 def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05):   # = REST_BOX
-    """robot_obs (15,) of a random pose near the neutral one: TCP offset uniform in +-pos_noise, Euler
-    noise, IK with the neutral joints as rest pose, gripper open or closed at random."""
+    """robot_obs (15,) near the neutral pose: TCP uniform in +-pos_noise, Euler noise, IK (rest Q_INIT), gripper +-1."""
     cid, robot = _kinematics()
     for j, q in zip(ARM, Q_INIT):
         p.resetJointState(robot, j, q, physicsClientId=cid)
@@ -552,8 +546,7 @@ def neutral_tcp() -> np.ndarray:
 
 
 def near_rest(robot_obs, margin: float = 0.02) -> np.ndarray:
-    """robot_obs (..., 15) -> bool (...): the TCP is where evaluation episodes start (random_robot_obs's box
-    around the neutral pose, plus `margin` metres). DiWA's imagined episodes start from such recorded frames."""
+    """robot_obs (..., 15) -> bool (...): TCP within REST_BOX + margin (m) of the neutral pose, as evaluations start."""
     return np.all(np.abs(np.asarray(robot_obs)[..., :3] - neutral_tcp()) <= REST_BOX + margin, axis=-1)
 
 
@@ -585,27 +578,22 @@ SKILLS = TASKS + ['reach', 'pause']
 
 
 class ScriptedSkill:
-    """A waypoint controller that solves `task` with CALVIN relative actions only.
+    """A waypoint controller that solves `task` with CALVIN relative actions only: act(obs) -> action (7,) in [-1,1].
 
-    act(obs) -> action (7,) in [-1,1]; .done turns True after the last phase (or a phase timeout). Plans are built
-    from the first observation (part positions follow from scene_obs and the desk geometry). Each phase moves the TCP
-    towards a goal with a P-law and ends at its goal, when its scene condition holds, or at a timeout.
-      speed, gain  max |action| of the motion (1 = 2 cm per step); P-gain on the TCP error (0.5 = half per step)
-      noise        std of Gaussian noise added to the 6 motion dims (play-data diversity)
-      pause_steps / reach_target: parameters of the 'pause' and 'reach' skills (random if None)
-    A human operator is less regular than a script (CALVIN's play data is teleoperated), so that cloning 50 demos is
-    not trivial (the paper's base policies succeed 36-63%, Table I):
-      noise_corr   AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
-      p_via, via_scale  P(a task first swings through a random via point ~via_scale m off the line to its waypoint)
-      p_hesitate   P(a hesitation of 3 to hesitate_max steps holding still after a phase)
-      p_miss       P(an LED press first misses, onto the table 2.5-10 cm beside the button): play data of a miss
-      drawer_tol_max / push_tol_max  open_drawer closes on the knob / close_drawer starts pushing once within a
-                   tolerance drawn per attempt from [DRAWER_GRASP_TOL, drawer_tol_max] / [DRAWER_PUSH_TOL, push_tol_max]
-                   (no draw when equal): always creeping to 6 mm with a drifting hand is slower than an evaluation
-      p_retry      P(the operator abandons the main motion at a random share RETRY_AT of the success threshold, lets
-                   go, lifts the hand and starts over from the new state): play data of unfinished attempts
-    (FINDINGS.md, "The play data's operator" and "The LED: does imagination know a press switched it?")
-    All of these default to 0: the scripted skills of eval.py / diagnose.check_skills are the clean ones."""
+    The plan comes from the first observation (scene_obs + desk geometry); each phase moves the TCP towards a goal with
+    a P-law and ends at its goal, when its scene condition holds, or at a timeout; .done turns True after the last one.
+      speed, gain    max |action| (1 = 2 cm per step); P-gain on the TCP error (0.5 = half per step)
+      noise          std of the Gaussian noise on the 6 motion dims; pause_steps, reach_target: random if None
+    Operator style (CALVIN's play is teleoperated; cloning 50 demos is not trivial: base policies 36-63%, Table I):
+      noise_corr     AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
+      p_via          P(a task first swings through a random via point ~via_scale m off the line to its waypoint)
+      p_hesitate     P(holding still for 3 to hesitate_max steps after a phase)
+      p_miss         P(an LED press first misses, onto the table 2.5-10 cm beside the button)
+      drawer_tol_max, push_tol_max  open_drawer grasps / close_drawer pushes within a tolerance drawn per attempt up to
+                     it from DRAWER_GRASP_TOL / DRAWER_PUSH_TOL (no draw when equal): humans don't always creep to 6 mm
+      p_retry        P(abandoning the motion at a share RETRY_AT of the success threshold: let go, lift, start over)
+    All default to 0 (eval.py's clean skills). FINDINGS.md: "The play data's operator", "The LED: does imagination know
+    a press switched it?"."""
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
                  noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
@@ -773,9 +761,8 @@ class ScriptedSkill:
 
 # ---------------------------------------------------------------- the real CALVIN simulator (optional)
 class CalvinEnvAdapter:
-    """The real calvin_env (scene D; its Hydra config, env.reset/step/get_info and task oracle) behind DeskEnv's
-    interface (tests/test_calvin.py). Images come at CALVIN's resolution (200 / 84); data.preprocess_obs resizes
-    them. The gripper action is thresholded to exactly +-1 (CALVIN asserts it)."""
+    """The real calvin_env (scene D: Hydra config, reset/step/get_info, task oracle) as DeskEnv (tests/test_calvin.py).
+    Images at 200 / 84 px (data.preprocess_obs resizes); gripper action exactly +-1 (CALVIN asserts it)."""
 
     def __init__(self, scene='calvin_scene_D', seed=None):
         try:
@@ -818,8 +805,7 @@ class CalvinEnvAdapter:
         return self._obs(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
 
     def close(self):
-        """Disconnect calvin_env's pybullet client once: its own close() (also run by its destructor) would print
-        about it, or try again."""
+        """Disconnect calvin_env's pybullet client once: its close() (run by its destructor too) prints or retries."""
         if getattr(self.env, 'ownsPhysicsClient', False) and getattr(self.env, 'p', None) is not None:
             self.env.p.disconnect(physicsClientId=self.env.cid)
         self.env.ownsPhysicsClient = False
@@ -841,8 +827,7 @@ class CalvinEnvAdapter:
         return set(self.tasks.get_task_info(start_info, info))
 
 
-# ---------------------------------------------------------------- many desks at once, for evaluation and DPPO:
-# in worker processes (one pybullet client each; workers=0: in this one), models run batched in the parent
+# -------------------------------- many desks at once, for evaluation and DPPO: one pybullet client per worker process
 
 def _make_env(kind: str, seed: int, env_kwargs: dict):
     if kind == 'calvin':
@@ -943,8 +928,7 @@ class VecDeskEnv:
 
 
 def make_vec_env(kind: str, n: int, workers: int = 2, seed: int = 0, image_size: int = 64) -> VecDeskEnv:
-    """n simulators of `kind` ('desk' = the built-in desk, 'calvin' = the real calvin_env, at CALVIN's own image
-    sizes) in `workers` processes (0: in this one)."""
+    """n simulators of `kind` ('desk'; 'calvin': real, own image sizes) in `workers` processes (0: in this one)."""
     if kind == 'calvin':
         return VecDeskEnv(n, workers=workers, seed=seed, kind='calvin')
     if kind != 'desk':

@@ -1,19 +1,17 @@
 """Latent reward: a success classifier on world-model latents (DiWA §III.C, S.2.3, Eq. 13-14, Tab. S.4).
 
-The world model, trained on task-agnostic play, has no reward head. Per skill a classifier C_psi(z) is trained on
-latents of the expert demonstrations: success frames are positives, distant / unsuccessful frames negatives
-(class-balanced batches). The reward of an imagined step is the success *probability* R_psi(z_t, a_t) := C_psi(z_{t+1})
-in [0, 1] (§III.C); DiWA's released code thresholds it to 0/1, here only `precision_recall` does (evaluation).
+The play-trained world model has no reward head: per skill a classifier C_psi(z) learns from expert demo latents,
+success frames positive, distant / unsuccessful ones negative. An imagined step's reward is the success *probability*
+R_psi(z_t, a_t) := C_psi(z_{t+1}) in [0, 1] (§III.C); DiWA's code binarises it, here only `precision_recall` does.
 
     z (F) ─> f_psi: Linear 512, ReLU, Linear 512 ─> embedding e (512) ─> NT-Xent (Eq. 13)
                                                     └─> g_psi: Linear 512, ReLU, Linear 2 ─> logits ─> CE
     loss = NT-Xent + CE (Eq. 14)                reward = softmax(logits)[:, 1]
 
-Not in the paper: with RewardConfig.imagined (cpu/test presets) every training frame is added again as the world model
-imagines it open loop from its sequence's first frame (imagined_samples times, each with its own sampled latents),
-with the recorded label: the policy is only ever rewarded on such latents (FINDINGS.md, "The reward classifier").
-With start_conditioned (off in every preset) the classifier reads C_psi(z_t, z_t - z_0), z_0 the episode's first
-latent: the success tests are relative to the start.
+Not in the paper: with RewardConfig.imagined every training frame is added again as the world model imagines it open
+loop from its sequence's first frame (imagined_samples times, latents sampled), with the recorded label: the policy is
+only ever rewarded on such latents (FINDINGS.md, "The reward classifier"). With start_conditioned the classifier reads
+C_psi(z_t, z_t - z_0), z_0 the episode's first latent: the success tests are relative to the start.
 
 Neither class: the neg_margin demo frames (one action chunk) just before a window's first success, which look like
 success to a latent classifier, and with drop_relapses the post-success frames where the test no longer holds
@@ -211,9 +209,8 @@ def reward_dataset(wm, demos: dict, split: dict, task: str, device, post: int, s
                    margin: int = 0, play_frac: float = 0.125, drop_relapses: bool = False,
                    relative: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(feat (N, F), start (N, F), label (N,)): the frames of `demos` (diffusion_policy.demo_latents of `split`)
-    labelled by the success test relative to the window start, with its window's z_0, plus play_negatives.
-    imagined=n adds every demo frame n times more, imagined along the recorded actions, with the recorded label;
-    margin and drop_relapses leave frames out (module docstring); play_frac: play snippets per demo success."""
+    labelled by the success test relative to the window start, with its window's z_0, plus play_negatives. imagined
+    (copies per frame), margin, drop_relapses: see the module docstring; play_frac: play snippets per demo success."""
     success = demos['success']
     first = success.float().argmax(1, keepdim=True)                   # (W, 1) first success frame (window end)
     offset = torch.arange(success.shape[1])[None] - first             # (W, T) frames relative to it

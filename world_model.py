@@ -66,32 +66,28 @@ class WMConfig:
 
 PRESETS = {
     'paper': {},
-    # Same architecture scaled for a CPU (feature 256 + 16*16 = 512; ~80 min / 10k steps on 2 cores); proprio_scaled:
-    # the small latent must know the gripper position to a centimetre (FINDINGS.md, "The imagination gap").
+    # Same architecture for a CPU (feature 256 + 16*16 = 512; ~80 min / 10k steps, 2 cores); proprio_scaled: see below.
     'cpu': dict(cnn_depth=16, deter=256, stoch=16, classes=16, hidden=256, mlp_hidden=128,
                 batch=8, seq_len=32, steps=10000, proprio_scaled=True),
     'test': dict(cnn_depth=4, deter=32, stoch=4, classes=4, hidden=32, mlp_hidden=32,
                  batch=4, seq_len=8, steps=5),
 }
 
-# Fixed affine scaling of CALVIN scene_obs into roughly [-1, 1] (CALVIN's joint ranges): the four joints by
-# their ranges, the two lights 0/1 -> -1/+1, block positions (m) around the table, block Euler angles by pi.
+# scene_obs -> ~[-1, 1]: joints by CALVIN's ranges, lights 0/1 -> -1/+1, block xyz (m) around the table, Euler by pi.
 _JOINT_RANGE = [0.28, 0.22, 0.02, 0.088]                  # door, drawer, button, switch
 _SCENE_OFFSET = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.0, 0.0, 0.5, 0.0, 0.0, 0.0] * 3
 _SCENE_SCALE = [r / 2 for r in _JOINT_RANGE] + [0.5, 0.5] + [0.3, 0.3, 0.3, math.pi, math.pi, math.pi] * 3
 
-# proprio = [tcp xyz (m), rot6d, gripper width (m), 7 joints (rad), gripper action +-1] (data.robot_obs_to_proprio).
-# With proprio_scaled the encoder sees (p - offset) / range (~[-1, 1]) and the decoder's std is _PROPRIO_STD, not 1:
-# at unit variance a 2 cm gripper error costs 0.0004 nats against ~150 for the images, so nothing asks the latent
-# to know the gripper position to the centimetre a knob needs (FINDINGS.md, "The imagination gap").
+# proprio = [tcp xyz (m), rot6d, width (m), 7 joints (rad), grip +-1]. proprio_scaled: the encoder gets p scaled to
+# ~[-1, 1], the decoder's std is _PROPRIO_STD, not 1: at unit variance a 2 cm gripper error costs 0.0004 nats vs ~150
+# for the images, so nothing asks the latent for the centimetre a knob needs (FINDINGS.md, "The imagination gap").
 _PROPRIO_OFFSET = [0.0, -0.13, 0.53] + [0.0, 1.0, 0.0, 1.0, 0.0, 0.0] + [0.04] + \
                   [0.03, -0.65, 1.02, 1.82, -1.98, -0.93, 1.77] + [0.0]
 _PROPRIO_RANGE = [0.3, 0.2, 0.15] + [0.2] * 6 + [0.04] + [1.0] * 7 + [1.0]
 _PROPRIO_STD = [0.01] * 3 + [0.02] * 6 + [0.005] + [0.1] * 7 + [0.2]   # [:3] is WMConfig.proprio_pos_std's default
 
-# CALVIN's relative controller (env.DeskEnv.step): the stored TCP target moves POS_SCALE m per action unit, clipped
-# to WORKSPACE; on reset it is the measured TCP. Same numbers as env.py (tested), so no simulator import here.
-# target_input feeds the GRU (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit keeps the millimetres.
+# CALVIN's relative controller (env.DeskEnv.step; same numbers, tested; no simulator import): its target resets to the
+# measured TCP. target_input feeds the GRU (target - _TARGET_OFFSET) / _TARGET_SCALE: 5 cm per unit keeps millimetres.
 POS_SCALE = 0.02
 WORKSPACE = ((-0.55, -0.65, 0.26), (0.55, 0.25, 0.80))
 _TARGET_OFFSET, _TARGET_SCALE = _PROPRIO_OFFSET[:3], 0.05
