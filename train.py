@@ -294,7 +294,7 @@ def stage_collect(args) -> None:
     """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
     cfg = build_config('collect', args, 'collect')
     if args.data or args.env == 'calvin':
-        raise StageError(f'--data / --env calvin: collect records play data on the built-in desk into the run folder; '
+        raise StageError('--data / --env calvin: collect records play data on the built-in desk into the run folder; '
                          'bring a CALVIN dataset with --data and skip collect')
     data.collect(cfg, data_root(args))
 
