@@ -787,9 +787,11 @@ def save_checkpoint(obj: dict, path) -> None:
     os.replace(tmp, path)
 
 
-def remove_stale_temps(path) -> None:
-    """Delete <path>.tmp<pid> files left by a process killed inside save_checkpoint (the checkpoint is intact)."""
-    for tmp in glob.glob(glob.escape(str(path)) + '.tmp*'):
+def remove_stale_temps(path, folder=None) -> None:
+    """Delete <path>.tmp<pid> files (and any in `folder`, e.g. the snapshots') left by a process killed inside
+    save_checkpoint (the checkpoint is intact)."""
+    patterns = [glob.escape(str(path)) + '.tmp*'] + ([os.path.join(glob.escape(str(folder)), '*.tmp*')] if folder else [])
+    for tmp in [t for pattern in patterns for t in glob.glob(pattern)]:
         pid = tmp.rsplit('.tmp', 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f'/proc/{pid}'):
             os.remove(tmp)

@@ -189,7 +189,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     if done is not None:
         return done
     with data.writer_lock(path, StageError):     # a second writer of the same checkpoint stops here, naming the first
-        data.remove_stale_temps(path)
+        data.remove_stale_temps(path, os.path.splitext(path)[0] + '_snapshots')
         status, ckpt = _resume_point(stage, task, path, config, upstream, force, extendable, n_steps, upstream_names)
         if status == 'done':            # finished by another writer since finished() looked
             print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')

@@ -41,7 +41,12 @@ def test_a_killed_run_resumes_to_what_an_uninterrupted_run_gives(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         toy_run(tmp_path / 'killed.pt', 7, stop_at=5)
     assert torch.load(tmp_path / 'killed.pt', weights_only=True)['step'] == 4      # the last checkpoint before it
+    stale = [tmp_path / 'killed.pt.tmp999999', tmp_path / 'killed_snapshots' / 'step6.pt.tmp999999']  # a kill mid-write
+    stale[1].parent.mkdir()
+    for f in stale:
+        f.write_bytes(b'half')
     resumed = toy_run(tmp_path / 'killed.pt', 7)
+    assert not any(f.exists() for f in stale)
     assert resumed['step'] == whole['step'] == 7 and resumed['done']
     assert all(torch.equal(resumed['model'][k], whole['model'][k]) for k in whole['model'])
     rows = lambda name: [(r['step'], r['loss']) for r in data.MetricsLog(str(tmp_path / name), 10 ** 9).rows]
