@@ -40,6 +40,7 @@ import eval as E
 import reward as R
 import world_model as W
 
+
 class StageError(RuntimeError):
     """A stage cannot go on (a NaN loss, a second writer, no data for a task). main() prints one line, exits 2."""
 
