@@ -7,7 +7,7 @@ simulator with --env calvin), never in the world model:
         x_0 = reset(start)                      -> z_0 = posterior(h_0, x_0)        (world_model.obs_step)
         repeat 18 times (72 control steps):     chunk a_t..a_{t+3} = policy(z_t), deterministic denoising
             execute each action (gripper thresholded at 0, S.3.1), update the posterior with every frame,
-            stop at the simulator's success test (env.task_success, CALVIN's task oracle)
+            stop at the task's success test (env.task_success: CALVIN's task definitions on scene_obs)
 
     python train.py --stage eval --task open_drawer --seeds 0 1 2        # every policy of the run, each seed
     python train.py --stage eval --task open_drawer --env calvin          # the real calvin_env, if installed
@@ -63,8 +63,8 @@ def window_starts(split: dict, task: str, n: int, seed: int) -> list:
     if not rows:
         raise data.DataError(f'no annotated window of {task} starts where it is possible: no CALVIN start states')
     order = np.random.default_rng([seed, env.TASKS.index(task), 4321]).permutation(len(rows))
-    return [(split['robot_obs'][rows[order[i % len(rows)]]].astype(np.float64),
-             split['scene_obs'][rows[order[i % len(rows)]]].astype(np.float64)) for i in range(n)]
+    pick = [rows[order[i % len(rows)]] for i in range(n)]
+    return [(split['robot_obs'][r].astype(np.float64), split['scene_obs'][r].astype(np.float64)) for r in pick]
 
 
 def task_starts(task: str, n: int, seed: int) -> list:
