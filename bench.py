@@ -1,11 +1,14 @@
 """Throughput benchmarks: how fast each hot loop runs, and how close it gets to what the machine can do.
 
-    python bench.py [env|wm|bc|dream|ppo|finetune|all] [--device auto] [--quick]
+    python bench.py [env|wm|bc|dream|ppo|finetune|main|all] [--device auto] [--quick] [--run runs/cpu]
 
-The limit on a CPU (or GPU) is its matrix throughput, measured first with large square fp32 matmuls.
+The limits on a CPU (or GPU) are its matrix throughputs, measured first with large square matmuls in fp32 and in
+bf16 (bf16 runs on AMX / AVX512-BF16 units or tensor cores, several times the fp32 rate where the hardware has them).
 Networks' achieved GFLOP/s are counted from their layer shapes (2 * in * out per sample for every Linear,
-the same per output pixel for every convolution; elementwise work ignored), so 'fraction of the limit'
-reads as: how much of the matmul engine the loop keeps busy.
+the same per output pixel for every convolution; elementwise work ignored), so 'fraction of a limit'
+reads as: how much of that matmul engine the loop keeps busy. Each loop runs in its preset's precision (`bf16`).
+`main` prints the wall-clock of each stage of `python train.py --stage all --preset cpu --tasks open_drawer`:
+measured, from the run folder's stage_times.json, and extrapolated from this benchmark where it can.
 Absolute times on shared machines are noisy: compare ratios within one run.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -50,11 +54,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_limit(device, n: int = 2048) -> float:
-    """Measured fp32 GFLOP/s of an n x n @ n x n matmul: the machine's practical peak for our networks."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_limit(device, dtype=torch.float32, n: int = 2048) -> float:
+    """Measured GFLOP/s of an n x n @ n x n matmul in dtype: the machine's practical peak for our networks."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     t = timeit(lambda: (a @ b, sync(device)), min_time=2.0)
     return 2 * n ** 3 / t / 1e9
+
+
+def of_limits(gflops: float, limits: dict) -> str:
+    """'x GFLOP/s (a% of the fp32 limit, b% of the bf16 limit)'."""
+    return f'{gflops:.1f} GFLOP/s (' + ', '.join(f'{100 * gflops / v:.0f}% of the {k} limit' for k, v in limits.items()) + ')'
 
 
 def linear_flops(module: nn.Module) -> int:
@@ -110,6 +119,7 @@ def bench_env(quick: bool) -> None:
         dt = time.perf_counter() - t0
     frames = cfg.episodes * cfg.episode_len
     print(f'env: collection, 2 workers: {frames / dt:7.0f} frames/s ({frames} frames incl. process start-up)')
+    TIMED['collect'] = frames / dt
 
 
 # ---------------------------------------------------------------------------------------------------- wm
@@ -147,9 +157,10 @@ def bench_wm(device, quick: bool, limit: float) -> None:
         r = _subprocess_json('_wm', preset, device, quick)
         if r is None:
             continue
+        TIMED.setdefault(f'wm_{preset}', r['step_s'])
         gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
         print(f"wm: {preset:>5s} preset ({r['params_m']:.1f}M params): {r['frames_s']:7.0f} training frames/s, "
-              f"{r['gflops']:.1f} GFLOP/s ({100 * r['gflops'] / limit:.0f}% of limit), peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
+              f"{of_limits(r['gflops'], limit)}, peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
 
 
 # ---------------------------------------------------------------------------------------------------- policy, dream, ppo
@@ -183,8 +194,7 @@ def bench_bc(device, quick: bool, limit: float) -> None:
                  'cond': torch.randn(cfg.batch, feat_dim, device=device)}
         t = timeit(lambda: (D.update_bc(policy, opt, ema, batch), sync(device)), min_time=1.0 if quick else 3.0)
         flops = 3 * count_flops(lambda: policy.bc_loss(batch['actions'], batch['cond']))
-        print(f'bc: {preset:>5s} preset: {cfg.batch / t:8.0f} samples/s, {flops / t / 1e9:.1f} GFLOP/s '
-              f'({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+        print(f'bc: {preset:>5s} preset: {cfg.batch / t:8.0f} samples/s, {of_limits(flops / t / 1e9, limit)}')
 
 
 def bench_dream(device, quick: bool, limit: float) -> None:
@@ -201,7 +211,7 @@ def bench_dream(device, quick: bool, limit: float) -> None:
             flops = count_flops(lambda: P.imagine_rollout(wm, policy, actor, critic, clf, pool, cfg, gen))
             dec = N * cfg.n_steps
             print(f'dream: {preset:>5s} preset, N={N:3d}: {dec * 4 / t:8.0f} imagined steps/s, {dec / t:7.0f} decisions/s '
-                  f'(K={policy.K}), {flops / t / 1e9:.1f} GFLOP/s ({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+                  f'(K={policy.K}), {of_limits(flops / t / 1e9, limit)}')
 
 
 def bench_ppo(device, quick: bool, limit: float) -> None:
@@ -217,7 +227,7 @@ def bench_ppo(device, quick: bool, limit: float) -> None:
         flops = count_flops(lambda: P.update(actor, critic, policy, buffer, opts, cfg, 0.05, generator=gen))
         samples = cfg.n_envs * cfg.n_steps * cfg.K_ft
         print(f'ppo: {preset:>5s} preset: {samples / t:8.0f} samples/s (batch {cfg.batch_size}), '
-              f'{flops / t / 1e9:.1f} GFLOP/s ({100 * flops / t / 1e9 / limit:.0f}% of limit)')
+              f'{of_limits(flops / t / 1e9, limit)}')
 
 
 def bench_finetune_one(preset: str, device) -> dict:
@@ -243,10 +253,35 @@ def bench_finetune(device, quick: bool) -> None:
         r = _subprocess_json('_finetune', preset, device)
         if r is None:
             continue
+        TIMED.setdefault(f'finetune_{preset}', r['iter_s'])
         gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
         print(f"finetune: {preset:>5s} preset: {r['iter_s']:.1f} s/iteration x {r['iterations']} iterations = "
               f"{r['iter_s'] * r['iterations'] / 60:.0f} min per task and seed ({r['steps_s']:.0f} imagined steps/s "
               f"end to end), peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
+
+
+# ---------------------------------------------------------------------------------------------------- main command
+TIMED = {}      # what this invocation's sections measured, for bench_main's extrapolation
+
+
+def bench_main(run: str) -> None:
+    """Each stage of `python train.py --stage all --preset cpu --tasks open_drawer`: its wall-clock measured by the
+    last such command in `run` (stage_times.json), beside the extrapolation from this invocation's env / wm /
+    finetune sections (collection frames/s x frames, s/step x steps, s/iteration x iterations)."""
+    path = os.path.join(run, 'stage_times.json')
+    last = json.load(open(path)) if os.path.isfile(path) else {'seconds': {}}
+    measured = last['seconds']
+    collect, wm, ft = presets(data)['cpu'], presets(W)['cpu'], presets(P)['cpu']
+    extrapolated = {'collect': collect.episodes * collect.episode_len / TIMED['collect'] if 'collect' in TIMED else None,
+                    'wm': wm.steps * TIMED['wm_cpu'] if 'wm_cpu' in TIMED else None,
+                    'finetune': ft.iterations * TIMED['finetune_cpu'] if 'finetune_cpu' in TIMED else None}
+    print(f'main: stage wall-clock, measured by the last `python train.py {last.get("command", "--stage all ...")}` in {run}' if measured
+          else f'main: stage wall-clock (no {path}: nothing measured)')
+    print("main: extrapolated: this invocation's speeds x the `cpu` preset's frames, steps and iterations")
+    for stage in ('collect', 'wm', 'bc', 'reward', 'finetune', 'eval', 'total'):
+        m, e = measured.get(stage), extrapolated.get(stage)
+        print(f'main: {stage:>8s}: ' + (f'{m / 60:5.1f} min measured' if m is not None else '    - measured') +
+              (f', {e / 60:5.1f} min extrapolated' if e is not None else ''))
 
 
 def _subprocess_json(section: str, preset: str, device, quick: bool = False) -> dict | None:
@@ -265,14 +300,14 @@ def main(argv=None):
     p.add_argument('what', nargs='*', help='sections: env wm bc dream ppo finetune all (default all)')
     p.add_argument('--device', default='auto')
     p.add_argument('--quick', action='store_true', help='shorter timings (noisier)')
+    p.add_argument('--run', default='runs/cpu', help="main: the run folder of the main command's stage_times.json")
     args = p.parse_args(argv)
-    sections = ['env', 'wm', 'bc', 'dream', 'ppo', 'finetune']
+    sections = ['env', 'wm', 'bc', 'dream', 'ppo', 'finetune', 'main']
     internal = args.what[:1] in (['_wm'], ['_finetune'])
     bad = [w for w in args.what if w not in sections + ['all']] if not internal else []
     if bad:
         p.error(f'unknown section(s) {bad}; choose from {sections} or all')
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          ('cpu' if args.device == 'auto' else args.device))
+    device = data.pick_device(args.device)
     what = sections if not args.what or 'all' in args.what else args.what
     print(f'device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}')
     if internal:                  # one preset of one section in its own process (_subprocess_json)
@@ -280,8 +315,8 @@ def main(argv=None):
             bench_finetune_one(args.what[1], device)
         print(json.dumps(one))
         return
-    limit = matmul_limit(device)
-    print(f'limit: fp32 matmul 2048^3: {limit:.1f} GFLOP/s')
+    limit = {'fp32': matmul_limit(device), 'bf16': matmul_limit(device, torch.bfloat16)}
+    print('limits: matmul 2048^3: ' + ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in limit.items()))
     for name in what:
         if name == 'env':
             bench_env(args.quick)
@@ -289,6 +324,8 @@ def main(argv=None):
             bench_wm(device, args.quick, limit)
         elif name == 'finetune':
             bench_finetune(device, args.quick)
+        elif name == 'main':
+            bench_main(args.run)
         else:
             {'bc': bench_bc, 'dream': bench_dream, 'ppo': bench_ppo}[name](device, args.quick, limit)
 

@@ -36,6 +36,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -183,6 +184,14 @@ TMP_TAG = '.tmp-'                                                      # <name>.
 
 def frame_path(folder, frame_id: int) -> Path:
     return Path(folder) / f'episode_{int(frame_id):07d}.npz'
+
+
+def seed_everything(seed: int) -> None:      # Python's, NumPy's and torch's global random streams
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:        # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else torch.device(name)
 
 
 def atomic_write(path, write_fn, sync: bool = False) -> None:

@@ -614,7 +614,7 @@ def main(argv=None) -> int:
     args.demos, args.post_success_frames = 50, 16           # train.py's defaults (cache keys match)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = TR.pick_device(args.device)
+    device = data.pick_device(args.device)
     cfg = dataclasses.replace(E.EvalConfig(), **E.PRESETS[args.preset])
     cfg.episodes = args.episodes or cfg.episodes
     cfg.workers = cfg.workers if args.workers is None else args.workers

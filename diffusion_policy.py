@@ -124,8 +124,8 @@ class ResidualMLP(nn.Module):
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 1))
         self.out = nn.Linear(width, out_dim)
 
-    def forward(self, x):
-        h = F.mish(self.inp(x))
+    def forward(self, x=None, pre=None):    # pre: the first layer's output before Mish, if computed outside
+        h = F.mish(self.inp(x) if pre is None else pre)
         for block in self.blocks:
             h = h + F.mish(block(h))
         return self.out(h)
@@ -142,18 +142,25 @@ class EpsNet(nn.Module):
         chunk = cfg.Tp * cfg.action_dim
         self.mlp = ResidualMLP(chunk + cfg.time_dim + cond_dim, chunk, cfg.mlp_dim, cfg.mlp_layers)
 
-    def forward(self, x_k, k, cond):
+    def forward(self, x_k, k, cond, rows=None):
+        """rows (B,): cond is (D,F), one latent per decision, sample i's is cond[rows[i]]; the latent's part of the
+        first layer, most of its work, then runs once per decision, not per sample (the PPO update; same numbers)."""
         temb = self.time_mlp(sinusoidal_embedding(k, self.time_dim))           # (B, time_dim)
-        h = torch.cat([x_k.flatten(1), temb, cond], dim=1)                     # (B, Tp*Da + time_dim + F)
-        return self.mlp(h).view_as(x_k)
+        xt = torch.cat([x_k.flatten(1), temb], dim=1)                          # (B, Tp*Da + time_dim)
+        if rows is None:
+            return self.mlp(torch.cat([xt, cond], dim=1)).view_as(x_k)
+        W, n = self.mlp.inp.weight, xt.shape[1]                                # first layer on cat(xt, cond)
+        pre = F.linear(xt, W[:, :n], self.mlp.inp.bias) + F.linear(cond, W[:, n:])[rows]
+        return self.mlp(pre=pre).view_as(x_k)
 
 
-def _check_inputs(policy, cond, x=None):
+def _check_inputs(policy, cond, x=None, rows=None):
     assert cond.dim() == 2 and cond.shape[1] == policy.cond_dim, \
         f'cond must be (B, {policy.cond_dim}) world-model latents, got {tuple(cond.shape)}'
+    B = cond.shape[0] if rows is None else rows.shape[0]          # with rows: cond holds one latent per decision
     if x is not None:
-        assert x.shape[1:] == (policy.Tp, policy.Da) and x.shape[0] == cond.shape[0], \
-            f'action chunk must be (B={cond.shape[0]}, Tp={policy.Tp}, Da={policy.Da}), got {tuple(x.shape)}'
+        assert x.shape[1:] == (policy.Tp, policy.Da) and x.shape[0] == B, \
+            f'action chunk must be (B={B}, Tp={policy.Tp}, Da={policy.Da}), got {tuple(x.shape)}'
 
 
 # ---- The diffusion policy (Eq. 1, 5, 12) -----------------------------------------------------------
@@ -182,14 +189,14 @@ class DiffusionPolicy(nn.Module):
         mean = self._at('post_c0', k) * x0 + self._at('post_ck', k) * x_k
         return mean, self._at('post_var', k).sqrt().expand_as(mean)
 
-    def step_mean_std(self, x_k, k, cond, min_std=0.):
+    def step_mean_std(self, x_k, k, cond, min_std=0., rows=None):
         """Eq. 5: mean mu_theta(z, x^k, k), std sigma_k >= min_std of pi(x^{k-1} | z, x^k); x_k (B,Tp,Da), k (B,) in
-        1..K, cond (B,F) -> (B,Tp,Da) x2. sigma_1 = 0 (deterministic last step): log-probs need min_std > 0."""
-        _check_inputs(self, cond, x_k)
+        1..K, cond (B,F) (or (D,F) and rows: EpsNet) -> (B,Tp,Da) x2. sigma_1 = 0: log-probs need min_std > 0."""
+        _check_inputs(self, cond, x_k, rows)
         assert k.shape == (x_k.shape[0],), f'k must be (B,) long in 1..{self.K}, got shape {tuple(k.shape)}'
         if k.device.type == 'cpu':       # the range check reads k: on a GPU that would sync every denoising step
             assert 1 <= int(k.min()) and int(k.max()) <= self.K, f'k must be (B,) long in 1..{self.K}'
-        eps_hat = self.eps_net(x_k, k, cond)
+        eps_hat = self.eps_net(x_k, k, cond, rows)
         ab = self._at('alpha_bar', k)
         x0_hat = ((x_k - (1 - ab).sqrt() * eps_hat) / ab.sqrt()).clamp(-1, 1)   # denoised estimate, in [-1,1]
         mean, std = self.q_posterior(x0_hat, x_k, k)
@@ -262,10 +269,11 @@ class GaussianPolicy(nn.Module):
         self.mean_net = ResidualMLP(cond_dim, cfg.Tp * cfg.action_dim, cfg.mlp_dim, cfg.mlp_layers)
         self.log_std = nn.Parameter(torch.zeros(cfg.Tp, cfg.action_dim))
 
-    def step_mean_std(self, x_k, k, cond, min_std=0.):
+    def step_mean_std(self, x_k, k, cond, min_std=0., rows=None):
         """Same signature as DiffusionPolicy.step_mean_std; x_k and k are ignored. -> (B,Tp,Da) x2."""
-        _check_inputs(self, cond, x_k)
-        mean = torch.tanh(self.mean_net(cond)).view_as(x_k)                        # bounded to [-1, 1]
+        _check_inputs(self, cond, x_k, rows)
+        mean = torch.tanh(self.mean_net(cond))                                     # bounded to [-1, 1]
+        mean = (mean if rows is None else mean[rows]).view_as(x_k)
         std = self.log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp().clamp(min=min_std)
         return mean, std.expand_as(mean)
 

@@ -79,14 +79,16 @@ class FinetuneConfig:
     reward_binary: bool = False  # reward 1[p > threshold] instead of the probability (§III.C); not in the paper
     latent_sample: bool = True  # z_{t+1} ~ prior (Alg. 1) or its mode (FINDINGS.md, "The imagination gap")
     sim_workers: int = 2  # DPPO baseline only: simulator processes
+    bf16: bool = False  # not in the paper: bfloat16 autocast of the PPO update (FINDINGS.md, "Speed on 2 cores")
 
 
 PRESETS = {
     'paper': {},
     # cpu (2 cores, 512-d cpu world model): 50 x 18 decisions, 4 epochs = 20 gradient steps per iteration (paper: ~24),
-    # ~4.5 s each; larger actor lr for ~5x fewer iterations; success_threshold: FINDINGS.md, "Fine-tuning settings..."
+    # ~2.7 s each; larger actor lr for ~5x fewer iterations; success_threshold: FINDINGS.md, "Fine-tuning settings...";
+    # bf16: FINDINGS.md, "Speed on 2 cores"
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
-                critic_hidden=128, sim_workers=2, success_threshold=0.8),
+                critic_hidden=128, sim_workers=2, success_threshold=0.8, bf16=True),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
                  batch_size=16, critic_hidden=32, critic_layers=2, actor_lr=1e-3, sim_workers=2),
 }
@@ -249,11 +251,18 @@ def make_optimizers(actor, critic, cfg: FinetuneConfig) -> dict:
             'critic': torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)}
 
 
-def step_logprob(policy, x_k, x_prev, k, cond, min_std: float) -> torch.Tensor:
+def step_logprob(policy, x_k, x_prev, k, cond, min_std: float, rows=None) -> torch.Tensor:
     """log pi(x^{k-1} | x^k, z, k) of one denoising step (Eq. 5), (B,), *averaged* over the Ta x Da
-    action entries as in DPPO: DPPO's clip range 0.001-0.01 (clip_min, clip_max) is tuned for that scale."""
-    mean, std = policy.step_mean_std(x_k, k, cond, min_std=min_std)
+    action entries as in DPPO: DPPO's clip range 0.001-0.01 (clip_min, clip_max) is tuned for that scale.
+    rows (B,): cond is one latent per decision (D,F), sample i's is cond[rows[i]] (EpsNet.forward)."""
+    mean, std = policy.step_mean_std(x_k, k, cond, min_std=min_std, rows=rows)
     return gaussian_logprob(x_prev, mean, std) / x_prev[0].numel()
+
+
+def _actor_logprob(actor, cfg: FinetuneConfig, x_k, x_prev, k, feat, rows) -> torch.Tensor:
+    """step_logprob in the update's precision (cfg.bf16): old and new log-probs alike, so that ratios start at 1."""
+    with torch.autocast(feat.device.type, torch.bfloat16, enabled=cfg.bf16):
+        return step_logprob(actor, x_k, x_prev, k, feat, cfg.min_logprob_std, rows).float()
 
 
 def chain_transitions(chain: torch.Tensor):
@@ -371,11 +380,12 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
     # Gaussian policy (S.5.3, K=1): a single step, no denoising discount
     b_disc = denoising_discount(b_k, cfg.gamma_denoise) if K > 1 else torch.ones_like(b_adv)
     with torch.no_grad():
-        b_logp_old = torch.cat([step_logprob(actor, b_x_k[s:s + Bm], b_x_prev[s:s + Bm], b_k[s:s + Bm],
-                                             feat[b_row[s:s + Bm]], cfg.min_logprob_std) for s in range(0, M, Bm)])
-        # BC targets: one pi_pre chain per decision and iteration (pi_pre, feats fixed; DPPO draws per minibatch)
-        pre = torch.cat([policy_pre.sample(feat[s:s + Bm], min_std=cfg.min_std, noise_clip=cfg.noise_clip,
-                                           generator=generator)[:, K - K_ft:] for s in range(0, T * N, Bm)])
+        b_logp_old = torch.cat([_actor_logprob(actor, cfg, b_x_k[s:s + Bm], b_x_prev[s:s + Bm], b_k[s:s + Bm],
+                                               feat, b_row[s:s + Bm]) for s in range(0, M, Bm)])
+        # BC targets, in the update's precision: one pi_pre chain per decision and iteration (DPPO: per minibatch)
+        with torch.autocast(feat.device.type, torch.bfloat16, enabled=cfg.bf16):
+            pre = torch.cat([policy_pre.sample(feat[s:s + Bm], min_std=cfg.min_std, noise_clip=cfg.noise_clip,
+                                               generator=generator)[:, K - K_ft:] for s in range(0, T * N, Bm)])
         b_bc_x_k, b_bc_x_prev = pre[b_row, b_i], pre[b_row, b_i + 1]
     stats = {k: [] for k in ('policy', 'bc', 'value', 'approx_kl', 'clipfrac', 'ratio')}
     stopped = 0
@@ -384,8 +394,8 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
         perm = torch.randperm(M, generator=cpu_gen).to(feat.device)
         for s in range(0, M, Bm):
             mb = perm[s:s + Bm]
-            mb_feat, mb_k = feat[b_row[mb]], b_k[mb]
-            v_loss = value_loss(critic(mb_feat), b_ret[mb])  # Eq. 17
+            mb_row, mb_k = b_row[mb], b_k[mb]
+            v_loss = value_loss(critic(feat)[mb_row], b_ret[mb])  # Eq. 17; V once per decision
             opts['critic'].zero_grad(set_to_none=True)
             v_loss.backward()
             nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
@@ -397,9 +407,12 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
             if cfg.norm_adv:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
             mb_adv = mb_adv * b_disc[mb]  # Eq. 8: A_{t(t,k)} = gamma_denoise^k A_{t(t,1)}
-            logp_new = step_logprob(actor, b_x_k[mb], b_x_prev[mb], mb_k, mb_feat, cfg.min_logprob_std)
+            # One actor pass scores the PPO samples and their BC twins (same decisions, same k): twice the batch
+            logp = _actor_logprob(actor, cfg, torch.cat([b_x_k[mb], b_bc_x_k[mb]]),
+                                  torch.cat([b_x_prev[mb], b_bc_x_prev[mb]]), mb_k.repeat(2), feat, mb_row.repeat(2))
+            logp_new, logp_bc = logp.chunk(2)
             pg_loss, info = ppo_loss(logp_new, b_logp_old[mb], mb_adv, b_clip[mb])  # Eq. 7
-            bc = bc_loss(step_logprob(actor, b_bc_x_k[mb], b_bc_x_prev[mb], mb_k, mb_feat, cfg.min_logprob_std))
+            bc = bc_loss(logp_bc)
             loss = pg_loss + alpha_bc * bc  # Eq. 16
             opts['actor'].zero_grad(set_to_none=True)
             loss.backward()

@@ -574,8 +574,8 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    TR.seed_everything(args.seed)
-    return TR.guarded(stage_report, args, TR.pick_device(args.device))
+    data.seed_everything(args.seed)
+    return TR.guarded(stage_report, args, data.pick_device(args.device))
 
 
 if __name__ == '__main__':

@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -359,7 +358,7 @@ def stage_bc(args, device, task: str) -> dict:
     """Pre-train the diffusion policy on the task's 50 demos in latent space: Eq. 12, Table S.3 (§III.B).
     --seed draws the demos and the initial weights; each seed writes its own file (bc_file)."""
     cfg = build_config('bc', args, 'bc')
-    seed_everything(args.seed)       # initial weights and noise: the same in any process, after any other stage
+    data.seed_everything(args.seed)       # initial weights and noise: the same in any process, after any other stage
     wm, wm_ckpt = load_world_model(args, device)
     demos = demo_latents(args, wm, wm_ckpt, task, device)
     sel = demos['in_window']                                             # frames s..e of each window
@@ -389,7 +388,7 @@ def stage_bc(args, device, task: str) -> dict:
 def stage_reward(args, device, task: str) -> dict:
     """Latent success classifier C_psi: NT-Xent + cross-entropy, Eq. 13-14, Table S.4 (§III.C)."""
     cfg = build_config('reward', args, 'reward')
-    seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
+    data.seed_everything(args.seed)       # initial weights and imagined latents: the same in any process, any order
     wm, wm_ckpt = load_world_model(args, device)
     where = out_path(args, task, 'reward.pt')
     upstream = [wm_ckpt['key'], args.demos, args.post_success_frames] + seed_tag(args)
@@ -444,7 +443,7 @@ def stage_finetune(args, device, task: str, seed: int, simulator: bool = False) 
     Seed `seed` fine-tunes BC seed `seed`'s policy (bc_file) and writes diwa_s<seed>.pt / dppo_s<seed>.pt."""
     stage = 'dppo' if simulator else 'finetune'
     cfg = build_config('ft', args, stage)
-    seed_everything(seed)
+    data.seed_everything(seed)
     wm, wm_ckpt = load_world_model(args, device)
     policy_pre, bc_ckpt = load_bc_policy(args, task, seed, wm.feat_dim, device)     # BC seed `seed`
     actor, critic = P.make_actor(policy_pre), P.make_critic(wm.feat_dim, cfg).to(device)
@@ -498,34 +497,35 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
 
 
 def stage_all(args, device, tasks: list) -> None:
-    """Everything missing, in Algorithm 1's order; each stage skips itself when its checkpoint is done and was
-    made with the same settings and inputs (train_loop compares keys), so a re-run of a finished run is fast."""
+    """Everything missing, in Algorithm 1's order: a stage whose checkpoint is done with the same key skips itself.
+    The wall-clock of each stage is printed at the end and kept in <run>/stage_times.json (bench.py main)."""
+    times = {}
+
+    def timed(name, fn, *fn_args):
+        t0 = time.time()
+        fn(*fn_args)
+        times[name] = times.get(name, 0.0) + time.time() - t0
+
     if not args.data:           # with --data the user brings the dataset (e.g. real CALVIN)
-        stage_collect(args)        # resumable: finished episodes are kept
-    stage_wm(args, device)
+        timed('collect', stage_collect, args)        # resumable: finished episodes are kept
+    timed('wm', stage_wm, args, device)
     for task in tasks:
         for seed in args.seeds:                 # one BC policy per seed (bc_file)
-            stage_bc(with_seed(args, seed), device, task)
-        stage_reward(args, device, task)        # one classifier per task (--seed)
+            timed('bc', stage_bc, with_seed(args, seed), device, task)
+        timed('reward', stage_reward, args, device, task)        # one classifier per task (--seed)
         for seed in args.seeds:
-            stage_finetune(with_seed(args, seed), device, task, seed)
-            evaluate(with_seed(args, seed), device, task)
+            timed('finetune', stage_finetune, with_seed(args, seed), device, task, seed)
+            timed('eval', evaluate, with_seed(args, seed), device, task)
+    times['total'] = sum(times.values())
+    print('[all] wall-clock: ' + ', '.join(f'{name} {t / 60:.1f} min' for name, t in times.items()))
+    blob = json.dumps({'seconds': times, 'command': args.command}).encode()
+    data.atomic_write(os.path.join(args.run, 'stage_times.json'), lambda fh: fh.write(blob))
 
 
 # ---- Command line
 
 STAGES = ['collect', 'wm', 'bc', 'reward', 'finetune', 'dppo', 'eval', 'all']
 TASK_STAGES = ('bc', 'reward', 'finetune', 'dppo', 'eval')
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else torch.device(name)
 
 
 USER_ERRORS = (StageError, data.DataError, OSError)     # the user's to fix: printed as one line, exit code 2
@@ -550,9 +550,8 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = torch default)')
     p.add_argument('--force', action='store_true', help='re-run stages even if their outputs are up to date')
-    p.add_argument('--wm-init', default=None, metavar='WM_PT',
-                   help='--stage wm: start from this trained world model (wm.pt) instead of random weights; inputs '
-                        'it lacks (--wm.target_input) start at zero. --wm.steps counts the steps added')
+    p.add_argument('--wm-init', default=None, metavar='WM_PT', help='--stage wm: start from this world model (wm.pt); '
+                   'inputs it lacks (--wm.target_input) start at zero. --wm.steps counts the steps added')
     p.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval in steps (0 = about 1/20 of the stage)')
     p.add_argument('--demos', type=int, default=50, help='expert demonstrations per task (paper: N = 50, Tab. S.3)')
     p.add_argument('--snapshots', type=int, default=5, help='policy snapshots kept during fine-tuning (Fig. 3)')
@@ -618,6 +617,7 @@ def run_stage(args, device) -> None:       # --seeds: the bc / finetune / dppo /
 def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser()
     args = p.parse_args(argv)
+    args.command = ' '.join(sys.argv[1:] if argv is None else argv)        # kept with --stage all's timings
     if args.stage in TASK_STAGES and args.tasks is None:
         p.error(f'--stage {args.stage} needs --task (one or more of {", ".join(env.TASKS)}, or all)')
     return check_args(p, args)
@@ -641,8 +641,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    return guarded(run_stage, args, pick_device(args.device))
+    data.seed_everything(args.seed)
+    return guarded(run_stage, args, data.pick_device(args.device))
 
 
 if __name__ == '__main__':

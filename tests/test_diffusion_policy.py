@@ -81,7 +81,7 @@ def test_step_mean_equals_posterior_mean_with_true_noise():
     xk = pol.q_sample(x0, k, eps)
 
     class Oracle(torch.nn.Module):                            # an eps-net that predicts the true noise
-        def forward(self, x, kk, c):
+        def forward(self, x, kk, c, rows=None):
             return eps
     pol.eps_net = Oracle()
     mean, std = pol.step_mean_std(xk, k, torch.zeros(B, 5), min_std=0.)
@@ -96,7 +96,7 @@ def test_denoised_estimate_is_clipped_to_action_range():
     pol = dp.DiffusionPolicy(5, make_cfg(K=10))
 
     class Wild(torch.nn.Module):                              # noise estimate that implies |x0_hat| >> 1
-        def forward(self, x, kk, c):
+        def forward(self, x, kk, c, rows=None):
             return torch.full_like(x, -10.0)
     pol.eps_net = Wild()
     xk, k = torch.zeros(4, 4, 7), torch.tensor([1, 4, 7, 10])
@@ -270,3 +270,20 @@ def test_gaussian_policy_bc_max_likelihood():
         last = dp.update_bc(pol, opt, None, {'actions': act, 'cond': cond})['bc_loss']
     assert last < first - 1.0
     assert pol.log_std.exp().mean() < 0.5, 'ML should shrink the std towards the residual error'
+
+
+@pytest.mark.parametrize('kind', ['diffusion', 'gaussian'])
+def test_per_decision_latents_with_rows_equal_per_sample_latents(kind):
+    """step_mean_std(..., cond (D,F), rows): the latent's part of the first layer once per decision (the PPO update)
+    must give what cond[rows] (one latent per sample) gives."""
+    torch.manual_seed(0)
+    cfg = dp.BCConfig(**{**dp.PRESETS['test'], 'policy': kind})
+    pol = dp.make_policy(5, cfg)
+    cond, rows = torch.randn(4, 5), torch.tensor([0, 3, 3, 1, 0, 2, 2])
+    x, k = torch.randn(7, cfg.Tp, cfg.action_dim), torch.randint(1, pol.K + 1, (7,))
+    m_ref, s_ref = pol.step_mean_std(x, k, cond[rows], min_std=0.1)
+    m, s = pol.step_mean_std(x, k, cond, min_std=0.1, rows=rows)
+    torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s, s_ref)
+    with pytest.raises(AssertionError, match='action chunk must be'):
+        pol.step_mean_std(x, k, cond, rows=rows[:3])

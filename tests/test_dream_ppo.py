@@ -383,3 +383,22 @@ def test_dppo_baseline_counts_simulator_steps():
     assert counters['sim_steps'] == cfg.n_steps * cfg.n_envs * 4 and counters['imagined_steps'] == 0
     assert m['charts/episodes'] >= cfg.n_envs  # every episode ends by decision max_episode_steps
     assert all(math.isfinite(v) for v in m.values())
+
+
+def test_bf16_update_logprobs_agree_with_fp32_and_do_not_depend_on_the_batch():
+    """--ft.bf16: the actor runs under a bfloat16 autocast in the PPO update, old and new log-probs alike. A sample's
+    log-prob must not depend on which other samples share its batch (else ratios would not start at 1), and it stays
+    within 0.01 of fp32's (mean 0.001): the clip range (0.001-0.01) bounds the ratio, not these log-probs' error."""
+    torch.manual_seed(0)
+    pol = DiffusionPolicy(64, BCConfig(**{**BC_PRESETS['cpu'], 'mlp_dim': 256}))
+    feat, n = torch.randn(50, 64), 400
+    x_k = torch.randn(n, 4, 7)
+    x_prev, k, rows = 0.9 * x_k + 0.1 * torch.randn(n, 4, 7), torch.randint(1, 11, (n,)), torch.randint(0, 50, (n,))
+    bf16, fp32 = replace(TEST, bf16=True), replace(TEST, bf16=False)
+    with torch.no_grad():
+        whole = dp._actor_logprob(pol, bf16, x_k, x_prev, k, feat, rows)
+        part = dp._actor_logprob(pol, bf16, x_k[::3], x_prev[::3], k[::3], feat, rows[::3])
+        ref = dp._actor_logprob(pol, fp32, x_k, x_prev, k, feat, rows)
+    assert whole.dtype == torch.float32
+    torch.testing.assert_close(part, whole[::3], rtol=0, atol=1e-6)
+    assert (whole - ref).abs().max() < 0.01 and (whole - ref).abs().mean() < 0.001

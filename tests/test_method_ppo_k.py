@@ -98,19 +98,28 @@ def spy_update(monkeypatch, buffer, cfg, alpha_bc=0.1, pre=None):
     calls, ppo_calls = [], []
     real_step_logprob, real_ppo_loss = dp.step_logprob, dp.ppo_loss
 
-    def step_logprob(policy, x_k, x_prev, k, cond, min_std):
-        out = real_step_logprob(policy, x_k, x_prev, k, cond, min_std)
+    def step_logprob(policy, x_k, x_prev, k, cond, min_std, rows=None):
+        out = real_step_logprob(policy, x_k, x_prev, k, cond, min_std, rows)
         calls.append({'x_k': x_k.detach().clone(), 'x_prev': x_prev.detach().clone(), 'k': k.clone(),
-                      'cond': cond.detach().clone(), 'grad': torch.is_grad_enabled(), 'out': out.detach().clone()})
+                      'cond': (cond if rows is None else cond[rows]).detach().clone(),     # each sample's latent
+                      'grad': torch.is_grad_enabled(), 'out': out.detach().clone()})
         return out
 
     def ppo_loss(logp_new, logp_old, adv, clip):
+        n = len(logp_new)               # the actor pass just before scored the PPO samples, then their BC twins
         ppo_calls.append({'adv': adv.detach().clone(), 'clip': torch.as_tensor(clip).clone(),
-                          'last': calls[-1]})                       # the logp_new call just before
+                          'logp_new': logp_new.detach().clone(), 'call': calls[-1],
+                          'last': {k: v[:n] if torch.is_tensor(v) and v.dim() else v for k, v in calls[-1].items()}})
         return real_ppo_loss(logp_new, logp_old, adv, clip)
 
+    def bc_loss(logp):
+        ppo_calls[-1]['bc'] = logp.detach().clone()                 # the same minibatch's BC term
+        return real_bc_loss(logp)
+
+    real_bc_loss = dp.bc_loss
     monkeypatch.setattr(dp, 'step_logprob', step_logprob)
     monkeypatch.setattr(dp, 'ppo_loss', ppo_loss)
+    monkeypatch.setattr(dp, 'bc_loss', bc_loss)
     dp.update(actor, critic, pre if pre is not None else LabelledFrozen(pre_real.K), buffer,
               dp.make_optimizers(actor, critic, cfg), cfg, alpha_bc=alpha_bc)
     return calls, ppo_calls
@@ -160,6 +169,21 @@ def test_update_scores_x_k_to_x_km1_at_step_k_and_bc_pairs_of_the_frozen_chain(m
     assert sorted(pairs) == sorted(everything) and all(label(c['x_k'])[2].eq(0).all() for c in old)
 
 
+def test_ppo_term_scores_the_rollout_chain_and_the_bc_term_the_frozen_chain(monkeypatch):
+    """One actor pass scores a minibatch's PPO samples and their BC twins: the ratio must take the rollout chain's
+    log-probs and the BC term the frozen policy's, each sample with its own k and decision (a swapped split would
+    regularise towards the rollout and clip the BC pairs)."""
+    cfg = replace(TEST, K_ft=K_FT, update_epochs=2, batch_size=5, norm_adv=False)
+    _, ppo_calls = spy_update(monkeypatch, hand_buffer(), cfg)
+    assert len(ppo_calls) == 2 * math.ceil(3 * 2 * K_FT / 5)
+    for c in ppo_calls:
+        k, d, src = label(c['call']['x_k'])
+        out = c['call']['out']
+        torch.testing.assert_close(c['logp_new'], out[src == 0])
+        torch.testing.assert_close(c['bc'], out[src == 1])
+        assert torch.equal(k[src == 0], k[src == 1]) and torch.equal(d[src == 0], d[src == 1])   # twins
+
+
 def test_update_old_logprobs_equal_the_policys_own_chain_logprob(monkeypatch):
     """With a real sampled chain: the update's old log-prob of each sample equals the actor's (pi_old's)
     chain_logprob (which indexes the *full* chain at positions K-k, K-k+1) at that k, per action entry."""
@@ -178,7 +202,8 @@ def test_update_old_logprobs_equal_the_policys_own_chain_logprob(monkeypatch):
     cfg = replace(TEST, K_ft=K_FT, update_epochs=1, batch_size=1000)
     dp.update(actor, critic, pre, buf, dp.make_optimizers(actor, critic, cfg), cfg, alpha_bc=0.0)
     (args, old), = [(a, o) for a, o in recorded if not o.requires_grad]
-    _, x_k, _, k, cond, _ = args
+    _, x_k, _, k, cond, _, rows = args
+    cond = cond if rows is None else cond[rows]                     # each sample's latent
     # identify each sample's decision by its latent, then recompute with the policy's own indexing
     rows = torch.cdist(cond, feat).argmin(1)
     ref = table[rows, k - 1]
