@@ -76,7 +76,7 @@ class FinetuneConfig:
     reward: str = 'classifier'  # 'classifier' C(z_{t+1}) (§III.C) or 'decoder': task test on decoded scene (Fig. 2)
     reward_over_chunk: str = 'max'  # not in the paper (FINDINGS.md, "Fine-tuning settings that depart from the paper")
     success_threshold: float = 0.5  # not in the paper (FINDINGS.md, "Fine-tuning settings that depart from the paper")
-    reward_binary: bool = False  # reward 1[p > threshold] instead of the probability (§III.C); not in the paper
+    objective: str = 'probability'  # §III.C's; or 'binary', 'mixed' (FINDINGS.md, "The imagined objective")
     latent_sample: bool = True  # z_{t+1} ~ prior (Alg. 1) or its mode (FINDINGS.md, "The imagination gap")
     sim_workers: int = 2  # DPPO baseline only: simulator processes
     bf16: bool = False  # not in the paper: bfloat16 autocast of the PPO update (FINDINGS.md, "Speed on 2 cores")
@@ -86,9 +86,9 @@ PRESETS = {
     'paper': {},
     # cpu (2 cores, 512-d cpu world model): 50 x 18 decisions, 4 epochs = 20 gradient steps per iteration (paper: ~24),
     # ~2.7 s each; larger actor lr for ~5x fewer iterations; success_threshold: FINDINGS.md, "Fine-tuning settings...";
-    # bf16: FINDINGS.md, "Speed on 2 cores"
+    # bf16: FINDINGS.md, "Speed on 2 cores"; objective 'mixed' until measured: FINDINGS.md, "The imagined objective"
     'cpu': dict(n_steps=18, iterations=150, update_epochs=4, batch_size=1800, actor_lr=1e-4,
-                critic_hidden=128, sim_workers=2, success_threshold=0.8, bf16=True),
+                critic_hidden=128, sim_workers=2, success_threshold=0.8, bf16=True, objective='mixed'),
     'test': dict(n_envs=6, n_steps=5, max_episode_steps=3, iterations=2, K_ft=2, update_epochs=2,
                  batch_size=16, critic_hidden=32, critic_layers=2, actor_lr=1e-3, sim_workers=2),
 }
@@ -107,11 +107,30 @@ def _check_cfg(cfg: FinetuneConfig):
     assert cfg.K_ft >= 1, f'K_ft must be >= 1, got {cfg.K_ft}'
     assert cfg.start_states in ('rest', 'any'), f"start_states must be 'rest' or 'any', got {cfg.start_states!r}"
     assert cfg.reward in ('classifier', 'decoder'), f"reward must be 'classifier' or 'decoder', got {cfg.reward!r}"
+    assert cfg.objective in OBJECTIVES, f'objective must be one of {OBJECTIVES}, got {cfg.objective!r}'
     assert cfg.reward_over_chunk in ('max', 'last'), f"reward_over_chunk must be 'max' or 'last', got {cfg.reward_over_chunk!r}"
     assert 0 < cfg.clip_min <= cfg.clip_max, f'need 0 < clip_min <= clip_max, got {cfg.clip_min}, {cfg.clip_max}'
 
 
 # ----------------------------------------------------------------------------- pure math
+OBJECTIVES = ('probability', 'binary', 'mixed')
+
+
+def episode_end(p, ep_len, cfg: FinetuneConfig):
+    """The Dream MDP's reward and episode ends after a decision whose chunk scored p (N,), the episode's ep_len-th.
+    -> reward, success (p > threshold), done (the episode ends: restart), terminal (ends with no future value).
+      'probability' (§III.C): R = p; the episode runs to max_episode_steps, the threshold only counts successes.
+      'binary' (the reference code): R = 1[p > threshold]; a success ends the episode, terminal.
+      'mixed': R = p, and a success ends the episode: it pays for hovering just below the threshold (a success at
+               decision 5 returns ~1-2, p = 0.79 for 18 decisions ~14); kept for comparison, timeouts terminal too.
+    A timeout of 'probability' and 'binary' is a truncation: GAE bootstraps it with V of the state it stopped in."""
+    success, timeout = p > cfg.success_threshold, ep_len >= cfg.max_episode_steps
+    reward = success.float() if cfg.objective == 'binary' else p
+    ends_at_success = success if cfg.objective != 'probability' else torch.zeros_like(success)
+    done = ends_at_success | timeout
+    return reward, success, done, ends_at_success | (timeout if cfg.objective == 'mixed' else torch.zeros_like(timeout))
+
+
 def denoise_index(t, k, K: int):
     """Eq. 4: position t(t,k) = tK + (K-k) of denoising step k of decision t in the flattened MDP."""
     return t * K + (K - k)
@@ -131,9 +150,10 @@ def denoising_discount(k: torch.Tensor, gamma_denoise: float) -> torch.Tensor:
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float, lam: float,
-        last_value: torch.Tensor | None = None):
+        last_value: torch.Tensor | None = None, end_values: torch.Tensor | None = None):
     """Eq. 15, GAE at k=1 over decisions. rewards (T,N); values (T+1,N), or (T,N) plus last_value (N,); dones (T,N):
-    episode ended after t (no bootstrap; timeouts end the task too). -> adv (T,N), value targets adv + V (T,N)."""
+    episode ended after t; end_values (T,N): the value to bootstrap an ended episode with (V of the state a truncated
+    one stopped in, 0 for a terminal end; None: all ends terminal). -> adv (T,N), value targets adv + V (T,N)."""
     T, N = rewards.shape
     if last_value is not None:
         values = torch.cat([values, last_value[None]], 0)
@@ -143,7 +163,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma:
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(T)):
-        delta = rewards[t] + gamma * values[t + 1] * notdone[t] - values[t]  # delta_{t(t,1)}
+        next_value = values[t + 1] * notdone[t] + (0.0 if end_values is None else end_values[t] * dones[t].float())
+        delta = rewards[t] + gamma * next_value - values[t]  # delta_{t(t,1)}
         last = delta + gamma * lam * notdone[t] * last  # sum_l (gamma lam)^l delta_{t(t+l,1)}
         adv[t] = last
     return adv, adv + values[:-1]
@@ -338,18 +359,20 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     relative = getattr(reward_clf, 'relative', False)  # reward vs z_0 (Fig. 2 decoder reward, start_conditioned)
     start_feat = wm.feature(state) if relative else None
     ep_len = torch.zeros(N, dtype=torch.long, device=state['h'].device)
-    feats, chains, rewards, dones, succs, values = [], [], [], [], [], []
+    ep_succ = torch.zeros(N, dtype=torch.bool, device=ep_len.device)       # a success so far in the episode
+    feats, chains, rewards, dones, succs, values, ends = [], [], [], [], [], [], []
     for t in range(T):
         feat = wm.feature(state)  # z_t: (N, F)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)  # (N, K_ft+1, Ta, Da)
         actions = execute_chunk(chain[:, -1, :action_horizon(policy_pre)])  # (N, Ta, Da)
         state, p = imagine_chunk(wm, state, actions, reward_clf, cfg, start_feat)
-        success = p > cfg.success_threshold
-        reward = success.float() if cfg.reward_binary else p  # R = C(z_{t+1}) (paper: probability)
         ep_len += 1
-        done = success | (ep_len >= cfg.max_episode_steps)
+        reward, success, done, terminal = episode_end(p, ep_len, cfg)      # R = C(z_{t+1}) (paper: probability)
+        ep_succ |= success
         feats.append(feat), chains.append(chain), rewards.append(reward), dones.append(done)
-        succs.append(success), values.append(critic(feat))
+        succs.append(ep_succ & done), values.append(critic(feat))          # an ended episode's success
+        ends.append(torch.where(done & ~terminal, critic(wm.feature(state)), 0.0))   # truncated: V(z_{t+1})
+        ep_succ = ep_succ & ~done
         fresh = _sample_starts(start_pool, N, generator)
         state = _where_state(done, fresh, state)  # restart ended episodes
         if relative:
@@ -358,7 +381,7 @@ def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict,
     values.append(critic(wm.feature(state)))  # bootstrap V(z_T)
     return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': torch.stack(rewards),
             'dones': torch.stack(dones), 'successes': torch.stack(succs), 'values': torch.stack(values),
-            'imagined_steps': T * N * actions.shape[1], 'sim_steps': 0}
+            'end_values': torch.stack(ends), 'imagined_steps': T * N * actions.shape[1], 'sim_steps': 0}
 
 
 # ----------------------------------------------------------------------------- PPO update (Alg. 1 l. 27-35)
@@ -368,7 +391,8 @@ def update(actor, critic, policy_pre, buffer: dict, opts: dict, cfg: FinetuneCon
     clipped PPO loss (Eq. 7-9, 16) and value loss (Eq. 17). buffer['rewards'] are already scaled. -> float metrics."""
     T, N = buffer['rewards'].shape
     F = buffer['feat'].shape[-1]
-    adv, returns = gae(buffer['rewards'], buffer['values'], buffer['dones'], cfg.gamma, cfg.gae_lambda)
+    adv, returns = gae(buffer['rewards'], buffer['values'], buffer['dones'], cfg.gamma, cfg.gae_lambda,
+                       end_values=buffer.get('end_values'))
     feat = buffer['feat'].reshape(T * N, F)
     chain = buffer['chain'].reshape(T * N, *buffer['chain'].shape[2:])
     K_ft = chain.shape[1] - 1

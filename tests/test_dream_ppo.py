@@ -217,9 +217,11 @@ def test_rollout_episode_ends_and_restarts():
     assert torch.equal(b['dones'], expect) and not b['successes'].any()  # timeouts only
     torch.testing.assert_close(b['feat'][3], wm.feature(pool).expand(cfg.n_envs, -1))  # restarted from the pool
     assert torch.allclose(b['rewards'], torch.full_like(b['rewards'], 0.2))
-    b = dp.imagine_rollout(wm, pre, actor, critic, ToyReward(wm.feat_dim, 0.9), pool, cfg)
-    assert b['dones'].all() and b['successes'].all() and b['sim_steps'] == 0
+    b = dp.imagine_rollout(wm, pre, actor, critic, ToyReward(wm.feat_dim, 0.9), pool, replace(cfg, objective='binary'))
+    assert b['dones'].all() and b['successes'].all() and b['sim_steps'] == 0      # a success ends the episode
     assert b['values'].shape == (8, cfg.n_envs) and b['imagined_steps'] == 7 * cfg.n_envs * 4
+    b = dp.imagine_rollout(wm, pre, actor, critic, ToyReward(wm.feat_dim, 0.9), pool, cfg)   # 'probability'
+    assert torch.equal(b['dones'], expect) and torch.equal(b['successes'], expect)   # no end at a success
 
 
 def test_rollout_gives_a_relative_reward_its_episode_start():

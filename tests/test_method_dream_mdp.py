@@ -8,8 +8,9 @@ the expected dones / successes / rewards / restarts of every decision can be wri
     success   = p > cfg.success_threshold   (strict; the threshold comes from the config: 0.37 here, so a
                                              hard-coded 0.5 or 0.8 fails)
     p         = max over the chunk's 4 latents ('max') or the 4th one ('last')
-    reward    = p (paper) or 1[p > threshold] (reward_binary)
-    done      = success or max_episode_steps decisions; a done episode, and only it, restarts from the pool (h = 0).
+    reward    = p (paper, 'mixed') or 1[p > threshold] ('binary')
+    done      = success or max_episode_steps decisions ('mixed', 'binary'); a done episode, and only it, restarts
+                from the pool (h = 0). 'probability' (the paper's objective) ends at max_episode_steps only.
 """
 from dataclasses import replace
 
@@ -22,7 +23,7 @@ from diffusion_policy import PRESETS as BC_PRESETS, BCConfig, DiffusionPolicy
 
 THR = 0.37
 CFG = replace(dp.FinetuneConfig(**dp.PRESETS['test']), n_envs=5, n_steps=4, max_episode_steps=3, K_ft=2,
-              success_threshold=THR, reward_binary=False, reward_over_chunk='max')
+              success_threshold=THR, objective='mixed', reward_over_chunk='max')
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -132,7 +133,7 @@ def test_last_latent_of_the_chunk():
 
 
 def test_binary_reward_mode():
-    b, _ = run(replace(CFG, reward_binary=True))
+    b, _ = run(replace(CFG, objective='binary'))
     torch.testing.assert_close(b['rewards'], b['successes'].float())
     assert b['rewards'][:, 0].tolist() == [1.0] * 4 and b['rewards'][:, 1].tolist() == [0.0] * 4
 
@@ -189,3 +190,60 @@ def test_the_executed_chunk_is_x0_of_the_stored_chain():
             a = sent[4 * t + j]
             torch.testing.assert_close(a[:, :6], x0[:, j, :6])
             assert torch.equal(a[:, 6], torch.where(x0[:, j, 6] >= 0, 1.0, -1.0))
+
+
+# ----------------------------------------------------------------------------- the objective (FINDINGS.md)
+def episode_return(cfg, probs):
+    """Discounted return from the start of one episode whose decisions score `probs` in turn (V = 0, lambda = 1)."""
+    rewards, dones, ends = [], [], []
+    for t, p in enumerate(probs):
+        reward, _, done, terminal = dp.episode_end(torch.tensor([p]), torch.tensor([t + 1]), cfg)
+        rewards.append(reward), dones.append(done), ends.append(torch.zeros(1))
+        if done.item():
+            break
+    T = len(rewards)
+    adv, _ = dp.gae(torch.stack(rewards), torch.zeros(T + 1, 1), torch.stack(dones), cfg.gamma, 1.0,
+                    end_values=torch.stack(ends))
+    return adv[0, 0].item()
+
+
+@pytest.mark.parametrize('objective, finishing_wins', [('probability', True), ('binary', True), ('mixed', False)])
+def test_the_objectives_rank_finishing_above_hovering(objective, finishing_wins):
+    """A policy that hovers just below the threshold (p = 0.79 for all 18 decisions) against one that finishes at
+    decision 5 (p = 0.3, then 0.95 and the task stays done): the paper's probability objective and the reference
+    code's binary one pay more for finishing; the mixed one (probability reward, end at success) pays for hovering."""
+    cfg = replace(dp.FinetuneConfig(**dp.PRESETS['cpu']), objective=objective, max_episode_steps=18, gamma=0.999)
+    assert cfg.success_threshold == 0.8
+    hover = episode_return(cfg, [0.79] * 18)
+    finish = episode_return(cfg, [0.3] * 4 + [0.95] * 14)
+    assert (finish > hover) == finishing_wins, (objective, hover, finish)
+
+
+def test_gae_bootstraps_a_truncated_episode_with_its_end_value():
+    """One decision that ends its episode: terminal -> A = r - V(s); truncated with end value v -> A = r + g v - V(s)."""
+    r, v, d = torch.tensor([[1.0]]), torch.tensor([[0.5], [7.0]]), torch.tensor([[True]])
+    adv, _ = dp.gae(r, v, d, 0.9, 0.95)
+    assert adv.item() == pytest.approx(1.0 - 0.5)                               # the next row's 7.0 is never used
+    adv, _ = dp.gae(r, v, d, 0.9, 0.95, end_values=torch.tensor([[2.0]]))
+    assert adv.item() == pytest.approx(1.0 + 0.9 * 2.0 - 0.5)
+
+
+class StepCritic(nn.Module):
+    def forward(self, feat):                    # V = 10 x the steps since the episode started
+        return 10 * feat[:, 0]
+
+
+@pytest.mark.parametrize('objective', ['probability', 'binary', 'mixed'])
+def test_rollout_bootstraps_timeouts_except_in_the_mixed_objective(objective):
+    """An episode cut at max_episode_steps keeps its future: end_values = V of the state it stopped in (h = 4 x 3 = 12
+    steps here), for the probability and binary objectives; a success ('binary', 'mixed') and every end of 'mixed'
+    are terminal (0). 'probability' never ends at a success."""
+    cfg = replace(CFG, objective=objective)
+    pre = DiffusionPolicy(2, BCConfig(**BC_PRESETS['test']))
+    b = dp.imagine_rollout(StepCountWM(), pre, dp.make_actor(pre), StepCritic(), ScriptedClassifier(script()),
+                           {'h': torch.zeros(1, 1), 'z': torch.zeros(1, 1)}, cfg, torch.Generator().manual_seed(0))
+    timeout = b['dones'] & ~(b['successes'] & (objective != 'probability'))
+    expect = torch.where(timeout, 120.0, 0.0) if objective != 'mixed' else torch.zeros_like(b['end_values'])
+    torch.testing.assert_close(b['end_values'], expect)
+    if objective == 'probability':
+        assert b['dones'].sum() == b['dones'].shape[1] and b['dones'][2].all()      # all end at decision 3 only
