@@ -103,7 +103,8 @@ def alpha_bc_for(task: str, cfg: FinetuneConfig | None = None) -> float:
     return ALPHA_BC.get(task, 0.05)
 
 
-def _check_cfg(cfg: FinetuneConfig):
+def check_config(cfg: FinetuneConfig):
+    """Each setting in its range (train.check_args runs this before any work starts)."""
     assert cfg.K_ft >= 1, f'K_ft must be >= 1, got {cfg.K_ft}'
     assert cfg.start_states in ('rest', 'any'), f"start_states must be 'rest' or 'any', got {cfg.start_states!r}"
     assert cfg.reward in ('classifier', 'decoder'), f"reward must be 'classifier' or 'decoder', got {cfg.reward!r}"
@@ -353,7 +354,7 @@ def imagine_chunk(wm, state: dict, actions: torch.Tensor, reward_clf, cfg: Finet
 def imagine_rollout(wm, policy_pre, actor, critic, reward_clf, start_pool: dict, cfg: FinetuneConfig,
                     generator: torch.Generator | None = None) -> dict:
     """N imagined episodes, T decisions (Alg. 1 l. 8-26), from start_pool; an ended one restarts from a fresh draw."""
-    _check_cfg(cfg)
+    check_config(cfg)
     N, T = cfg.n_envs, cfg.n_steps
     state = _sample_starts(start_pool, N, generator)
     relative = getattr(reward_clf, 'relative', False)  # reward vs z_0 (Fig. 2 decoder reward, start_conditioned)
@@ -503,7 +504,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
                  starts: list | None = None) -> dict:
     """DPPO baseline: decisions run in the simulator (wm.obs_step filters, its success test rewards, every step counts)
     -> imagine_rollout's buffer. starts: start states drawn with rng (default env.sample_task_start)."""
-    _check_cfg(cfg)
+    check_config(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7
 

@@ -499,8 +499,7 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
 def stage_all(args, device, tasks: list) -> None:
     """Everything missing, in Algorithm 1's order: a stage whose checkpoint is done with the same key skips itself.
     The wall-clock of each stage is printed at the end and kept in <run>/stage_times.json (bench.py main)."""
-    times = {}
-
+    times = {}                                  # stage -> seconds, over its tasks and seeds
     def timed(name, fn, *fn_args):
         t0 = time.time()
         fn(*fn_args)
@@ -576,11 +575,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     for key, value in vars(args).items():      # counts, sizes and rates are never negative
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             p.error(f'--{key if "." in key else key.replace("_", "-")} must be >= 0, got {value}')
-    if args.demos == 0:
-        p.error('--demos must be > 0')
-    K, K_ft = build_config('bc', args).K, build_config('ft', args).K_ft
-    if K_ft > K:
-        p.error(f"--ft.K_ft {K_ft} exceeds the number of denoising steps --bc.K {K} (need K' <= K)")
+    K, ft = build_config('bc', args).K, build_config('ft', args)
+    try:                                       # the settings' own checks (dream_ppo.check_config), before any work
+        assert args.demos > 0, '--demos must be > 0'
+        assert ft.K_ft <= K, f"--ft.K_ft {ft.K_ft} exceeds the number of denoising steps --bc.K {K} (need K' <= K)"
+        P.check_config(ft)
+    except AssertionError as e:
+        p.error(str(e))
     args.run = args.run or os.path.join('runs', args.preset)
     try:                                       # the run folder must be writable before hours of work start
         os.makedirs(args.run, exist_ok=True)
