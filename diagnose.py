@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import data
+import diffusion_policy as D
 import dream_ppo as P
 import env
 import eval as E
@@ -370,7 +371,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
                                 f'--stage {E.stage_of(policy)} --seed {args.seed} again')
         actor = P.load_actor(ck, policy_pre)
         fcfg = dataclasses.replace(fcfg, **{k: v for k, v in ck['config'].items() if hasattr(fcfg, k)})  # as it was trained
-    factory = E.policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed)
+    factory = E.policy_agent_factory(policy_pre, actor if policy != 'base' else None, fcfg.K_ft, seed=args.seed,
+                                     sampler=cfg.sampler)
     # the decoded-state reward and a start-conditioned classifier compare with the episode's first latent
     relative = getattr(clf, 'relative', False)
     starts, acts, post_p = {k: [] for k in wm.state_keys}, [], []
@@ -589,6 +591,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--episodes', type=int, default=None, help='episodes per task (default: the preset / 100)')
     p.add_argument('--workers', type=int, default=None, help='simulator processes')
+    p.add_argument('--sampler', choices=D.SAMPLERS, default=None, help='gap: evaluation sampler (default: the preset)')
     p.add_argument('--env', choices=['desk', 'calvin'], default='desk')
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = torch default)')
@@ -618,6 +621,7 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(E.EvalConfig(), **E.PRESETS[args.preset])
     cfg.episodes = args.episodes or cfg.episodes
     cfg.workers = cfg.workers if args.workers is None else args.workers
+    cfg.sampler = args.sampler or cfg.sampler
     return TR.guarded(run_report, args, p, tasks, cfg, device)
 
 

@@ -165,6 +165,11 @@ def _check_inputs(policy, cond, x=None, rows=None):
 
 # ---- The diffusion policy (Eq. 1, 5, 12) -----------------------------------------------------------
 
+# Evaluation samplers (`--eval.sampler`): 'mean' = the noise-free chain of posterior means; 'ddpm' = DPPO's evaluation,
+# the schedule's posterior noise (std >= 1e-3) on every step k > 1 and the mean at k = 1. Both differ only for k > 1.
+SAMPLERS, DDPM_EVAL_MIN_STD = ('mean', 'ddpm'), 1e-3
+
+
 class DiffusionPolicy(nn.Module):
     def __init__(self, cond_dim, cfg):
         super().__init__()
@@ -203,12 +208,13 @@ class DiffusionPolicy(nn.Module):
         return mean, std.clamp(min=min_std)
 
     @torch.no_grad()
-    def sample(self, cond, deterministic=False, min_std=0.1, noise_clip=3.0, ft_policy=None, K_ft=0,
+    def sample(self, cond, sampler='explore', min_std=0.1, noise_clip=3.0, ft_policy=None, K_ft=0,
                generator=None):
         """Denoising chain of Eq. 1: cond (B,F) -> chain (B, K+1, Tp, Da), chain[:, i] = x^{K-i}. Steps k <= K_ft use
-        ft_policy (DiWA fine-tunes only the last K'). Exploration as in DPPO: std >= min_std, noise clipped to
-        +-noise_clip; deterministic=True adds none after x^K (evaluation). The final chunk is clipped to [-1, 1]
-        (S.3.1; not in the paper or DPPO), its log-prob taken there (small bias). generator: on cond's device."""
+        ft_policy (DiWA fine-tunes only the last K'). sampler: 'explore' (fine-tuning, as DPPO: std >= min_std, noise
+        clipped to +-noise_clip) or an evaluation sampler (SAMPLERS). The final chunk is clipped to [-1, 1] (S.3.1; not
+        in the paper or DPPO), its log-prob taken there (small bias). generator: on cond's device."""
+        assert sampler in ('explore', *SAMPLERS), f'sampler must be explore or one of {SAMPLERS}, got {sampler!r}'
         _check_inputs(self, cond)
         assert K_ft == 0 or ft_policy is not None, f'K_ft={K_ft} > 0 needs ft_policy'
         assert 0 <= K_ft <= self.K, f'K_ft={K_ft} must be in 0..K={self.K}'
@@ -217,8 +223,9 @@ class DiffusionPolicy(nn.Module):
         chain = [x]
         for k in range(self.K, 0, -1):
             pi = ft_policy if k <= K_ft else self
-            mean, std = pi.step_mean_std(x, torch.full((B,), k, device=cond.device), cond, min_std=min_std)
-            if deterministic:
+            mean, std = pi.step_mean_std(x, torch.full((B,), k, device=cond.device), cond,
+                                         min_std=DDPM_EVAL_MIN_STD if sampler == 'ddpm' else min_std)
+            if sampler == 'mean' or (sampler == 'ddpm' and k == 1):
                 x = mean
             else:
                 noise = torch.randn(mean.shape, device=cond.device, generator=generator)
@@ -278,16 +285,17 @@ class GaussianPolicy(nn.Module):
         return mean, std.expand_as(mean)
 
     @torch.no_grad()
-    def sample(self, cond, deterministic=False, min_std=0.1, noise_clip=3.0, ft_policy=None, K_ft=0,
+    def sample(self, cond, sampler='explore', min_std=0.1, noise_clip=3.0, ft_policy=None, K_ft=0,
                generator=None):
-        """cond (B,F) -> chain (B, 2, Tp, Da). K_ft >= 1 samples with ft_policy (the single step)."""
+        """cond (B,F) -> chain (B, 2, Tp, Da). K_ft >= 1 samples with ft_policy (the single step). Both evaluation
+        samplers return the mean: the one step is k = 1."""
         _check_inputs(self, cond)
         assert K_ft in (0, 1) and (K_ft == 0 or ft_policy is not None), 'GaussianPolicy: K_ft must be 0 or 1'
         pi = ft_policy if K_ft == 1 else self
         x1 = torch.zeros(cond.shape[0], self.Tp, self.Da, device=cond.device)
         mean, std = pi.step_mean_std(x1, torch.ones(cond.shape[0], dtype=torch.long, device=cond.device),
                                      cond, min_std=min_std)
-        if deterministic:
+        if sampler != 'explore':
             x0 = mean
         else:
             noise = torch.randn(mean.shape, device=cond.device, generator=generator)

@@ -502,8 +502,9 @@ def _info(obs: dict) -> dict:
 def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneConfig,
                  rng: np.random.Generator, generator: torch.Generator | None = None, device='cpu',
                  starts: list | None = None) -> dict:
-    """DPPO baseline: decisions run in the simulator (wm.obs_step filters, its success test rewards, every step counts)
-    -> imagine_rollout's buffer. starts: start states drawn with rng (default env.sample_task_start)."""
+    """DPPO baseline: decisions run in the simulator (wm.obs_step filters, its success test rewards 1 and ends the
+    episode, a timeout is a truncation as in DPPO, every step counts) -> imagine_rollout's buffer. starts: start states
+    drawn with rng (default env.sample_task_start)."""
     check_config(cfg)
     N, T, S = cfg.n_envs, cfg.n_steps, wm.cfg.image_size
     Da = 7
@@ -518,7 +519,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
 
     state, start_info = start(list(range(N)))
     ep_len = torch.zeros(N, dtype=torch.long, device=device)
-    feats, chains, rewards, dones, values = [], [], [], [], []
+    feats, chains, rewards, dones, values, ends = [], [], [], [], [], []
     for t in range(T):
         feat = wm.feature(state)
         chain = _sample_chain(policy_pre, actor, feat, cfg, generator)
@@ -534,6 +535,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
         done = success | (ep_len >= cfg.max_episode_steps)
         feats.append(feat), chains.append(chain), rewards.append(success.float()), dones.append(done)
         values.append(critic(feat))
+        ends.append(torch.where(done & ~success, critic(wm.feature(state)), 0.0))   # a timeout is a truncation
         ids = done.nonzero().flatten().tolist()
         if ids:
             new_state, new_info = start(ids)
@@ -547,7 +549,7 @@ def real_rollout(sims, wm, policy_pre, actor, critic, task: str, cfg: FinetuneCo
     rewards = torch.stack(rewards)
     return {'feat': torch.stack(feats), 'chain': torch.stack(chains), 'rewards': rewards,
             'dones': torch.stack(dones), 'successes': rewards.bool(), 'values': torch.stack(values),
-            'imagined_steps': 0, 'sim_steps': T * N * actions.shape[1]}
+            'end_values': torch.stack(ends), 'imagined_steps': 0, 'sim_steps': T * N * actions.shape[1]}
 
 
 def dppo_iteration(sims, wm, policy_pre, actor, critic, opts: dict, scaler, task: str,

@@ -38,6 +38,7 @@ class EvalConfig:
     max_decisions: int = 18    # decisions per episode: 18 chunks x Ta=4 = 72 control steps, the reference code's limit
     envs: int = 20             # desks stepped in parallel per batch of episodes
     workers: int = 2           # simulator processes (0 = in this process)
+    sampler: str = 'mean'      # denoising: 'mean' (noise-free chain) or 'ddpm' (DPPO's evaluation: noise on steps k > 1)
 
 
 PRESETS = {'paper': {}, 'cpu': {}, 'test': {'episodes': 4, 'envs': 4, 'workers': 0}}
@@ -81,14 +82,14 @@ def task_starts(task: str, n: int, seed: int) -> list:
 class ChunkAgent:
     """Any policy that outputs action chunks from latents (diffusion or Gaussian): one decision every Ta steps."""
 
-    def __init__(self, policy, Ta: int = 4, deterministic: bool = True, generator=None):
-        self.policy, self.Ta, self.deterministic, self.generator = policy, Ta, deterministic, generator
+    def __init__(self, policy, Ta: int = 4, sampler: str = 'mean', generator=None):
+        self.policy, self.Ta, self.sampler, self.generator = policy, Ta, sampler, generator
         self.chunk = None
 
     @torch.no_grad()
     def __call__(self, t: int, obs: list, feat: torch.Tensor) -> np.ndarray:
         if t % self.Ta == 0:   # new decision: denoise a fresh chunk from z_t
-            chain = self.policy.sample(feat, deterministic=self.deterministic, generator=self.generator)
+            chain = self.policy.sample(feat, sampler=self.sampler, generator=self.generator)
             self.chunk = chain[:, -1].float().cpu().numpy()            # (B, Tp, 7)
         return self.chunk[:, t % self.Ta]
 
@@ -148,7 +149,7 @@ def run_episodes(make_agent, task: str, starts: list, cfg: EvalConfig, wm=None, 
 # ----------------------------------------------------------------------------------------------------
 
 RESULT_FIELDS = ['task', 'policy', 'seed', 'episodes', 'successes', 'success', 'ci_low', 'ci_high',
-                 'mean_steps', 'sim_steps_finetune', 'preset', 'env', 'ckpt_key', 'commit', 'wall_s']
+                 'mean_steps', 'sim_steps_finetune', 'preset', 'env', 'sampler', 'ckpt_key', 'commit', 'wall_s']
 
 
 def git_commit() -> str:
@@ -167,13 +168,12 @@ def read_results(path: str) -> list:
 
 
 def write_result(path: str, row: dict) -> None:
-    """Replace the row of the same (task, policy, seed, env) or append it; atomic rewrite of the file, under a
-    lock so that evaluations of several tasks running at once do not lose each other's rows."""
+    """Replace the row of the same (task, policy, seed, env, sampler) or append it; atomic rewrite of the file,
+    under a lock so that evaluations of several tasks running at once do not lose each other's rows."""
     with open(path + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = [r for r in read_results(path)
-                if (r['task'], r['policy'], str(r['seed']), r.get('env', 'desk')) !=
-                (row['task'], row['policy'], str(row['seed']), row.get('env', 'desk'))]
+        same = lambda r: (r['task'], r['policy'], str(r['seed']), r.get('env') or 'desk', r.get('sampler') or 'mean')
+        rows = [r for r in read_results(path) if same(r) != same(row)]
         rows.append({k: row.get(k, '') for k in RESULT_FIELDS})
         tmp = f'{path}.tmp{os.getpid()}'
         with open(tmp, 'w', newline='') as fh:
@@ -199,16 +199,17 @@ def summarize(task: str, policy: str, seed: int, out: dict, t0: float, **extra) 
 # Evaluating the checkpoints of a run
 # ----------------------------------------------------------------------------------------------------
 
-def policy_agent_factory(policy_pre, actor=None, K_ft: int = 0, Ta: int = 4, seed: int = 0):
-    """make_agent(B) for a pre-trained policy, or for DiWA's pair (frozen first K-K' steps, fine-tuned last K')."""
+def policy_agent_factory(policy_pre, actor=None, K_ft: int = 0, Ta: int = 4, seed: int = 0, sampler: str = 'mean'):
+    """make_agent(B) for a pre-trained policy, or for DiWA's pair (frozen first K-K' steps, fine-tuned last K'),
+    denoising with the evaluation sampler `sampler` (diffusion_policy.SAMPLERS)."""
     gen = torch.Generator(device=next(policy_pre.parameters()).device).manual_seed(seed)
     K_ft = min(K_ft, P.policy_K(policy_pre))      # the Gaussian policy (S.5.3) has a single 'denoising' step
 
     class _Pair(torch.nn.Module):  # sample() of the pair = the fine-tuned policy that DiWA deploys
-        def sample(self, feat, deterministic=True, generator=None):
-            return policy_pre.sample(feat, deterministic=deterministic, ft_policy=actor, K_ft=K_ft if actor else 0,
+        def sample(self, feat, sampler, generator=None):
+            return policy_pre.sample(feat, sampler=sampler, ft_policy=actor, K_ft=K_ft if actor else 0,
                                      generator=generator)
-    return lambda B: ChunkAgent(_Pair(), Ta=Ta, deterministic=True, generator=gen)
+    return lambda B: ChunkAgent(_Pair(), Ta=Ta, sampler=sampler, generator=gen)
 
 
 def stage_of(name: str) -> str:
@@ -252,11 +253,11 @@ def candidates(bc_ckpt: dict, policy_pre, task: str, finetuned: dict, policies=N
     return {k: v for k, v in out.items() if not policies or k.split('@')[0] in policies}
 
 
-def already_done(results_paths: list, task: str, policy: str, seed: int, key: str, episodes: int, env_kind: str) -> bool:
+def already_done(results_paths: list, task: str, policy: str, seed: int, key: str, cfg: EvalConfig, env_kind: str) -> bool:
     """Whether results.csv of this run (or of a run it inherits from) has this evaluation already."""
     return any(r['task'] == task and r['policy'] == policy and str(r['seed']) == str(seed) and r['ckpt_key'] == key
-               and int(r['episodes']) == episodes and r.get('env', 'desk') == env_kind
-               for path in results_paths for r in read_results(path))
+               and int(r['episodes']) == cfg.episodes and (r.get('env') or 'desk') == env_kind
+               and (r.get('sampler') or 'mean') == cfg.sampler for path in results_paths for r in read_results(path))
 
 
 def evaluate(policies: dict, policy_pre, task: str, seed: int, cfg: EvalConfig, wm, device, results_paths: list,
@@ -265,15 +266,15 @@ def evaluate(policies: dict, policy_pre, task: str, seed: int, cfg: EvalConfig, 
     row each into results_paths[0]; a policy whose row is up to date in any of results_paths is skipped."""
     rows, starts = [], starts or task_starts(task, cfg.episodes, seed)
     for name, (ck, actor) in policies.items():
-        if already_done(results_paths, task, name, seed, ck['key'], cfg.episodes, env_kind):
+        if already_done(results_paths, task, name, seed, ck['key'], cfg, env_kind):
             print(f'[eval] {task} {name} seed {seed}: up to date in {results_paths[0]}: skipped')
             continue
         t0 = time.time()
         K_ft = ck['config']['K_ft'] if actor is not None else 0
-        out = run_episodes(policy_agent_factory(policy_pre, actor, K_ft, seed=seed), task, starts, cfg, wm=wm,
-                           device=device, seed=seed, env_kind=env_kind)
-        row = summarize(task, name, seed, out, t0, preset=preset, env=env_kind, ckpt_key=ck['key'],
-                        sim_steps_finetune=ck.get('state', {}).get('counters', {}).get('sim_steps', 0))
+        out = run_episodes(policy_agent_factory(policy_pre, actor, K_ft, seed=seed, sampler=cfg.sampler), task,
+                           starts, cfg, wm=wm, device=device, seed=seed, env_kind=env_kind)
+        row = summarize(task, name, seed, out, t0, preset=preset, env=env_kind, sampler=cfg.sampler,
+                        ckpt_key=ck['key'], sim_steps_finetune=ck.get('state', {}).get('counters', {}).get('sim_steps', 0))
         write_result(results_paths[0], row)
         rows.append(row)
     return rows

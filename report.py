@@ -92,7 +92,7 @@ def _final_metric(csv_path: str, name: str, last: int = 10, first: bool = False)
 
 
 def dppo_points(rows: list, task: str, seed) -> list:
-    """DPPO's policies evaluated as DiWA's is (deterministic; the latest results.csv row of each of its snapshots
+    """DPPO's policies evaluated as DiWA's is (same sampler; the latest results.csv row of each of its snapshots
     'dppo@<N>' and of its final 'dppo') on `task`, `seed`: [(simulator steps it had taken, success)], by steps."""
     return sorted((int(r['sim_steps_finetune'] or 0), float(r['success'])) for r in
                   (_latest(rows, task=task, policy=p).get(str(seed)) for p in {r['policy'] for r in rows}
@@ -137,10 +137,15 @@ def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
                  for r in (_latest(rows, task=task, policy=p) for p in ('base', 'diwa')))
 
 
-def diwa_beats_base(run: str, task: str, seeds) -> bool:
+def results_of(run: str, sampler: str) -> list:
+    """The results.csv rows of `run` evaluated with the denoising sampler `sampler` (rows without one: 'mean')."""
+    return [r for r in E.read_results(os.path.join(run, 'results.csv')) if (r.get('sampler') or 'mean') == sampler]
+
+
+def diwa_beats_base(run: str, task: str, seeds, sampler: str = 'mean') -> bool:
     """Whether DiWA's mean real success on `task` exceeds the base policy's (False until both are measured):
     only then is there anything for DPPO to match (stage_report, Table I)."""
-    b, d = base_and_diwa(E.read_results(os.path.join(run, 'results.csv')), task, [str(s) for s in seeds])
+    b, d = base_and_diwa(results_of(run, sampler), task, [str(s) for s in seeds])
     return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
 
@@ -162,7 +167,7 @@ def _dppo_cell(dppo: dict, diwa: list, base: list, evaluated: tuple = (0, None, 
 
 
 def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
-    """Table I: DPPO's final policy evaluated as DiWA's is (`row`: its latest results.csv row; deterministic,
+    """Table I: DPPO's final policy evaluated as DiWA's is (`row`: its latest results.csv row; same sampler,
     100 episodes) and the simulator steps it had used; '–' before both exist."""
     if not dppo or not row:
         return '–'
@@ -170,7 +175,7 @@ def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
 
 
 def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer',
-                 readme: str | None = None) -> str:
+                 readme: str | None = None, sampler: str = 'mean') -> str:
     """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants); with
     `readme`, also its generated block (update_readme): Table I, the figures and the wall-clock."""
     import matplotlib
@@ -181,7 +186,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         if os.path.isfile(os.path.join(out_dir, 'figures', f)):
             os.remove(os.path.join(out_dir, 'figures', f))
     runs = {'main': run, **{n: variant_run(run, n) for n in VARIANTS}}
-    rows = [{'variant': n, **r} for n, d in runs.items() for r in E.read_results(os.path.join(d, 'results.csv'))]
+    rows = [{'variant': n, **r} for n, d in runs.items() for r in results_of(d, sampler)]
     seeds = [str(s) for s in seeds]
     s0 = seeds[0]                     # the seed of the variants, DPPO and Fig. 3's base point
     episodes = '/'.join(sorted({r['episodes'] for r in rows}, key=int)) or '–'
@@ -190,7 +195,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
           f'Written by `report.py` from `{run}` (preset `{preset}`; commits: '
           f'{", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
           f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
-          f'seeds {", ".join(seeds)}); "n=" marks cells with fewer seeds so far. Each seed clones its own base '
+          f'seeds {", ".join(seeds)}; denoising sampler `{sampler}`, `--eval.sampler`); "n=" marks cells with fewer seeds so far. Each seed clones its own base '
           'policy (BC seed S) and fine-tunes DiWA from it: the base column is the mean over seeds of each seed\'s '
           'own BC policy, and Δ pairs each seed\'s DiWA with its own base. Paper numbers: CALVIN D.', '']
 
@@ -229,7 +234,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     else:
         summary += 'no DiWA result yet.'
     md += ['', summary, '',
-           f'DPPO (seed {s0}): between how many simulator steps its policy, evaluated like DiWA\'s (deterministic, '
+           f'DPPO (seed {s0}): between how many simulator steps its policy, evaluated like DiWA\'s (same sampler, '
            'the same episodes), first reaches DiWA\'s mean success. Its policy is kept at 5 points along the run, '
            'hence an interval (from 0: within its first stretch). In brackets, the same read on its own training '
            'rollouts (mean of 5 iterations), which sample with noise (the std is clipped from below, '
@@ -493,7 +498,8 @@ def stage_report(args, device) -> str:
         inputs = _report_inputs(args.run)
         if inputs == last_inputs:
             return
-        path = write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme)
+        path = write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,
+                            TR.build_config('eval', args).sampler)
         last_inputs = inputs
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
@@ -543,7 +549,7 @@ def stage_report(args, device) -> str:
         for task in args.tasks:
             if task == args.report_task:
                 continue
-            if not diwa_beats_base(args.run, task, args.seeds):
+            if not diwa_beats_base(args.run, task, args.seeds, TR.build_config('eval', args).sampler):
                 print(f'[report] DPPO on {task}: skipped, DiWA does not beat the base policy (nothing to match)')
                 continue
             TR.stage_finetune(ca, device, task, first, simulator=True)
@@ -570,7 +576,8 @@ def main(argv=None) -> int:
     args.tasks, args.seeds = args.tasks or ['all'], args.seeds if args.seeds is not None else [0, 1, 2]
     args = TR.check_args(p, args)
     if args.write_only:
-        print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme))
+        print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,
+                           TR.build_config('eval', args).sampler))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

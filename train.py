@@ -215,8 +215,8 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                    'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng else {}),
                            **({'generator': generator.get_state()} if generator is not None else {})},
                    **{name: obj.state_dict() for name, obj in objects.items()}}
+            log.flush()          # rows first: a kill between the two leaves rows past the checkpoint, which resume drops
             data.save_checkpoint(out, path)
-            log.flush()
             return out
 
         metrics = (ckpt or {}).get('metrics', {}) if start >= n_steps else {}
@@ -575,18 +575,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     for key, value in vars(args).items():      # counts, sizes and rates are never negative
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             p.error(f'--{key if "." in key else key.replace("_", "-")} must be >= 0, got {value}')
-    K, ft = build_config('bc', args).K, build_config('ft', args)
+    K, ft, sampler = build_config('bc', args).K, build_config('ft', args), build_config('eval', args).sampler
     try:                                       # the settings' own checks (dream_ppo.check_config), before any work
         assert args.demos > 0, '--demos must be > 0'
         assert ft.K_ft <= K, f"--ft.K_ft {ft.K_ft} exceeds the number of denoising steps --bc.K {K} (need K' <= K)"
+        assert sampler in D.SAMPLERS, f'--eval.sampler must be one of {D.SAMPLERS}, got {sampler!r}'
         P.check_config(ft)
     except AssertionError as e:
         p.error(str(e))
     args.run = args.run or os.path.join('runs', args.preset)
     try:                                       # the run folder must be writable before hours of work start
         os.makedirs(args.run, exist_ok=True)
-        probe = os.path.join(args.run, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
+        open(probe := os.path.join(args.run, f'.write_test{os.getpid()}'), 'w').close()
         os.remove(probe)
     except OSError as e:
         p.error(f'--run {args.run}: cannot write there ({e.strerror})')

@@ -120,7 +120,7 @@ def test_each_results_row_runs_its_own_checkpoint_from_the_same_starts(tmp_path,
     found = E.candidates(bc_ckpt, policy, 'open_drawer', {'diwa': diwa, 'dppo': str(tmp_path / 'dppo_s0.pt')})
     assert list(found) == ['base', 'diwa']                                    # dppo: made from another BC policy
     calls = []
-    monkeypatch.setattr(E, 'policy_agent_factory', lambda pre, actor, K_ft, seed: (pre, actor, K_ft))
+    monkeypatch.setattr(E, 'policy_agent_factory', lambda pre, actor, K_ft, seed, sampler: (pre, actor, K_ft))
     monkeypatch.setattr(E, 'run_episodes', lambda agent, task, starts, *a, **k: calls.append((agent, starts)) or {
         'success': np.array([True, False, False, False]), 'steps': np.full(4, 72), 'sim_steps': 0})
     cfg = E.EvalConfig(episodes=4, envs=4, workers=0)

@@ -18,6 +18,7 @@ from conftest import ROOT, TASK, read_csv, run
     (['--stage', 'all', '--tasks', 'fly_to_moon'], 'unknown task'),
     (['--stage', 'finetune', '--task', TASK, '--ft.K_ft', '30'], 'K_ft'),
     (['--stage', 'finetune', '--task', TASK, '--ft.objective', 'bogus'], "objective must be one of"),
+    (['--stage', 'eval', '--task', TASK, '--eval.sampler', 'noisy'], '--eval.sampler must be one of'),
     (['--stage', 'bc', '--task', TASK, '--demos', '0'], '--demos must be > 0'),
     (['--stage', 'wm', '--wm.batch', '-4'], 'must be >= 0'),
     (['--stage', 'bc'], 'needs --task'),

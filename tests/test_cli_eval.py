@@ -46,3 +46,20 @@ def test_sigkill_mid_eval_keeps_finished_rows(run_dir, tmp_path):
     rows = read_csv(results)
     assert sorted(r['policy'] for r in rows) == ['base', 'diwa'] and rows[0] == first[0]
     assert not [f for f in os.listdir(d) if '.tmp' in f]
+
+
+def test_eval_sampler_writes_its_own_rows_and_the_report_reads_one_sampler(run_dir, tmp_path):
+    """--eval.sampler ddpm evaluates the base policy again (its rows sit beside the 'mean' ones, named in the
+    'sampler' column), is then up to date, and the report reads the rows of the sampler it is given only."""
+    import report
+    d = str(tmp_path / 'sampler')
+    shutil.copytree(run_dir, d)
+    args = ['--stage', 'eval', '--task', TASK, '--preset', 'test', '--run', d, '--policies', 'base']
+    run(*args)
+    first = run(*args, '--eval.sampler', 'ddpm')
+    assert 'up to date' not in first.stdout
+    base = {r['sampler']: r for r in read_csv(os.path.join(d, 'results.csv')) if r['policy'] == 'base'}
+    assert sorted(base) == ['ddpm', 'mean'] and base['ddpm']['ckpt_key'] == base['mean']['ckpt_key']
+    assert 'base seed 0: up to date' in run(*args, '--eval.sampler', 'ddpm').stdout
+    assert {r['sampler'] for r in report.results_of(d, 'ddpm')} == {'ddpm'}
+    assert [r for r in report.results_of(d, 'mean') if r['policy'] == 'base'] == [base['mean']]

@@ -142,8 +142,8 @@ def test_sample_shapes_order_clip_and_determinism():
     # chain[:, 0] is x^K: the first draw of the generator
     assert torch.equal(chain[:, 0], torch.randn(8, 4, 7, generator=torch.Generator().manual_seed(0)))
     # deterministic: chain[:, i+1] is the mean of step k = K - i applied to chain[:, i]; reproducible
-    d1 = pol.sample(cond, deterministic=True, generator=torch.Generator().manual_seed(5))
-    d2 = pol.sample(cond, deterministic=True, generator=torch.Generator().manual_seed(5))
+    d1 = pol.sample(cond, sampler='mean', generator=torch.Generator().manual_seed(5))
+    d2 = pol.sample(cond, sampler='mean', generator=torch.Generator().manual_seed(5))
     assert torch.equal(d1, d2)
     for i in range(pol.K):
         k = pol.K - i
@@ -153,6 +153,29 @@ def test_sample_shapes_order_clip_and_determinism():
     s1 = pol.sample(cond, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(s1, d1)
     assert torch.equal(s1, pol.sample(cond, generator=torch.Generator().manual_seed(5)))
+
+
+def test_ddpm_sampler_adds_the_schedule_noise_on_steps_above_one_only():
+    """--eval.sampler ddpm (DPPO's evaluation): x^{k-1} = mean + max(sigma_k, 1e-3) * clip(noise) for k > 1, from the
+    same generator draws as a naive loop; the mean at k = 1 (as the 'mean' sampler, tested above, at every k)."""
+    torch.manual_seed(3)
+    pol = dp.DiffusionPolicy(5, make_cfg())
+    cond = torch.randn(6, 5)
+    chain = pol.sample(cond, sampler='ddpm', noise_clip=3.0, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, 7, generator=g)
+    assert torch.equal(chain[:, 0], x)
+    for i in range(pol.K):
+        k = pol.K - i
+        m, _ = pol.step_mean_std(chain[:, i], torch.full((6,), k), cond)
+        if k == 1:
+            assert torch.allclose(chain[:, i + 1], m.clamp(-1, 1), atol=1e-6), 'no noise on the last step'
+        else:
+            sigma = float(pol.post_var[k - 1].sqrt().clamp(min=1e-3))
+            noise = torch.randn(6, 4, 7, generator=g).clamp(-3, 3)
+            assert torch.allclose(chain[:, i + 1], m + sigma * noise, atol=1e-5), f'step k={k}'
+    with pytest.raises(AssertionError, match='sampler'):
+        pol.sample(cond, sampler='noisy')
 
 
 def test_sample_noise_is_clipped():
@@ -215,7 +238,7 @@ def test_bc_learns_toy_conditional_mapping():
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
     assert abs(opt.param_groups[0]['lr'] - cfg.lr_final) < 1e-6
     tc, ta = toy_data(256, seed=1)
-    pred = pol.sample(tc, deterministic=True)[:, -1]
+    pred = pol.sample(tc, sampler='mean')[:, -1]
     err = (pred - ta).abs().mean().item()
     baseline = (ta - act.mean(0)).abs().mean().item()         # best constant action
     assert err < 0.4 * baseline, (err, baseline)
@@ -251,7 +274,7 @@ def test_gaussian_policy_interface_and_logprob():
     mean = torch.tanh(pol.mean_net(cond)).view(6, 4, 7)
     ref = torch.distributions.Normal(mean, torch.full_like(mean, 0.3)).log_prob(chain[:, 1]).sum((1, 2))
     assert torch.allclose(pol.chain_logprob(cond, chain, torch.ones(6, dtype=torch.long)), ref, atol=1e-4)
-    assert torch.allclose(pol.sample(cond, deterministic=True)[:, 1], mean, atol=1e-6)
+    assert torch.allclose(pol.sample(cond, sampler='mean')[:, 1], mean, atol=1e-6)
     with torch.no_grad():
         pol.log_std.fill_(math.log(0.01))                    # min_std clips the std from below
     lp = pol.chain_logprob(cond, chain, torch.ones(6, dtype=torch.long), min_std=0.1)

@@ -367,7 +367,8 @@ def test_imagination_path_imports_no_simulator():
 
 def test_dppo_baseline_counts_simulator_steps():
     """The same update driven by the built-in desk (2 simulator processes): reward = the simulator's success
-    test, episodes restart on success or timeout, every control step is counted."""
+    test, episodes restart on success or timeout, a timeout bootstraps with V (a truncation, as DPPO's), every
+    control step is counted."""
     from world_model import PRESETS as WM_PRESETS, WMConfig, WorldModel
     torch.manual_seed(0)
     wm = WorldModel(WMConfig(**WM_PRESETS['test'])).requires_grad_(False)
@@ -377,6 +378,8 @@ def test_dppo_baseline_counts_simulator_steps():
     import env
     sims = env.make_vec_env('desk', cfg.n_envs, workers=cfg.sim_workers, seed=0, image_size=wm.cfg.image_size)
     try:
+        b = dp.real_rollout(sims, wm, pre, actor, critic, 'open_drawer', cfg, np.random.default_rng(1))
+        assert torch.equal(b['end_values'] != 0, b['dones'] & ~b['successes']) and b['dones'][1].all()
         counters = dp.new_counters()
         m = dp.dppo_iteration(sims, wm, pre, actor, critic, dp.make_optimizers(actor, critic, cfg),
                               dp.RunningRewardScaler(cfg.gamma), 'open_drawer', cfg, counters, np.random.default_rng(0))

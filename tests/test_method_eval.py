@@ -173,14 +173,14 @@ def test_policy_agent_factory_deploys_the_pair_deterministically():
     got = np.stack([agent(t, [None] * 3, feat) for t in range(8)], 1)    # (3, 8, 7)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        c1 = pre.sample(feat, deterministic=True, ft_policy=actor, K_ft=2, generator=g)[:, -1]
-        c2 = pre.sample(feat, deterministic=True, ft_policy=actor, K_ft=2, generator=g)[:, -1]
+        c1 = pre.sample(feat, sampler='mean', ft_policy=actor, K_ft=2, generator=g)[:, -1]
+        c2 = pre.sample(feat, sampler='mean', ft_policy=actor, K_ft=2, generator=g)[:, -1]
     np.testing.assert_allclose(got, torch.cat([c1, c2], 1).numpy(), atol=1e-6)
     # the base policy alone (no actor): differs from the pair
     base_agent = E.policy_agent_factory(pre, None, K_ft=2, seed=5)(3)
     base = np.stack([base_agent(t, [None] * 3, feat) for t in range(4)], 1)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        ref = pre.sample(feat, deterministic=True, generator=g)[:, -1].numpy()
+        ref = pre.sample(feat, sampler='mean', generator=g)[:, -1].numpy()
     np.testing.assert_allclose(base, ref, atol=1e-6)
     assert not np.allclose(base, got[:, :4], atol=1e-3)
