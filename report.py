@@ -22,6 +22,7 @@ import torch
 
 import data
 import diagnose as D
+import dream_ppo as P
 import env
 import eval as E
 import train as TR
@@ -558,9 +559,98 @@ def stage_report(args, device) -> str:
     return os.path.join(args.report_dir, 'results.md')
 
 
+# ---- The imagined objective x the evaluation sampler (FINDINGS.md, "The imagined objective"): DiWA fine-tuned under
+# each --ft.objective in <run>/objectives/<name> (inheriting the world model, BC and classifier from <run>), base and
+# DiWA evaluated with each --eval.sampler from the same start states; results/objectives.md.
+
+def objective_args(args, objective: str, sampler: str | None = None) -> argparse.Namespace:
+    """The arguments of a fine-tuning under `objective` (a run folder of its own), evaluated with `sampler`."""
+    out = argparse.Namespace(**{**vars(args), 'ft.objective': objective, 'eval.sampler': sampler,
+                                'run': os.path.join(args.run, 'objectives', objective), 'inherit': [args.run],
+                                'data': TR.data_root(args)})
+    os.makedirs(out.run, exist_ok=True)
+    return out
+
+
+def objectives_table(run: str, tasks: list, seeds: list) -> str:
+    """Markdown: per task and seed, real success of the base policy and of DiWA under each objective with each
+    sampler, and DiWA's imagined success (the last 10 iterations); then each (objective, sampler)'s mean real gain
+    over the task-seed pairs measured, +- 1.96 standard errors of that mean."""
+    objectives, samplers = P.OBJECTIVES, TR.D.SAMPLERS
+    res = {s: results_of(run, s) for s in samplers}        # a DiWA row may sit in <run>'s results.csv: the same
+    res.update({(o, s): results_of(os.path.join(run, 'objectives', o), s) + res[s]   # checkpoint (key) as the run's
+                for o in objectives for s in samplers})
+    real = lambda rows, task, seed, policy, **key: (lambda r: float(r['success']) if r else None)(
+        _latest(rows, task=task, policy=policy, **key).get(str(seed)))
+    pct = lambda x: '–' if x is None or np.isnan(x) else f'{100 * x:.0f}'
+    md = ['| task | seed | base: ' + ' / '.join(samplers) + ' | '
+          + ' | '.join(f'{o}: imagined, real ' + ' / '.join(samplers) for o in objectives) + ' |',
+          '|---|---|---|' + '---|' * len(objectives)]
+    gains = {(o, s): [] for o in objectives for s in samplers}
+    for task in tasks:
+        for seed in seeds:
+            base = {s: real(res[s], task, seed, 'base') for s in samplers}
+            cells = []
+            for o in objectives:
+                facts = _ckpt_facts(os.path.join(run, 'objectives', o, task, f'diwa_s{seed}.pt'))
+                imag = _final_metric(facts['metrics_csv'], 'charts/success_rate') if facts else None
+                diwa = {s: real(res[(o, s)], task, seed, 'diwa', ckpt_key=facts['key']) if facts else None
+                        for s in samplers}
+                for s in samplers:
+                    if diwa[s] is not None and base[s] is not None:
+                        gains[(o, s)].append(diwa[s] - base[s])
+                cells.append(f"{pct(imag)}, {' / '.join(pct(diwa[s]) for s in samplers)}")
+            md.append(f"| {task} | {seed} | {' / '.join(pct(base[s]) for s in samplers)} | " + ' | '.join(cells) + ' |')
+    md += ['', '| objective | sampler | pairs | mean real gain (points) | 95% interval |', '|---|---|---|---|---|']
+    for (o, s), g in gains.items():
+        half = 1.96 * np.std(g, ddof=1) / np.sqrt(len(g)) if len(g) > 1 else float('nan')
+        md.append(f'| {o} | {s} | {len(g)} | {f"{100 * np.mean(g):+.1f}" if g else "–"} | '
+                  f'{"–" if np.isnan(half) else f"{100 * (np.mean(g) - half):+.1f} to {100 * (np.mean(g) + half):+.1f}"} |')
+    return '\n'.join(md) + '\n'
+
+
+def stage_objectives(args, device) -> str:
+    """Everything objectives_table needs that is missing, seed by seed and task by task (resumable; the table is
+    rewritten after each fine-tuning): BC, classifier, the base policy with each sampler, then DiWA under each
+    objective, each evaluated with each sampler."""
+    out = os.path.join(args.report_dir, 'objectives.md')
+    os.makedirs(args.report_dir, exist_ok=True)
+
+    def write():
+        head = (f'# The imagined objective and the evaluation sampler: `python report.py --objectives --preset '
+                f'{args.preset} --tasks {" ".join(args.tasks)} --seeds {" ".join(map(str, args.seeds))}`\n\n'
+                f'From `{args.run}`; success in % over {TR.build_config("eval", args).episodes} simulator episodes '
+                'per cell (the same start states for every policy of a task and seed). Imagined: DiWA\'s imagined '
+                'success over its last 10 fine-tuning iterations. Cells are "imagined, real with each sampler".\n\n')
+        with open(out + '.tmp', 'w') as fh:
+            fh.write(head + objectives_table(args.run, args.tasks, args.seeds))
+        os.replace(out + '.tmp', out)
+
+    if not args.data:
+        TR.stage_collect(args)
+    TR.stage_wm(args, device)
+    for seed in args.seeds:
+        for task in args.tasks:
+            sa = TR.with_seed(args, seed)
+            TR.stage_bc(sa, device, task)
+            TR.stage_reward(args, device, task)
+            for s in TR.D.SAMPLERS:
+                TR.evaluate(argparse.Namespace(**{**vars(sa), 'eval.sampler': s}), device, task, policies=['base'])
+            for o in P.OBJECTIVES:
+                oa = TR.with_seed(objective_args(args, o), seed)
+                TR.stage_finetune(oa, device, task, seed)
+                for s in TR.D.SAMPLERS:
+                    TR.evaluate(TR.with_seed(objective_args(args, o, s), seed), device, task, policies=['diwa'])
+                write()
+    write()
+    return out
+
+
 def main(argv=None) -> int:
     p = TR.make_parser(stage=False)
     p.description = "DiWA's report on the built-in desk: Table I, Fig. 2, 3, S.5-S.7 (results/)"
+    p.add_argument('--objectives', action='store_true', help='instead of the report: DiWA under each --ft.objective, '
+                   'base and DiWA evaluated with each --eval.sampler, on --tasks x --seeds (results/objectives.md)')
     p.add_argument('--write-only', action='store_true',
                    help='only rewrite results.md / results.csv / figures from the run folder (seconds)')
     p.add_argument('--report-dir', default='results', help='where results.md, results.csv and figures/ go')
@@ -575,6 +665,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks, args.seeds = args.tasks or ['all'], args.seeds if args.seeds is not None else [0, 1, 2]
     args = TR.check_args(p, args)
+    if args.write_only and args.objectives:
+        print(objectives_table(args.run, args.tasks, args.seeds))
+        return 0
     if args.write_only:
         print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,
                            TR.build_config('eval', args).sampler))
@@ -582,7 +675,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data.seed_everything(args.seed)
-    return TR.guarded(stage_report, args, data.pick_device(args.device))
+    return TR.guarded(stage_objectives if args.objectives else stage_report, args, data.pick_device(args.device))
 
 
 if __name__ == '__main__':

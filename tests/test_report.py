@@ -134,3 +134,26 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     inner.parent.mkdir()
     inner.write_text(E.README_BEGIN + E.README_END)
     assert not E.update_readme(str(inner), str(out), ['x']) and inner.read_text() == E.README_BEGIN + E.README_END
+
+
+def test_objectives_runs_each_objective_with_each_sampler_and_tabulates_the_gains(run_dir, tmp_path):
+    """report.py --objectives: DiWA fine-tuned under each --ft.objective in a folder of its own (inheriting the
+    world model, BC and classifier), base and DiWA evaluated with each --eval.sampler; the table's gains are
+    DiWA's real success minus the base's, per sampler, read from those rows."""
+    import dream_ppo
+    d, out = str(tmp_path / 'obj'), str(tmp_path / 'results')
+    shutil.copytree(run_dir, d)
+    args = ['--preset', 'test', '--run', d, '--tasks', TASK, '--seeds', '0', '--report-dir', out, '--objectives']
+    run(*args, script='report.py')
+    base = {r['sampler']: float(r['success']) for r in read_csv(os.path.join(d, 'results.csv')) if r['policy'] == 'base'}
+    assert sorted(base) == ['ddpm', 'mean']
+    md = open(os.path.join(out, 'objectives.md')).read()
+    for o in dream_ppo.OBJECTIVES:
+        ck = torch.load(os.path.join(d, 'objectives', o, TASK, 'diwa_s0.pt'), weights_only=True)
+        assert ck['config']['objective'] == o and not os.path.exists(os.path.join(d, 'objectives', o, 'wm.pt'))
+        rows = {r['sampler']: float(r['success']) for f in [os.path.join(d, 'objectives', o), d]   # the run's own
+                for r in read_csv(os.path.join(f, 'results.csv'))[::-1] if r['ckpt_key'] == ck['key']}  # objective: its rows
+        for s in ('mean', 'ddpm'):
+            gain = 100 * (rows[s] - base[s])
+            assert f'| {o} | {s} | 1 | {gain:+.1f} |' in md, (o, s, gain, md)
+    assert 'up to date' in run(*args, script='report.py').stdout
