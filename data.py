@@ -194,6 +194,24 @@ def pick_device(name: str) -> torch.device:        # 'auto' (CUDA if present), '
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else torch.device(name)
 
 
+def init_distributed(device: torch.device) -> tuple:
+    """(rank, world size) of this process: (0, 1) when started without torchrun. Under `torchrun --nproc_per_node N`
+    (WORLD_SIZE > 1) it joins the process group (nccl on CUDA, each process on GPU LOCAL_RANK; gloo on CPU)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if device.type == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world
+
+
+def is_rank0() -> bool:             # the process that writes checkpoints, metrics and progress (all, without torchrun)
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def atomic_write(path, write_fn, sync: bool = False) -> None:
     """write_fn(file object) into <path>.tmp-<pid>, then os.replace: a kill leaves the old file or the new one."""
     path = str(path)
@@ -487,10 +505,15 @@ def light_switch_frames(data: dict) -> np.ndarray:
     return changed[~first[changed]]
 
 
-def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event_frac: float = 0.0) -> dict:
+def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event_frac: float = 0.0,
+                     shard: tuple = (0, 1)) -> dict:
     """B sequences of L consecutive frames in one segment, start uniform over all valid starts; a share event_frac holds
     a light switching (a light_switch_frames row drawn uniformly, then a start whose window holds it; FINDINGS.md, "The
-    LED: does imagination know a press switched it?"). -> SEQ_KEYS (B, L, ...), 'rows', 'is_first' (B, L)."""
+    LED: does imagination know a press switched it?"). -> SEQ_KEYS (B, L, ...), 'rows', 'is_first' (B, L).
+    shard (rank, world size): the starts of a global batch of B x world are drawn (the same in every process, whose
+    rng states are equal) and this process loads its B: N processes train on what one process would draw."""
+    rank, world = shard
+    B, B_own = B * world, B
     ep = data['episodes']
     n_starts = np.clip(ep[:, 1] - ep[:, 0] + 2 - L, 0, None)             # (E,) valid starts per segment
     if n_starts.sum() == 0:
@@ -510,10 +533,10 @@ def sample_sequences(data: dict, B: int, L: int, rng: np.random.Generator, event
             t, a, b = events[pick], ep[seg[pick], 0], ep[seg[pick], 1]
             lo, hi = np.maximum(a, t - L + 1), np.minimum(t, b - L + 1)   # starts whose window holds t
             start[:n_ev] = lo + (rng.random(n_ev) * (hi - lo + 1)).astype(np.int64)
-    rows = start[:, None] + np.arange(L)                                  # (B, L)
+    rows = start[rank * B_own:(rank + 1) * B_own, None] + np.arange(L)   # (B_own, L): this process's sequences
     out = {key: np.asarray(data[key][rows]) for key in SEQ_KEYS}
     out['rows'] = rows
-    out['is_first'] = np.zeros((B, L), bool)
+    out['is_first'] = np.zeros((B_own, L), bool)
     out['is_first'][:, 0] = True
     return out
 
@@ -785,6 +808,44 @@ def summarize(progress: dict) -> dict:
 
 
 # ---------------- Checkpoints: plain dicts on disk ({'stage', 'task', 'step', 'done', 'key', 'config', 'model', ...})
+# Keys: a checkpoint is up to date when it was made with the same settings from the same inputs.
+
+def config_key(config: dict, upstream: list) -> str:
+    """Hash of a stage's settings and of the keys of the checkpoints it consumes (a Merkle chain)."""
+    blob = json.dumps({'config': config, 'upstream': list(upstream)}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_steps: int) -> bool:
+    """True when `ckpt` differs from (config, upstream) only by raised `extendable` fields (train.train_loop)."""
+    old = ckpt.get('config', {})
+    changed = {k for k in set(old) | set(config) if old.get(k) != config.get(k)}
+    return (bool(changed) and changed <= set(extendable) and list(ckpt.get('upstream', [])) == list(upstream)
+            and all(isinstance(old.get(k), int) and config[k] > old[k] for k in changed)
+            and ckpt.get('step', n_steps + 1) <= n_steps)
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
+    diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
+
+
+def rerun_reason(ckpt: dict, config: dict, upstream: list, upstream_names: dict) -> str:
+    """Why train.train_loop starts `ckpt` over: 'settings changed: epochs 2 -> 3' and/or, for the entries of
+    `upstream` named in `upstream_names` ({key: name}) that `ckpt` was not built from, 'its BC policy changed'."""
+    reasons = [f'its {name} changed' for key, name in upstream_names.items()
+               if key in upstream and key not in ckpt.get('upstream', [])]
+    if ckpt.get('config', {}) != config or not reasons:
+        reasons.insert(0, f"settings changed: {describe_change(ckpt.get('config', {}), config)}")
+    return ', '.join(reasons)
+
+
+def seed_of(upstream: list) -> int | None:
+    """The seed named by a 'seed=N' entry of a checkpoint's upstream list (seed_tag)."""
+    return next((int(u[5:]) for u in upstream if isinstance(u, str) and u.startswith('seed=')), None)
+
+
 def save_checkpoint(obj: dict, path) -> None:
     """torch.save to <path>.tmp<pid>, fsync, rename: a kill at any moment leaves the old file or the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -832,9 +893,9 @@ class MetricsLog:
     """<checkpoint>_metrics.csv, one row per logged step. Resuming drops rows newer than the checkpoint (a killed run
     leaves a consistent history); a fresh run leaves an older file alone until its first checkpoint replaces both."""
 
-    def __init__(self, path: str, resume_step: int = 0):
+    def __init__(self, path: str | None, resume_step: int = 0):       # path None: keeps nothing (a rank > 0)
         self.path, self.rows = path, []
-        if resume_step > 0 and os.path.isfile(path):
+        if path and resume_step > 0 and os.path.isfile(path):
             with open(path, newline='') as fh:
                 self.rows = [r for r in csv.DictReader(fh) if int(float(r['step'])) <= resume_step]
             self.flush()
@@ -843,6 +904,8 @@ class MetricsLog:
         self.rows.append({'step': step, **{k: f'{v:.6g}' if isinstance(v, float) else v for k, v in metrics.items()}})
 
     def flush(self) -> None:
+        if not self.path:
+            return
         keys = list(dict.fromkeys(k for r in self.rows for k in r)) or ['step']
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path + '.tmp', 'w', newline='') as fh:

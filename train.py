@@ -5,6 +5,7 @@
     python train.py --stage finetune|dppo --task T     # DiWA in imagination / DPPO in the simulator (dream_ppo.py)
     python train.py --stage eval --task T              # success in the simulator (eval.py, §IV)
     python train.py --stage all --tasks all --seeds 0 1 2   # everything missing, skipping what is done
+    torchrun --nproc_per_node N train.py --stage wm --run-dir R   # the world model on N processes (GPUs)
 
 Hyperparameters: the dataclass config of the file that owns the stage (defaults = the paper's appendix tables),
 shifted by a preset (`paper`, `cpu`, `test`), then by `--<prefix>.<field> value` flags (`--ft.alpha_bc 0.0`).
@@ -15,8 +16,8 @@ checkpoints it was built from: a stage re-runs exactly when its key changed, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import inspect
 import io
 import json
@@ -94,44 +95,6 @@ def build_config(prefix: str, args: argparse.Namespace, stage: str = ''):
     return cfg
 
 
-# ---- Keys: a checkpoint is up to date when it was made with the same settings from the same inputs.
-
-def config_key(config: dict, upstream: list) -> str:
-    """Hash of a stage's settings and of the keys of the checkpoints it consumes (a Merkle chain)."""
-    blob = json.dumps({'config': config, 'upstream': list(upstream)}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def can_extend(ckpt: dict, config: dict, upstream: list, extendable: tuple, n_steps: int) -> bool:
-    """True when `ckpt` differs from (config, upstream) only by raised `extendable` fields (train_loop)."""
-    old = ckpt.get('config', {})
-    changed = {k for k in set(old) | set(config) if old.get(k) != config.get(k)}
-    return (bool(changed) and changed <= set(extendable) and list(ckpt.get('upstream', [])) == list(upstream)
-            and all(isinstance(old.get(k), int) and config[k] > old[k] for k in changed)
-            and ckpt.get('step', n_steps + 1) <= n_steps)
-
-
-def describe_change(old: dict, new: dict) -> str:
-    """'epochs 2 -> 3, lr 0.0001 -> 0.0003' for the settings that differ."""
-    diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return ', '.join(diffs) if diffs else 'an upstream checkpoint changed'
-
-
-def rerun_reason(ckpt: dict, config: dict, upstream: list, upstream_names: dict) -> str:
-    """Why train_loop starts `ckpt` over: 'settings changed: epochs 2 -> 3' and/or, for the entries of `upstream`
-    named in `upstream_names` ({key: name}) that `ckpt` was not built from, 'its BC policy (bc_s1.pt) changed'."""
-    reasons = [f'its {name} changed' for key, name in upstream_names.items()
-               if key in upstream and key not in ckpt.get('upstream', [])]
-    if ckpt.get('config', {}) != config or not reasons:
-        reasons.insert(0, f"settings changed: {describe_change(ckpt.get('config', {}), config)}")
-    return ', '.join(reasons)
-
-
-def _seed_of(upstream: list) -> int | None:
-    """The seed named by a 'seed=N' entry of a checkpoint's upstream list (seed_tag)."""
-    return next((int(u[5:]) for u in upstream if isinstance(u, str) and u.startswith('seed=')), None)
-
-
 # ---- The training loop of every learned stage: resume, atomic checkpoints, NaN guard, metrics.csv, progress bar.
 # Stages differ only in what `step_fn` does (an update_* of their module).
 
@@ -141,7 +104,7 @@ def finished(stage: str, task: str | None, path: str, config: dict, upstream: li
     None. Stages ask before their set-up (datasets, simulators), so that re-running finished work takes seconds."""
     if force:
         return None
-    key = config_key(config, upstream)
+    key = data.config_key(config, upstream)
     for p in [path] if os.path.isfile(path) else list(inherited or []):
         if os.path.isfile(p):
             ckpt = data.load_checkpoint(p, stage, task)
@@ -157,16 +120,16 @@ def _resume_point(stage, task, path, config, upstream, force, extendable, n_step
     if not os.path.isfile(path) or force:
         return 'fresh', None
     ckpt = data.load_checkpoint(path, stage, task)
-    theirs, ours = _seed_of(ckpt.get('upstream', [])), _seed_of(upstream)
+    theirs, ours = data.seed_of(ckpt.get('upstream', [])), data.seed_of(upstream)
     if theirs != ours:          # a second seed must not overwrite the first one's checkpoint (seed_tag)
         raise StageError(f'{path} was trained with --seed {theirs}, this run has --seed {ours}: give it its '
                          f'own --run folder (or --force to replace it)')
-    if ckpt.get('key') == config_key(config, upstream):
+    if ckpt.get('key') == data.config_key(config, upstream):
         return ('done' if ckpt.get('done') else 'resume'), ckpt
-    if can_extend(ckpt, config, upstream, extendable, n_steps):
-        print(f'[{stage}] {path}: extending, {describe_change(ckpt.get("config", {}), config)}')
+    if data.can_extend(ckpt, config, upstream, extendable, n_steps):
+        print(f'[{stage}] {path}: extending, {data.describe_change(ckpt.get("config", {}), config)}')
         return 'resume', ckpt
-    print(f'[{stage}] {path}: re-running, {rerun_reason(ckpt, config, upstream, upstream_names or {})}')
+    print(f'[{stage}] {path}: re-running, {data.rerun_reason(ckpt, config, upstream, upstream_names or {})}')
     return 'fresh', None
 
 
@@ -184,12 +147,13 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
     inherited: the same checkpoint in parent runs (--inherit). extendable: fields (e.g. 'steps') that may be raised
     on a checkpoint to go on from it (constant learning rate: 5000 + 5000 steps equal 10000 steps).
     upstream_names: {upstream key: what it is} for the message when a changed input makes `path` start over."""
-    key = config_key(config, upstream)
+    key = data.config_key(config, upstream)
     done = finished(stage, task, path, config, upstream, force, inherited)
     if done is not None:
         return done
-    with data.writer_lock(path, StageError):     # a second writer of the same checkpoint stops here, naming the first
-        data.remove_stale_temps(path, os.path.splitext(path)[0] + '_snapshots')
+    rank0 = data.is_rank0()                      # under torchrun, only rank 0 writes (all ranks read)
+    with data.writer_lock(path, StageError) if rank0 else contextlib.nullcontext():   # a second writer stops here
+        data.remove_stale_temps(path, os.path.splitext(path)[0] + '_snapshots')   # of dead processes only
         status, ckpt = _resume_point(stage, task, path, config, upstream, force, extendable, n_steps, upstream_names)
         if status == 'done':            # finished by another writer since finished() looked
             print(f'[{stage}] {path}: already done ({ckpt["step"]} steps, same settings): skipped')
@@ -205,7 +169,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                 generator.set_state(ckpt['rng']['generator'])
             start, wall0 = ckpt['step'], float(ckpt.get('wall_s', 0.0))
             print(f'[{stage}] {path}: resuming from step {start}/{n_steps}')
-        log = data.MetricsLog(os.path.splitext(path)[0] + '_metrics.csv', resume_step=start)
+        log = data.MetricsLog(os.path.splitext(path)[0] + '_metrics.csv' if rank0 else None, resume_step=start)
         meta = {'stage': stage, 'task': task, 'key': key, 'config': config, 'extra': extra or {}}
         t0 = time.time()
 
@@ -215,13 +179,14 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                    'rng': {'torch': torch.get_rng_state(), **({'numpy': rng.bit_generator.state} if rng else {}),
                            **({'generator': generator.get_state()} if generator is not None else {})},
                    **{name: obj.state_dict() for name, obj in objects.items()}}
-            log.flush()          # rows first: a kill between the two leaves rows past the checkpoint, which resume drops
-            data.save_checkpoint(out, path)
+            if rank0:
+                log.flush()      # rows first: a kill between the two leaves rows past the checkpoint, which resume drops
+                data.save_checkpoint(out, path)
             return out
 
         metrics = (ckpt or {}).get('metrics', {}) if start >= n_steps else {}
         bar = tqdm(range(start, n_steps), desc=f'{stage}{"/" + task if task else ""}', initial=start,
-                   total=n_steps, mininterval=2.0, dynamic_ncols=True, disable=quiet)
+                   total=n_steps, mininterval=2.0, dynamic_ncols=True, disable=quiet or not rank0)
         for step in bar:
             metrics = step_fn(step)
             data.check_finite(stage, step + 1, metrics, path, StageError)
@@ -229,7 +194,7 @@ def train_loop(*, stage: str, task: str | None, path: str, config: dict, upstrea
                 log.log(step + 1, {**metrics, 'time': round(time.time() - t0, 2)})
             if 'loss' in metrics:
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
-            if snapshot_every and (step + 1) % snapshot_every == 0:
+            if snapshot_every and (step + 1) % snapshot_every == 0 and rank0:
                 data.save_checkpoint({**meta, 'step': step + 1, 'model': objects['model'].state_dict()},
                                      os.path.join(os.path.splitext(path)[0] + '_snapshots', f'step{step + 1}.pt'))
             if (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
@@ -322,15 +287,19 @@ def stage_wm(args, device) -> dict:
     cfg = build_config('wm', args, 'wm')
     train = split_of(args, 'training', cfg.image_size)
     wm = W.WorldModel(cfg).to(device)
-    upstream = [data.dataset_key(data_root(args))] + seed_tag(args) + _warm_start(args, wm)
+    ddp, world = W.data_parallel(wm, device), wm.shard[1]             # under torchrun: DDP, else None and 1
+    upstream = [data.dataset_key(data_root(args))] + seed_tag(args) + _warm_start(args, wm) + \
+        ([f'world_size={world}'] if world > 1 else [])
+    print(f'[wm] {world} process(es) x batch {cfg.batch} = global batch {world * cfg.batch}')
     opt = W.make_optimizer(wm, cfg)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)     # the same in every process: each loads its share of one global batch
 
     def step_fn(step):
-        batch = data.to_torch(data.sample_sequences(train, cfg.batch, cfg.seq_len, rng, cfg.event_frac), device)
-        return W.update_wm(wm, opt, batch)
+        batch = data.sample_sequences(train, cfg.batch, cfg.seq_len, rng, cfg.event_frac, shard=wm.shard)
+        return W.update_wm(wm, opt, data.to_torch(batch, device), ddp)
 
     return train_loop(stage='wm', task=None, **out_path(args, 'wm.pt'), config=dataclasses.asdict(cfg),
+                      extra={'world_size': world, 'global_batch': world * cfg.batch},
                       upstream=upstream, objects={'model': wm, 'optim': opt}, step_fn=step_fn,
                       n_steps=cfg.steps, ckpt_every=args.ckpt_every or max(1, cfg.steps // 20), force=args.force,
                       rng=rng, log_every=max(1, cfg.steps // 500), extendable=('steps',))   # constant lr (Tab. S.2)
@@ -340,7 +309,7 @@ def demo_latents(args, wm, wm_ckpt, task: str, device, split_name: str = 'traini
     """diffusion_policy.demo_latents of the task's expert windows (BC seed --seed draws them), cached in
     <run>/<task>/latents_<split>_s<seed>.pt, keyed by the world model and the dataset."""
     path = os.path.join(args.run, task, f'latents_{split_name}_s{args.seed}.pt')
-    key = config_key({'task': task, 'demos': args.demos, 'seed': args.seed, 'post': args.post_success_frames,
+    key = data.config_key({'task': task, 'demos': args.demos, 'seed': args.seed, 'post': args.post_success_frames,
                       'split': split_name}, [wm_ckpt['key'], data.dataset_key(data_root(args))])
     for cache in dict.fromkeys([path, find(args, task, os.path.basename(path))]):     # ours, else a parent's
         if os.path.isfile(cache):
@@ -363,8 +332,7 @@ def stage_bc(args, device, task: str) -> dict:
     demos = demo_latents(args, wm, wm_ckpt, task, device)
     sel = demos['in_window']                                             # frames s..e of each window
     b_cond, b_x0 = demos['feat'][sel].to(device), demos['chunks'][sel].to(device)     # (N, F), (N, Ta, 7)
-    N = len(b_cond)
-    steps_per_epoch = max(1, math.ceil(N / cfg.batch))
+    N, steps_per_epoch = len(b_cond), max(1, math.ceil(len(b_cond) / cfg.batch))
     n_steps = cfg.epochs * steps_per_epoch
     policy = D.make_policy(wm.feat_dim, cfg).to(device)
     opt = D.make_optimizer(policy, cfg)
@@ -431,8 +399,7 @@ def fine_tuning_step(args, wm, policy_pre, actor, critic, clf, opts, scaler, cou
         sims = env.make_vec_env(args.env, cfg.n_envs, workers=cfg.sim_workers, seed=seed, image_size=wm.cfg.image_size)
         return (lambda it: P.dppo_iteration(sims, wm, policy_pre, actor, critic, opts, scaler, task, cfg, counters,
                                             rng, gen, device, starts)), sims.close
-    split = split_of(args, 'training', wm.cfg.image_size)
-    pool = P.start_pool(wm, split, task, device, seed=seed, where=cfg.start_states)
+    pool = P.start_pool(wm, split_of(args, 'training', wm.cfg.image_size), task, device, seed=seed, where=cfg.start_states)
     return (lambda it: P.iteration(wm, policy_pre, actor, critic, clf, opts, scaler, pool, task, cfg, counters,
                                    gen)), (lambda: None)
 
@@ -537,7 +504,8 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
     if stage:
         p.add_argument('--stage', choices=STAGES, required=True, help='phase of Algorithm 1 to run')
     p.add_argument('--preset', choices=['paper', 'cpu', 'test'], default='cpu', help='paper (GPU), cpu, test (seconds)')
-    p.add_argument('--run', default=None, help='run folder (default runs/<preset>)')
+    p.add_argument('--run', '--run-dir', dest='run', default=None, help='run folder (default runs/<preset>; '
+                   'under torchrun write --run-dir: torchrun takes --run for its own --run-path)')
     p.add_argument('--inherit', nargs='+', default=[], metavar='RUN', help='parent run folder(s): checkpoints this '
                    'run lacks are read there; a finished parent checkpoint with the same settings is used as it is')
     p.add_argument('--data', default=None, help='dataset root in CALVIN layout (default <run>/data; or real CALVIN)')
@@ -567,6 +535,8 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Validate: every invalid flag fails here with argparse's usage message, before any work starts."""
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and args.stage != 'wm':
+        p.error(f'--stage {args.stage} runs in one process: only --stage wm runs under torchrun')
     args.tasks = list(env.TASKS) if args.tasks == ['all'] else (args.tasks or ['open_drawer'])
     args.seeds = args.seeds if args.seeds is not None else [args.seed]
     bad = [t for t in args.tasks if t not in env.TASKS]
@@ -640,6 +610,7 @@ def guarded(fn, *args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    sys.stdout = open(os.devnull, 'w') if int(os.environ.get('RANK', '0')) > 0 else sys.stdout   # torchrun: rank 0 prints
     if args.threads:
         torch.set_num_threads(args.threads)
     data.seed_everything(args.seed)

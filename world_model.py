@@ -110,12 +110,21 @@ def mix_uniform(logits, unimix):
     return probs.log()
 
 
-def straight_through_sample(logits, sample=True):
-    """One-hot sample (Gumbel-max, or argmax if not sample) of each categorical in logits (..., S, C); backward:
+def shard_rand(shape, device, dtype=torch.float32, shard=(0, 1)):
+    """U(0, 1) noise for this process's rows (dim 0) of a batch split over shard = (rank, world size) processes: each
+    draws the whole batch's noise from the same random state and keeps its rows, so that data-parallel training
+    (torchrun) draws what one process would draw for the whole batch."""
+    rank, world = shard
+    u = torch.rand((shape[0] * world, *shape[1:]), device=device, dtype=dtype)
+    return u[rank * shape[0]:(rank + 1) * shape[0]]
+
+
+def straight_through_sample(logits, sample=True, shard=(0, 1)):
+    """One-hot sample (Gumbel-max, or argmax if not sample) of each categorical in logits (B, ..., S, C); backward:
     d onehot / d logits := d softmax / d logits (straight-through, Bengio et al. 2013; DreamerV2 §2)."""
     probs = logits.softmax(-1)
     if sample:  # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits))
-        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+        u = shard_rand(logits.shape, logits.device, logits.dtype, shard).clamp_(1e-20, 1.0)
         index = (logits - torch.log(-torch.log(u))).argmax(-1)
     else:
         index = logits.argmax(-1)
@@ -189,7 +198,7 @@ class WorldModel(nn.Module):
         if cfg.image_size != 64:
             raise ValueError(f'world_model: image_size={cfg.image_size}, the DreamerV2 conv stack needs 64 '
                              '(resize images to 64x64 first, paper S.4)')
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, (0, 1)      # shard: (rank, world size) when trained by several processes
         S, C, D, H = cfg.stoch, cfg.classes, cfg.deter, cfg.hidden
         self.feat_dim = D + S * C
         # Encoders: one CNN per camera, concatenated and fused by a linear layer (S.2.1); proprio appended.
@@ -300,7 +309,7 @@ class WorldModel(nn.Module):
             out['target'] = target
         h = self._gru_step(state['h'], state['z'], self.img_a(self._action_input(action, target)))
         logits = self._logits(self.prior_net(h))
-        return {'h': h, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits, **out}
+        return {'h': h, 'z': straight_through_sample(logits, sample, self.shard).flatten(-2), 'logits': logits, **out}
 
     def obs_step(self, state, prev_action, obs_t, sample=True):
         """One online filtering step (eval, DPPO) -> (post, prior); obs_t dict of (B,...), 'is_first' (B,) resets first.
@@ -318,7 +327,7 @@ class WorldModel(nn.Module):
                 torch.where(reset[:, None], tcp, target_step(state['target'], prev_action))
         prior = self.img_step(state, prev_action, sample, target=target)
         logits = self._logits(self.post_out(self.post_h(prior['h']) + self.post_e(self.embed(obs_t))))
-        post = {**prior, 'z': straight_through_sample(logits, sample).flatten(-2), 'logits': logits}
+        post = {**prior, 'z': straight_through_sample(logits, sample, self.shard).flatten(-2), 'logits': logits}
         return post, prior
 
     def observe(self, batch, state=None, sample=True):
@@ -342,12 +351,12 @@ class WorldModel(nn.Module):
             h, z = h * keep[:, t], z * keep[:, t]                             # reset at segment starts
             h = self._gru_step(h, z, A[:, t])
             logits = self._logits(self.post_out(self.post_h(h) + E[:, t]))   # Eq. 2
-            z = straight_through_sample(logits, sample).flatten(-2)
+            z = straight_through_sample(logits, sample, self.shard).flatten(-2)
             hs.append(h), zs.append(z), logits_all.append(logits)
         h_seq = torch.stack(hs, 1)
         post = {'h': h_seq, 'z': torch.stack(zs, 1), 'logits': torch.stack(logits_all, 1)}
         prior_logits = self._logits(self.prior_net(h_seq))                    # Eq. 3, batched over (B,T)
-        prior = {'h': h_seq, 'z': straight_through_sample(prior_logits, sample).flatten(-2),
+        prior = {'h': h_seq, 'z': straight_through_sample(prior_logits, sample, self.shard).flatten(-2),
                  'logits': prior_logits}
         if self.cfg.target_input:
             post['target'] = prior['target'] = batch['target']
@@ -373,6 +382,9 @@ class WorldModel(nn.Module):
         if not self.cfg.hybrid:
             raise ValueError('world_model: decode_scene needs a hybrid world model (train with --hybrid)')
         return self.unscale_scene(self.dec_scene(feat))
+
+    def forward(self, batch):           # what DistributedDataParallel wraps (update_wm)
+        return loss_wm(self, batch)
 
 
 # ---- Loss (Eq. 10), optimiser and one training step ------------------------------------------------
@@ -401,20 +413,32 @@ def make_optimizer(wm, cfg):
                              fused=True)  # one fused kernel for all parameters: ~3x faster step on CPU
 
 
-def update_wm(wm, opt, batch):
-    """One gradient step on a batch (data.to_torch) -> float metrics (loss_wm's and grad_norm)."""
+def data_parallel(wm, device):
+    """Under torchrun (data.init_distributed): sets wm.shard = (rank, world size) and returns wm wrapped in
+    DistributedDataParallel, which averages the gradients over the processes; None in a single process."""
+    wm.shard = data.init_distributed(device)
+    return torch.nn.parallel.DistributedDataParallel(wm) if wm.shard[1] > 1 else None
+
+
+def update_wm(wm, opt, batch, ddp=None):
+    """One gradient step on a batch (data.to_torch) -> float metrics (loss_wm's and grad_norm). ddp: wm wrapped in
+    DistributedDataParallel (torchrun): gradients and metrics are averaged over the processes' equal batches."""
     wm.train()
     cfg = wm.cfg
     is_first = batch['is_first'].bool()
     # Tab. S.2 zeta: reset the recurrent state at random steps so the model learns to start from a zero state
-    reset = torch.rand(is_first.shape, device=is_first.device) < cfg.reset_prob
+    reset = shard_rand(is_first.shape, is_first.device, shard=wm.shard) < cfg.reset_prob
     with torch.autocast(is_first.device.type, torch.bfloat16, enabled=cfg.bf16):   # the loop's one precision switch
-        loss, m = loss_wm(wm, {**batch, 'is_first': is_first | reset})
+        loss, m = (ddp or wm)({**batch, 'is_first': is_first | reset})            # forward = loss_wm
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()                                                               # (ddp: all-reduces the gradients)
     m['grad_norm'] = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
     opt.step()
-    return {k: float(v.detach()) for k, v in m.items()}  # the only sync point of the step
+    names, values = list(m), torch.stack([m[k].detach().float() for k in m])
+    if ddp is not None:
+        torch.distributed.all_reduce(values)
+        values /= wm.shard[1]
+    return dict(zip(names, values.tolist()))  # the only sync point of the step
 
 
 # ---- Read-outs used by the evaluation --------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_another_seed_refuses_to_overwrite_a_checkpoint(tmp_path):
     tag = lambda seed: train.seed_tag(argparse.Namespace(seed=seed))
     assert tag(0) == ['seed=0'] and tag(3) == ['seed=3']
     first = train.train_loop(upstream=['data'] + tag(0), **kw)
-    assert first['key'] == train.config_key({'lr': 1}, ['data', 'seed=0'])
+    assert first['key'] == train.data.config_key({'lr': 1}, ['data', 'seed=0'])
     with pytest.raises(train.StageError, match=r'wm\.pt was trained with --seed 0, this run has --seed 1'):
         train.train_loop(upstream=['data'] + tag(1), **kw)
     assert torch.load(path, weights_only=True)['key'] == first['key']       # untouched

@@ -337,3 +337,19 @@ def test_channels_last_weights_give_the_same_numbers():
         wm.to(memory_format=torch.contiguous_format)
         ref = loss_wm(wm, batch, sample=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_shards_of_the_noise_and_of_the_sequences_make_up_the_global_batch():
+    """Data-parallel training (torchrun): the rows each process keeps, put together, are what one process draws for
+    the global batch, for the latent noise (shard_rand) and for the sequences (data.sample_sequences)."""
+    import numpy as np
+    import data
+    from world_model import shard_rand
+    whole = (torch.manual_seed(3), shard_rand((6, 2, 5), 'cpu'))[1]
+    parts = [(torch.manual_seed(3), shard_rand((2, 2, 5), 'cpu', shard=(r, 3)))[1] for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+    split = {'episodes': np.array([[0, 39], [40, 99]]), 'light_switch_frames': np.array([], int),
+             **{k: np.arange(100 * 2).reshape(100, 2) for k in data.SEQ_KEYS}}
+    one = data.sample_sequences(split, 4, 5, np.random.default_rng(0))['rows']
+    two = [data.sample_sequences(split, 2, 5, np.random.default_rng(0), shard=(r, 2))['rows'] for r in range(2)]
+    assert np.array_equal(np.concatenate(two), one)
