@@ -5,14 +5,14 @@ simulator with --env calvin), never in the world model:
 
     for each episode (task-specific start state where the task is possible, same states for every policy):
         x_0 = reset(start)                      -> z_0 = posterior(h_0, x_0)        (world_model.obs_step)
-        repeat 18 times (72 control steps):     chunk a_t..a_{t+3} = policy(z_t), deterministic denoising
+        repeat 18 times (72 control steps):     chunk a_t..a_{t+3} = policy(z_t), denoised by --eval.sampler
             execute each action (gripper thresholded at 0, S.3.1), update the posterior with every frame,
             stop at the task's success test (env.task_success: CALVIN's task definitions on scene_obs)
 
     python train.py --stage eval --task open_drawer --seeds 0 1 2        # every policy of the run, each seed
     python train.py --stage eval --task open_drawer --env calvin          # the real calvin_env, if installed
 
-Rows go to <run>/results.csv: one row per (task, policy, seed, simulator) with successes and a 95% interval.
+Rows go to <run>/results.csv: one row per (task, policy, seed, simulator, sampler) with successes and a 95% interval.
 """
 from __future__ import annotations
 
