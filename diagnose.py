@@ -5,7 +5,7 @@
     python diagnose.py reward --task T         # the success classifier on held-out recorded and imagined latents
     python diagnose.py gap --task T [--policy diwa]   # imagination vs. simulator from the same start states
     python diagnose.py scripted --task T       # the scripted skills through the evaluation loop (checks the loop)
-    python diagnose.py skills [--operator]     # success table of the desk's scripted skills
+    python diagnose.py skills [--operator] [--env calvin]   # success table of the scripted skills (desk / calvin_env)
     python diagnose.py render DIR              # PNGs of both cameras for a few desk states
     python diagnose.py dataset FOLDER          # frames, segments and windows per task of a CALVIN-layout split
     python diagnose.py calvin-starts --data D --task T   # CALVIN's start states in calvin_env: blocks, gripper
@@ -454,27 +454,33 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
 # ----------------------------------------------------------------------------------------------------
 
 def check_skills(episodes=100, max_steps=150, seed=0, tasks=env.TASKS, verbose=True, speed_range=None,
-                 gain_range=None, **style):
+                 gain_range=None, env_kind='desk', **style):
     """Success rate of each scripted skill from random possible start states (no cameras). -> {task: rate}
     `style`: extra env.ScriptedSkill arguments (noise, noise_corr, p_via, ...; --operator uses the play data's);
     speed_range / gain_range: draw each episode's speed and gain from these (low, high), as the play data does.
+    env_kind 'calvin': in the real calvin_env (scene D) with the geometry read from its scene (unless `style` names
+    one), its robot and block placement (env.sample_task_start), scored by CALVIN's own task oracle.
     Besides the success within max_steps it prints the share that succeeds within a CALVIN annotation window
     (64 frames: a play-data demo that takes longer is clipped to its last 64 frames, data.run_episode) and within
     an evaluation episode (72 steps, eval.EvalConfig): a demonstrator slower than these shows the cloned policy
     demos that start mid-task, and the evaluation asks the policy to be faster than the operator it copies."""
-    desk = env.DeskEnv(cameras=False, seed=seed)
+    if env_kind == 'calvin':
+        sim = env.CalvinEnvAdapter(seed=seed, cameras=False)
+        style, success = {'geometry': sim.geometry(), **style}, sim.task_success
+    else:
+        sim, success = env.DeskEnv(cameras=False, seed=seed), env.task_success
     rng, rates = np.random.default_rng(seed), {}
     for task in tasks:
         steps = []                                 # steps to the first success (max_steps + 1 = none)
         for _ in range(episodes):
-            robot_obs, scene_obs = env.sample_task_start(task, rng)
-            obs = desk.reset(robot_obs, scene_obs)
+            robot_obs, scene_obs = env.sample_task_start(task, rng, calvin=sim if env_kind == 'calvin' else None)
+            obs = sim.reset(robot_obs, scene_obs)
             drawn = {k: rng.uniform(*r) for k, r in (('speed', speed_range), ('gain', gain_range)) if r is not None}
-            start, skill = desk.get_info(), env.ScriptedSkill(task, rng, **style, **drawn)
+            start, skill = sim.get_info(), env.ScriptedSkill(task, rng, **style, **drawn)
             steps.append(max_steps + 1)
             for t in range(max_steps):
-                obs, _, _, info = desk.step(skill.act(obs))
-                if env.task_success(task, start, info):      # CALVIN's evaluation stops at the first success
+                obs, _, _, info = sim.step(skill.act(obs))
+                if success(task, start, info):               # CALVIN's evaluation stops at the first success
                     steps[-1] = t + 1
                     break
         steps = np.array(steps)
@@ -485,7 +491,7 @@ def check_skills(episodes=100, max_steps=150, seed=0, tasks=env.TASKS, verbose=T
                   f'mean steps {steps[won].mean() if won.any() else float("nan"):5.1f}  '
                   f'within 64: {100 * (steps <= 64).mean():5.1f}%  within 72: {100 * (steps <= 72).mean():5.1f}%',
                   flush=True)
-    desk.close()
+    sim.close()
     return rates
 
 
@@ -633,7 +639,7 @@ def run_report(args, p, tasks: list, cfg, device) -> None:
         press_report(args, device)
     elif args.report == 'skills':
         style = operator_skill_style(p, args.set) if args.operator or args.set else {}
-        check_skills(args.episodes or 100, seed=args.seed, tasks=tasks, **style)
+        check_skills(args.episodes or 100, seed=args.seed, tasks=tasks, env_kind=args.env, **style)
     elif args.report == 'render':
         render_examples(args.path, image_size=args.size, gripper_size=args.size, seed=args.seed)
     elif args.report == 'dataset':

@@ -20,9 +20,11 @@ Glossary (CALVIN name -> variable -> shape):
   info       -> env.get_info() {'robot_obs', 'scene_obs'}; task_success compares a start info with a current one
 
 API: DeskEnv(image_size, gripper_size, cameras, seed) .reset(robot_obs, scene_obs, seed) .step(a) .get_info();
-task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkill(task, rng, noise, speed).act;
-CalvinEnvAdapter (the real simulator, when installed). CLI: python diagnose.py skills [--operator] | render DIR
+task_success / completed_tasks / task_possible / sample_task_start; ScriptedSkill(task, rng, noise, speed, geometry).act
+(Geometry: where the parts are); CalvinEnvAdapter (the real simulator, when installed; .geometry() reads its scene).
+CLI: python diagnose.py skills [--operator] [--env calvin] | render DIR
 """
+import dataclasses
 import hashlib
 import multiprocessing as mp
 import os
@@ -96,18 +98,6 @@ GRIPPER_CAM = dict(fov=75.0, near=0.01, far=2.0, behind=0.1)
 def wrap_angle(a):
     """Map angles to [-pi, pi): TCP roll sits near +-pi, so raw Euler differences jump by 2 pi."""
     return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
-
-
-def drawer_knob_pos(q):                        # world position of the knob centre at joint value q
-    return DRAWER_ORIGIN + DRAWER_KNOB + np.array([0.0, -q, 0.0])
-
-
-def door_knob_pos(q):
-    return DOOR_ORIGIN + DOOR_KNOB + np.array([-q, 0.0, 0.0])
-
-
-def switch_knob_pos(q):
-    return SWITCH_ORIGIN + SWITCH_KNOB + q * SWITCH_DIR
 
 
 # ---------------------------------------------------------------- the desk as a generated URDF
@@ -509,21 +499,23 @@ def _kinematics():
     return _KIN['cid'], _KIN['robot']
 
 
-def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05):   # = REST_BOX
-    """robot_obs (15,) near the neutral pose: TCP uniform in +-pos_noise, Euler noise, IK (rest Q_INIT), gripper +-1."""
-    cid, robot = _kinematics()
+def random_robot_obs(rng, pos_noise=(0.08, 0.06, 0.05), yaw_noise=0.3, tilt_noise=0.05, kinematics=None):
+    """robot_obs (15,) near the neutral pose: TCP uniform in +-pos_noise (= REST_BOX), Euler noise, IK (rest Q_INIT),
+    gripper +-1. kinematics: (pybullet client, robot, TCP link) to solve on, e.g. calvin_env's; None: the desk's."""
+    _import_pybullet_quietly()
+    cid, robot, tcp_link = kinematics or (*_kinematics(), TCP_LINK)
     for j, q in zip(ARM, Q_INIT):
         p.resetJointState(robot, j, q, physicsClientId=cid)
-    neutral = p.getLinkState(robot, TCP_LINK, computeForwardKinematics=1, physicsClientId=cid)
+    neutral = p.getLinkState(robot, tcp_link, computeForwardKinematics=1, physicsClientId=cid)
     pos = np.array(neutral[4]) + rng.uniform(-1, 1, 3) * pos_noise
     euler = np.array([np.pi, 0.0, np.pi / 2]) + rng.uniform(-1, 1, 3) * [tilt_noise, tilt_noise, yaw_noise]
     quat = p.getQuaternionFromEuler(euler)
     for _ in range(4):  # a few restarts from the last solution: pybullet's IK takes damped steps
-        q = p.calculateInverseKinematics(robot, TCP_LINK, pos, quat, restPoses=list(Q_INIT) + [0, 0],
+        q = p.calculateInverseKinematics(robot, tcp_link, pos, quat, restPoses=list(Q_INIT) + [0, 0],
                                          maxNumIterations=100, residualThreshold=1e-5, physicsClientId=cid)
         for j in ARM:
             p.resetJointState(robot, j, q[j], physicsClientId=cid)
-    ls = p.getLinkState(robot, TCP_LINK, computeForwardKinematics=1, physicsClientId=cid)
+    ls = p.getLinkState(robot, tcp_link, computeForwardKinematics=1, physicsClientId=cid)
     r = np.zeros(15)
     r[0:3], r[3:6], r[7:14] = ls[4], p.getEulerFromQuaternion(ls[5]), q[:7]
     r[14] = 1.0 if rng.random() < 0.5 else -1.0
@@ -550,8 +542,9 @@ def near_rest(robot_obs, margin: float = 0.02) -> np.ndarray:
     return np.all(np.abs(np.asarray(robot_obs)[..., :3] - neutral_tcp()) <= REST_BOX + margin, axis=-1)
 
 
-def sample_task_start(task, rng):
-    """A random start (robot_obs (15,), scene_obs (24,)) from which `task` is possible (with a margin)."""
+def sample_task_start(task, rng, calvin=None):
+    """A random start (robot_obs (15,), scene_obs (24,)) from which `task` is possible (with a margin).
+    calvin: a CalvinEnvAdapter: its robot, the blocks where calvin_env's own reset places them (scene_obs[6:])."""
     kw = {'open_drawer': dict(drawer=rng.uniform(0, 0.06)), 'close_drawer': dict(drawer=rng.uniform(0.16, DRAWER_MAX)),
           'move_slider_left': dict(door=rng.uniform(0, 0.1)), 'move_slider_right': dict(door=rng.uniform(0.18, DOOR_MAX)),
           'turn_on_lightbulb': dict(switch_on=False), 'turn_off_lightbulb': dict(switch_on=True),
@@ -560,27 +553,61 @@ def sample_task_start(task, rng):
         raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
     scene = random_scene(rng, **kw[task])
     assert task_possible(task, scene)
-    return random_robot_obs(rng), scene
+    if calvin is None:
+        return random_robot_obs(rng), scene
+    scene[6:] = calvin.reset()['scene_obs'][6:]
+    return calvin.random_robot_obs(rng), scene
 
 
 # ---------------------------------------------------------------- scripted skills (play data and demos)
 DOWN_EULER = np.array([np.pi, 0.0, np.pi / 2])   # fingers down, opening along x (the neutral orientation)
+# The switch's top is at the edge of the Panda's reach (both desks): the hand tilts 0.3 rad towards +y for it.
+SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
 SAFE_Z = 0.60                                    # travel height: fingertips above every desk part but the cabinet
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes
 DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer)
 DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes
 MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
-# The switch is at the edge of our standard-finger Panda's reach (CALVIN's has longer fingers): tilt 0.3 rad towards +y.
-SWITCH_EULER = np.array([np.pi, -0.3, np.pi / 2])
 LEASH = 0.03     # metres the skill lets CALVIN's integrated TCP target lead the measured TCP (anti-windup)
 SKILLS = TASKS + ['reach', 'pause']
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where the scripted skills find the parts (world frame, metres; points at joint value 0, +q along *_dir).
+    DESK_GEOMETRY: the built-in desk; CalvinEnvAdapter.geometry(): read from a live calvin_env scene."""
+    drawer_knob: np.ndarray    # (3,) handle point; its front (the face close_drawer pushes) is drawer_tip along +q
+    drawer_tip: float          # m from drawer_knob to the handle's front
+    drawer_grip: float         # m behind that front where open_drawer closes the hand
+    drawer_dir: np.ndarray     # (3,) unit direction of +q (opening)
+    drawer_max: float          # joint upper limit
+    door_push: np.ndarray      # (3,) point on the handle that the sliding-door pushes aim at from either side
+    door_dir: np.ndarray
+    door_max: float
+    switch_knob: np.ndarray    # (3,) switch handle; the hand closes at switch_knob + switch_grip
+    switch_grip: np.ndarray    # (3,) offset of the grasp point
+    switch_dir: np.ndarray
+    switch_max: float
+    switch_euler: np.ndarray   # (3,) TCP Euler angles for the switch tasks
+    button_top: np.ndarray     # (3,) centre of the button's top face, unpressed
+    clearance: float           # m above the door's / switch's grasp point (at least SAFE_Z) the hand comes down from
+
+
+_DOOR_KNOB = DOOR_ORIGIN + DOOR_KNOB
+DESK_GEOMETRY = Geometry(
+    drawer_knob=DRAWER_ORIGIN + DRAWER_KNOB, drawer_tip=0.0375, drawer_grip=0.02, drawer_dir=np.array([0.0, -1.0, 0.0]),
+    drawer_max=DRAWER_MAX, door_push=np.array([_DOOR_KNOB[0], 0.03, _DOOR_KNOB[2] - 0.005]),   # on the knob
+    door_dir=np.array([-1.0, 0.0, 0.0]), door_max=DOOR_MAX, switch_knob=SWITCH_ORIGIN + SWITCH_KNOB,
+    switch_grip=np.array([0.0, -0.015, 0.0]), switch_dir=SWITCH_DIR, switch_max=SWITCH_MAX, switch_euler=SWITCH_EULER,
+    button_top=BUTTON_ORIGIN + (0, 0, 0.027), clearance=0.0)
 
 
 class ScriptedSkill:
     """A waypoint controller that solves `task` with CALVIN relative actions only: act(obs) -> action (7,) in [-1,1].
 
-    The plan comes from the first observation (scene_obs + desk geometry); each phase moves the TCP towards a goal with
+    The plan comes from the first observation (scene_obs + `geometry`: DESK_GEOMETRY, or CalvinEnvAdapter.geometry()
+    in calvin_env, whose robot and parts differ); each phase moves the TCP towards a goal with
     a P-law and ends at its goal, when its scene condition holds, or at a timeout; .done turns True after the last one.
       speed, gain    max |action| (1 = 2 cm per step); P-gain on the TCP error (0.5 = half per step)
       noise          std of the Gaussian noise on the 6 motion dims; pause_steps, reach_target: random if None
@@ -597,7 +624,7 @@ class ScriptedSkill:
 
     def __init__(self, task, rng, noise=0.0, speed=1.0, gain=0.5, pause_steps=None, reach_target=None,
                  noise_corr=0.0, p_via=0.0, via_scale=0.08, p_hesitate=0.0, hesitate_max=10, p_miss=0.0,
-                 p_retry=0.0, drawer_tol_max=DRAWER_GRASP_TOL, push_tol_max=DRAWER_PUSH_TOL):
+                 p_retry=0.0, drawer_tol_max=DRAWER_GRASP_TOL, push_tol_max=DRAWER_PUSH_TOL, geometry=DESK_GEOMETRY):
         if task not in SKILLS:
             raise ValueError(f'unknown skill {task!r}; expected one of {SKILLS}')
         self.task, self.rng, self.noise, self.speed, self.gain = task, rng, float(noise), float(speed), float(gain)
@@ -609,6 +636,7 @@ class ScriptedSkill:
         self.drift, self.hesitating = np.zeros(6), 0
         self.p_retry, self.retry_at, self.s0 = float(p_retry), None, None
         self.drawer_tol_max, self.push_tol_max = float(drawer_tol_max), float(push_tol_max)
+        self.geometry = geometry
 
     def _detour(self, tcp, phases, P):
         """Prepend a random via point between the TCP and the first waypoint, never below or behind (+y) both."""
@@ -626,44 +654,43 @@ class ScriptedSkill:
         P = lambda goal, grip, tol=0.01, until=None, wait=0, max_steps=40: dict(
             goal=goal if goal is None or isinstance(goal, str) else np.asarray(goal, float),
             grip=grip, tol=tol, until=until, wait=wait, max=max_steps)
-        tcp, task = robot_obs[:3], self.task
+        tcp, task, G = robot_obs[:3], self.task, self.geometry
         up = lambda g, z=SAFE_Z: (g[0], g[1], max(z, g[2]))
+        above = lambda g: up(g, max(SAFE_Z, g[2] + G.clearance))      # where the hand comes down onto a handle from
         if task in ('open_drawer', 'close_drawer'):
             q = s[1]
-            k = drawer_knob_pos(q)
-            tip_y = k[1] - 0.0375
-            if task == 'open_drawer':        # grasp the knob's tip from above, pull along -y
-                g = np.array([k[0], tip_y + 0.02, k[2]])
+            tip = G.drawer_knob + q * G.drawer_dir + G.drawer_tip * G.drawer_dir     # front of the handle
+            if task == 'open_drawer':        # close the hand on (behind) the handle from above, pull along +q
+                g = tip - G.drawer_grip * G.drawer_dir
                 tol = (DRAWER_GRASP_TOL if self.drawer_tol_max <= DRAWER_GRASP_TOL   # no draw: same rng stream
                        else self.rng.uniform(DRAWER_GRASP_TOL, self.drawer_tol_max))
                 return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, 1, 0.03), P(g + (0, 0, 0.1), 1, 0.015),
                         P(g, 1, tol), P(g, -1, wait=6),
-                        P(g + (0, -0.17, 0), -1, until=lambda x: x[1] > min(q + 0.15, DRAWER_MAX - 0.01)),
+                        P(g + 0.17 * G.drawer_dir, -1, until=lambda x: x[1] > min(q + 0.15, G.drawer_max - 0.01)),
                         P(None, 1, wait=4), P('up', 1, 0.02)]
-            g = np.array([k[0], tip_y - 0.03, k[2] - 0.005])  # push the knob's tip along +y
+            g = tip + 0.03 * G.drawer_dir + (0, 0, -0.005)     # push the handle's front along -q ...
+            shut = G.drawer_knob + G.drawer_tip * G.drawer_dir + 0.02 * G.drawer_dir   # ... to 2 cm out of q = 0
             tol = (DRAWER_PUSH_TOL if self.push_tol_max <= DRAWER_PUSH_TOL   # no draw: same rng stream
                    else self.rng.uniform(DRAWER_PUSH_TOL, self.push_tol_max))
             return [P(up(tcp, 0.5) if tcp[1] > -0.2 else tcp, -1, 0.03), P(g + (0, 0, 0.1), -1, 0.015),
-                    P(g, -1, tol), P((g[0], -0.265 - 0.02, g[2]), -1, until=lambda x: x[1] < max(q - 0.15, 0.01)),
+                    P(g, -1, tol), P((g[0], shut[1], g[2]), -1, until=lambda x: x[1] < max(q - 0.15, 0.01)),  # along y
                     P('back', -1, 0.02)]
         if task in ('move_slider_left', 'move_slider_right'):
-            k = door_knob_pos(s[0])
-            side = 1 if task == 'move_slider_left' else -1    # push from +x to move the door along -x
-            g = np.array([k[0] + side * 0.05, 0.03, k[2] - 0.005])
-            stop = (lambda x: x[0] > min(s[0] + 0.17, DOOR_MAX - 0.01)) if side > 0 else \
+            side = 1 if task == 'move_slider_left' else -1    # push from the -q side to move the door along +q
+            g = G.door_push + s[0] * G.door_dir - side * 0.05 * G.door_dir
+            stop = (lambda x: x[0] > min(s[0] + 0.17, G.door_max - 0.01)) if side > 0 else \
                    (lambda x: x[0] < max(s[0] - 0.17, 0.01))
-            return [P(up(g), -1, 0.02), P(g, -1, 0.008), P(g + (-side * 0.22, 0, 0), -1, until=stop),
+            return [P(above(g), -1, 0.02), P(g, -1, 0.008), P(g + side * 0.22 * G.door_dir, -1, until=stop),
                     P('up', -1, 0.02)]
         if task in ('turn_on_lightbulb', 'turn_off_lightbulb'):
             q = s[3]
-            k = switch_knob_pos(q)
-            g = np.array([k[0], k[1] - 0.015, k[2]])
+            g = G.switch_knob + q * G.switch_dir + G.switch_grip
             sign = 1 if task == 'turn_on_lightbulb' else -1
             stop = (lambda x: x[3] > 0.075) if sign > 0 else (lambda x: x[3] < 0.015)
-            return [P(up(g), 1, 0.02), P(g, 1, SWITCH_GRASP_TOL), P(g, -1, wait=5),   # a firm grasp, then push
-                    P(g + sign * 0.09 * SWITCH_DIR, -1, 0.005, until=stop), P(None, 1, wait=2), P('back', 1, 0.02)]
+            return [P(above(g), 1, 0.02), P(g, 1, SWITCH_GRASP_TOL), P(g, -1, wait=5),   # a firm grasp, then push
+                    P(g + sign * 0.09 * G.switch_dir, -1, 0.005, until=stop), P(None, 1, wait=2), P('back', 1, 0.02)]
         if task in ('turn_on_led', 'turn_off_led'):
-            b = BUTTON_ORIGIN + (0, 0, 0.027)                    # top of the button
+            b = G.button_top
             led0 = s[5]
             press = [P(b + (0, 0, 0.08), -1, 0.015), P(b + (0, 0, -0.022), -1, 0.004, until=lambda x: x[5] != led0),
                      P(b + (0, 0, 0.08), -1, 0.02)]
@@ -696,7 +723,7 @@ class ScriptedSkill:
             self.phases = self._detour(r[:3], self._plan(r, s), P)
             self.hold = r[:3].copy()
             self.target = r[:3].copy()     # estimate of the env's stored TCP target (reset to the measured TCP)
-            self.euler = SWITCH_EULER if 'lightbulb' in self.task else DOWN_EULER
+            self.euler = self.geometry.switch_euler if 'lightbulb' in self.task else DOWN_EULER
         a = np.zeros(7)
         if self.done:
             a[6] = r[14]
@@ -760,11 +787,20 @@ class ScriptedSkill:
 
 
 # ---------------------------------------------------------------- the real CALVIN simulator (optional)
+# Points of CALVIN's handles in their links' frames, in metres before the scene's global scaling (0.8 in scene D),
+# read off the collision meshes calvin_env/data/calvin_table_*/meshes/*_vhacd2.obj (the same in scenes A-D).
+CALVIN_DRAWER_FRONT = (0.0, 0.035, 0.3265)   # drawer handle: a bar 19 cm wide, 8 cm out of the drawer's face; the
+CALVIN_DRAWER_GAP = 0.064                    # middle of the 5.6 cm gap behind it is this far behind its front
+CALVIN_DOOR_PUSH = (0.175, 0.0, 0.075)       # sliding door: the middle of its handle, an upright bar 4 cm wide
+CALVIN_SWITCH_POST = (-0.0624, 0.03, -0.01)  # switch: a frame 12 cm wide on two rails; its left post, 2 cm wide
+
+
 class CalvinEnvAdapter:
     """The real calvin_env (scene D: Hydra config, reset/step/get_info, task oracle) as DeskEnv (tests/test_calvin.py).
-    Images at 200 / 84 px (data.preprocess_obs resizes); gripper action exactly +-1 (CALVIN asserts it)."""
+    Images at 200 / 84 px (data.preprocess_obs resizes); gripper action exactly +-1 (CALVIN asserts it).
+    cameras=False: no 'rgb_obs' (calvin_env's no_cameras config): ~500 steps/s instead of ~15 on 2 CPU cores."""
 
-    def __init__(self, scene='calvin_scene_D', seed=None):
+    def __init__(self, scene='calvin_scene_D', seed=None, cameras=True):
         try:
             import hydra
             from hydra import compose, initialize_config_dir
@@ -774,8 +810,8 @@ class CalvinEnvAdapter:
                               'git clone https://github.com/mees/calvin_env DIR && pip install -e DIR '
                               f'({err})') from err
         conf = os.path.join(os.path.dirname(os.path.dirname(calvin_env.__file__)), 'conf')
-        overrides = ['cameras=static_and_gripper', f'scene={scene}', 'robot=panda_longer_finger',
-                     'use_vr=false', 'env.use_egl=false']
+        overrides = ['cameras=' + ('static_and_gripper' if cameras else 'no_cameras'), f'scene={scene}',
+                     'robot=panda_longer_finger', 'use_vr=false', 'env.use_egl=false']
         with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
             cfg = compose(config_name='config_data_collection', overrides=overrides)
         self.env = hydra.utils.instantiate(cfg.env, show_gui=False, use_vr=False, use_scene_info=True)
@@ -789,9 +825,36 @@ class CalvinEnvAdapter:
         self.env, self.tasks, self.rng = calvin_env, task_oracle, np.random.default_rng(seed)
         return self
 
+    def geometry(self) -> Geometry:
+        """Geometry of the live scene for ScriptedSkill: link poses, joint axes and limits from pybullet, for the joints
+        CALVIN's task oracle names (conf/tasks: base__drawer, base__slide) and its button and switch."""
+        pb, cid, scale, scene = self.env.p, self.env.cid, self.env.scene.global_scaling, self.env.scene
+        doors = {d.name: d for d in scene.doors}
+
+        def part(obj, local):    # -> (link-frame point `local` in the world at q = 0, unit +q direction, upper limit)
+            info = pb.getJointInfo(obj.uid, obj.joint_index, physicsClientId=cid)
+            pos, orn = pb.getLinkState(obj.uid, obj.joint_index, computeForwardKinematics=1, physicsClientId=cid)[4:6]
+            R = np.array(pb.getMatrixFromQuaternion(orn)).reshape(3, 3)
+            axis, q = R @ np.array(info[13]), pb.getJointState(obj.uid, obj.joint_index, physicsClientId=cid)[0]
+            return np.array(pos) - q * axis + R @ (scale * np.array(local)), axis, float(info[9])
+
+        drawer, drawer_dir, drawer_max = part(doors['base__drawer'], CALVIN_DRAWER_FRONT)
+        door, door_dir, door_max = part(doors['base__slide'], CALVIN_DOOR_PUSH)
+        switch, switch_dir, switch_max = part(scene.switches[0], CALVIN_SWITCH_POST)
+        button = part(scene.buttons[0], (0.0, 0.03, 0.0))[0]          # the top of button_link.STL
+        return Geometry(drawer_knob=drawer, drawer_tip=0.0, drawer_grip=scale * CALVIN_DRAWER_GAP,
+                        drawer_dir=drawer_dir, drawer_max=drawer_max, door_push=door, door_dir=door_dir,
+                        door_max=door_max, switch_knob=switch, switch_grip=np.zeros(3), switch_dir=switch_dir,
+                        switch_max=switch_max, switch_euler=SWITCH_EULER, button_top=button, clearance=0.1)
+
+    def random_robot_obs(self, rng):
+        """robot_obs (15,) near CALVIN's neutral pose (env.random_robot_obs's noise), solved on calvin_env's robot."""
+        robot = self.env.robot
+        return random_robot_obs(rng, kinematics=(self.env.cid, robot.robot_uid, robot.tcp_link_id))
+
     @staticmethod
     def _obs(obs):
-        return {'rgb_obs': {k: obs['rgb_obs'][k] for k in ('rgb_static', 'rgb_gripper')},
+        return {'rgb_obs': {k: obs['rgb_obs'][k] for k in ('rgb_static', 'rgb_gripper') if k in obs['rgb_obs']},
                 'robot_obs': np.asarray(obs['robot_obs'], np.float32),
                 'scene_obs': np.asarray(obs['scene_obs'], np.float32)}
 

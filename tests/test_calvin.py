@@ -1,6 +1,7 @@
 """The real CALVIN simulator (calvin_env, installed from a git checkout: README, "The real CALVIN"): the adapter,
-a dataset recorded with calvin_env in CALVIN's layout and read back, and evaluation and a DPPO iteration in CALVIN
-from CALVIN's own start states. Every test here is skipped, saying why, when calvin_env is not installed."""
+the scripted skills retargeted to its scene, a dataset recorded with calvin_env in CALVIN's layout and read back, and
+evaluation and a DPPO iteration in CALVIN from CALVIN's own start states. Every test here is skipped, saying why,
+when calvin_env is not installed."""
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import data
+import diagnose
 import env
 import eval as E
 from conftest import ROOT, TASK, read_csv, run
@@ -82,6 +84,39 @@ del a
     out = (proc.stdout + proc.stderr).lower()
     assert 'not connected' not in out and 'physics client' not in out and 'from server' not in out, out[-2000:]
     assert len(split['windows']) == 2 and split['rgb_static'].shape[1:] == (64, 64, 3)
+
+
+def test_geometry_is_read_from_the_scene_at_joint_value_zero():
+    """CalvinEnvAdapter.geometry() finds scene D's parts where calvin_env's URDF puts them (REFERENCE.md: +q of the
+    drawer along -y, of the sliding door along -x, of the switch up and back; ranges 0.22 / 0.28 / 0.088; the
+    button at (-0.12, -0.12)), the same whatever the joints' current values."""
+    adapter = env.CalvinEnvAdapter(seed=0, cameras=False)
+    try:
+        geo = adapter.geometry()
+        scene = adapter.reset()['scene_obs'].copy()
+        scene[:4] = [0.2, 0.15, 0.0, 0.08]                           # door, drawer, button, switch moved
+        adapter.reset(scene_obs=scene)
+        moved = adapter.geometry()
+    finally:
+        adapter.close()
+    close = lambda a, b: np.allclose(a, b, atol=1e-3)
+    assert close(geo.drawer_dir, (0, -1, 0)) and close(geo.door_dir, (-1, 0, 0))
+    assert close(geo.switch_dir, (0, 0.5, np.sqrt(3) / 2))
+    assert close([geo.drawer_max, geo.door_max, geo.switch_max], [0.22, 0.28, 0.088])
+    assert close(geo.button_top, (-0.12, -0.12, 0.484)) and close(geo.drawer_knob[1], -0.2612)
+    for field in ('drawer_knob', 'door_push', 'switch_knob', 'button_top'):
+        assert close(getattr(moved, field), getattr(geo, field)), field
+
+
+def test_scripted_skills_solve_every_task_in_calvin():
+    """The scripted skills with the geometry read from calvin_env's scene solve each task from possible starts (its
+    robot near its neutral pose, blocks where its own reset puts them), by CALVIN's own task oracle; with the built-in
+    desk's geometry the hand presses the table where the desk's button is and the LED stays off."""
+    rates = diagnose.check_skills(episodes=2, tasks=env.TASKS, env_kind='calvin', verbose=False)
+    assert rates == {task: 1.0 for task in env.TASKS}
+    desk = diagnose.check_skills(episodes=1, tasks=['turn_on_led'], env_kind='calvin', verbose=False,
+                                 geometry=env.DESK_GEOMETRY)
+    assert desk == {'turn_on_led': 0.0}
 
 
 def test_recorded_dataset_reads_back_in_calvin_layout(calvin_data):
