@@ -621,14 +621,14 @@ def episode_split(cfg: CollectConfig, e: int) -> str:
     return 'validation' if cfg.val_every and e % cfg.val_every == cfg.val_every - 1 else 'training'
 
 
-def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_kind, home):
+def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_kind, home, geometry=env.DESK_GEOMETRY):
     """The next play segment -> (kind, skill): after a task, sometimes a reach back near the rest pose `home` (p_home;
     evaluation and imagined episodes start there); else a task possible now (p_task), a pause or a random reach."""
     speed, gain = rng.uniform(cfg.speed_min, cfg.speed_max), rng.uniform(cfg.gain_min, cfg.gain_max)
     if prev_kind in env.TASKS and rng.random() < cfg.p_home:      # near the rest pose, like env.random_robot_obs
         target = home + rng.uniform(-1, 1, 3) * (0.08, 0.06, 0.05)
         return 'home', env.ScriptedSkill('reach', rng, noise=cfg.action_noise, speed=speed, gain=gain,
-                                         reach_target=target, noise_corr=cfg.noise_corr)
+                                         reach_target=target, noise_corr=cfg.noise_corr, geometry=geometry)
     # tasks possible now; a part stuck between its two tests (e.g. drawer at 0.11: neither opening nor closing
     # can move it 0.12) is pushed back to 0 by its second task, which succeeds in no test but frees the part
     pairs = [env.TASKS[i:i + 2] for i in range(0, len(env.TASKS), 2)]
@@ -642,7 +642,7 @@ def next_segment(cfg: CollectConfig, rng: np.random.Generator, scene_obs, prev_k
     style = operator_style(cfg)
     if kind not in env.TASKS:
         style['p_hesitate'] = 0.0                                   # pauses and reaches do not hesitate
-    return kind, env.ScriptedSkill(kind, rng, speed=speed, gain=gain, **style)
+    return kind, env.ScriptedSkill(kind, rng, speed=speed, gain=gain, geometry=geometry, **style)
 
 
 def operator_style(cfg: CollectConfig) -> dict:
@@ -654,23 +654,32 @@ def operator_style(cfg: CollectConfig) -> dict:
 
 
 def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
-    """Play one episode on `desk`, write its frames, return its summary (windows in global frame ids)."""
+    """Play one episode on `desk`, write its frames, return its summary (windows in global frame ids). `desk` may be
+    the real calvin_env (env.CalvinEnvAdapter): the skills use its scene's geometry, its own task oracle labels the
+    windows, and its 200 / 84 px images are stored resized as load_split resizes CALVIN's (S.4)."""
     rng = np.random.default_rng([cfg.seed, e])
     t_start = time.time()
     split = episode_split(cfg, e)
     folder = Path(out_dir) / split
     start_id = e * cfg.episode_len
-    obs = desk.reset(seed=int(rng.integers(2 ** 31)))                 # rest pose, random scene
+    calvin = isinstance(desk, env.CalvinEnvAdapter)
+    oracle, geometry = (desk, desk.geometry()) if calvin else (env, env.DESK_GEOMETRY)
+    if calvin:       # CALVIN's neutral robot and blocks, the parts (drawer, door, switch, button) drawn as the desk's
+        scene = desk.reset()['scene_obs'].copy()
+        scene[:6] = env.random_scene(rng)[:6]
+        obs = desk.reset(scene_obs=scene)
+    else:
+        obs = desk.reset(seed=int(rng.integers(2 ** 31)))             # rest pose, random scene
     home = obs['robot_obs'][:3].astype(np.float64)
     kind, skill, anchor, reported, seg_t = None, None, 0, set(), 0
     infos, windows, tasks = [], [], []
     stats = {'attempts': {}, 'skill_success': {}, 'dropped': 0}
     for t in range(cfg.episode_len):
-        infos.append({'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs']})
-        for task in sorted(env.completed_tasks(infos[anchor], infos[t]) - reported):   # tested vs the anchor
+        infos.append(desk.get_info() if calvin else {'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs']})
+        for task in sorted(oracle.completed_tasks(infos[anchor], infos[t]) & set(env.TASKS) - reported):   # vs anchor
             reported.add(task)
             s = max(anchor, t - cfg.max_window + 1)
-            if env.task_success(task, infos[s], infos[t]):
+            if oracle.task_success(task, infos[s], infos[t]):
                 windows.append((start_id + s, start_id + t))
                 tasks.append(task)
             else:
@@ -678,13 +687,15 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
             if task == kind:
                 stats['skill_success'][task] = stats['skill_success'].get(task, 0) + 1
         if skill is None or skill.done or seg_t >= cfg.skill_timeout:
-            kind, skill = next_segment(cfg, rng, obs['scene_obs'], kind, home)
+            kind, skill = next_segment(cfg, rng, obs['scene_obs'], kind, home, geometry)
             anchor, reported, seg_t = t, set(), 0
             if kind in env.TASKS and env.task_possible(kind, obs['scene_obs']):
                 stats['attempts'][kind] = stats['attempts'].get(kind, 0) + 1
         a = np.asarray(skill.act(obs), np.float64)
         seg_t += 1
-        frame = {'rel_actions': a, 'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs'], **obs['rgb_obs']}
+        images = {k: resize_images(v, cfg.image_size if k == 'rgb_static' else cfg.gripper_size) if calvin else v
+                  for k, v in obs['rgb_obs'].items()}
+        frame = {'rel_actions': a, 'robot_obs': obs['robot_obs'], 'scene_obs': obs['scene_obs'], **images}
         obs, _, _, _ = desk.step(a)
         # The absolute action: the TCP target pose the relative action produced, and the gripper command (see to_torch)
         frame['actions'] = np.concatenate([desk.target_pos, desk.target_euler, [1.0 if a[6] >= 0 else -1.0]])
@@ -698,9 +709,11 @@ def run_episode(desk, cfg: CollectConfig, e: int, out_dir) -> dict:
 _DESK, _PARENT = None, None                         # one DeskEnv per worker process; the collecting process
 
 
-def _worker_init(cfg: CollectConfig, parent: int | None = None) -> None:
+def _worker_init(cfg: CollectConfig, parent: int | None = None, env_kind: str = 'desk') -> None:
     global _DESK, _PARENT
-    _DESK, _PARENT = env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True), parent
+    _DESK = env.CalvinEnvAdapter() if env_kind == 'calvin' else \
+        env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True)
+    _PARENT = parent
 
 
 def _worker_episode(job) -> dict:
@@ -711,9 +724,10 @@ def _worker_episode(job) -> dict:
 SETTINGS_EXEMPT = ('workers', 'episodes')           # may change between runs: they do not change any episode
 
 
-def collect(cfg: CollectConfig, out_dir) -> dict:
+def collect(cfg: CollectConfig, out_dir, env_kind: str = 'desk') -> dict:
     """Collect play data into <out_dir>/{training,validation} in CALVIN's layout; resumable, with the same settings
-    only (see the module docstring). -> {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts', ...}"""
+    only (see the module docstring); env_kind 'calvin': in the real calvin_env, scene D (run_episode).
+    -> {'frames', 'episodes', 'seconds', 'frames_per_s', 'counts', ...}"""
     global _DESK
     for name in ('episodes', 'episode_len', 'workers', 'image_size', 'gripper_size', 'skill_timeout', 'max_window'):
         if getattr(cfg, name) < 1:
@@ -723,6 +737,7 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SETTINGS_EXEMPT}
+    settings.update({'env': env_kind} if env_kind != 'desk' else {})     # (the desk's files predate the key)
     spath, ppath = out / 'collect_config.json', out / 'collect_progress.json'
     if spath.is_file():
         old = json.loads(spath.read_text())
@@ -754,12 +769,13 @@ def collect(cfg: CollectConfig, out_dir) -> dict:
     bar = tqdm(total=len(todo) * cfg.episode_len, unit='frame', desc='collect', smoothing=0.1)
     jobs = [(cfg, e, str(out)) for e in todo]
     if cfg.workers > 1 and len(todo) > 1:
-        with mp.get_context('fork').Pool(cfg.workers, initializer=_worker_init, initargs=(cfg, os.getpid())) as pool:
+        with mp.get_context('fork').Pool(cfg.workers, initializer=_worker_init,
+                                         initargs=(cfg, os.getpid(), env_kind)) as pool:
             for summary in pool.imap_unordered(_worker_episode, jobs):
                 finish(summary)
                 bar.update(cfg.episode_len)
     elif todo:                                      # one worker: in this process (easier to debug)
-        _worker_init(cfg)
+        _worker_init(cfg, env_kind=env_kind)
         try:
             for job in jobs:
                 finish(_worker_episode(job))

@@ -883,6 +883,14 @@ class CalvinEnvAdapter:
     def get_info(self):
         return self.env.get_info()
 
+    @property
+    def target_pos(self):      # the TCP target that relative actions move (CALVIN's absolute 'actions'), as DeskEnv's
+        return np.asarray(self.env.robot.target_pos, float)
+
+    @property
+    def target_euler(self):
+        return np.asarray(self.env.robot.target_orn, float)
+
     def task_success(self, task, start_info, info):
         return task in self.tasks.get_task_info_for_set(start_info, info, {task})
 

@@ -256,12 +256,12 @@ def load_bc_policy(args, task: str, seed: int, feat_dim: int, device):
 # ---- Stages. Each one: build its config, load what it consumes (checked), run the shared loop.
 
 def stage_collect(args) -> None:
-    """Play data on the built-in desk, written in CALVIN's layout (data.py, paper §II, S.3)."""
+    """Play data on the built-in desk (--env calvin: in calvin_env), in CALVIN's layout (data.py, paper §II, S.3)."""
     cfg = build_config('collect', args, 'collect')
-    if args.data or args.env == 'calvin':
-        raise StageError('--data / --env calvin: collect records play data on the built-in desk into the run folder; '
-                         'bring a CALVIN dataset with --data and skip collect')
-    data.collect(cfg, data_root(args))
+    if args.data:
+        raise StageError('--data: collect records play data into the run folder; a CALVIN dataset given with --data '
+                         'needs no collect')
+    data.collect(cfg, data_root(args), env_kind=args.env)
 
 
 def _warm_start(args, wm) -> list:
@@ -524,7 +524,8 @@ def make_parser(stage: bool = True) -> argparse.ArgumentParser:
     p.add_argument('--snapshots', type=int, default=5, help='policy snapshots kept during fine-tuning (Fig. 3)')
     p.add_argument('--post-success-frames', type=int, default=16,
                    help='frames after a demo succeeds that still count as success examples for the classifier')
-    p.add_argument('--env', choices=['desk', 'calvin'], default='desk', help='eval: the built-in desk or calvin_env')
+    p.add_argument('--env', choices=['desk', 'calvin'], default='desk',
+                   help='collect / eval / dppo: the built-in desk or the real calvin_env (scene D)')
     p.add_argument('--policies', nargs='+', default=None, help='--stage eval: only these (base, diwa, dppo)')
     p.add_argument('--eval-snapshots', action='store_true', help="--stage eval: also the weights kept along "
                    "fine-tuning and DPPO ('diwa@<step>', 'dppo@<step>' in results.csv: Fig. 3, Fig. S.5)")

@@ -2,6 +2,7 @@
 the scripted skills retargeted to its scene, a dataset recorded with calvin_env in CALVIN's layout and read back, and
 evaluation and a DPPO iteration in CALVIN from CALVIN's own start states. Every test here is skipped, saying why,
 when calvin_env is not installed."""
+import json
 import os
 import shutil
 import subprocess
@@ -117,6 +118,23 @@ def test_scripted_skills_solve_every_task_in_calvin():
     desk = diagnose.check_skills(episodes=1, tasks=['turn_on_led'], env_kind='calvin', verbose=False,
                                  geometry=env.DESK_GEOMETRY)
     assert desk == {'turn_on_led': 0.0}
+
+
+def test_play_data_collected_in_calvin(tmp_path):
+    """--stage collect --env calvin: the operator plays in calvin_env with its scene's geometry; frames in CALVIN's
+    layout at the preset's 64 px (CALVIN's 200 / 84 px renders resized as load_split resizes them), windows labelled by
+    CALVIN's own oracle; the folder remembers it was calvin_env's (a desk collect there is refused)."""
+    d = str(tmp_path / 'run')
+    args = ['--stage', 'collect', '--env', 'calvin', '--preset', 'test', '--run', d, '--collect.episodes', '1',
+            '--collect.episode_len', '120']
+    run(*args, timeout=600)
+    split = data.load_split(os.path.join(d, 'data', 'training'), 64)
+    assert split['rgb_static'].shape == (120, 64, 64, 3) and split['rgb_gripper'].shape == (120, 64, 64, 3)
+    assert len(split['windows']) >= 1 and set(split['window_tasks']) <= set(env.TASKS)
+    assert json.load(open(os.path.join(d, 'data', 'collect_config.json')))['env'] == 'calvin'
+    desk = run(*args[:2], '--preset', 'test', '--run', d, '--collect.episodes', '1', '--collect.episode_len', '120',
+               check=False)
+    assert desk.returncode == 2 and "env: 'calvin' -> None" in desk.stderr, desk.stderr
 
 
 def test_recorded_dataset_reads_back_in_calvin_layout(calvin_data):
