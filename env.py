@@ -816,13 +816,13 @@ class CalvinEnvAdapter:
             cfg = compose(config_name='config_data_collection', overrides=overrides)
         self.env = hydra.utils.instantiate(cfg.env, show_gui=False, use_vr=False, use_scene_info=True)
         self.tasks = hydra.utils.instantiate(cfg.tasks)
-        self.rng = np.random.default_rng(seed)
+        self.rng, self.start_info = np.random.default_rng(seed), None
 
     @classmethod
     def wrap(cls, calvin_env, task_oracle, seed=None):
         """The adapter around an already built env and task oracle (a custom Hydra set-up, or the tests' stand-in)."""
         self = cls.__new__(cls)
-        self.env, self.tasks, self.rng = calvin_env, task_oracle, np.random.default_rng(seed)
+        self.env, self.tasks, self.rng, self.start_info = calvin_env, task_oracle, np.random.default_rng(seed), None
         return self
 
     def geometry(self) -> Geometry:
@@ -863,9 +863,10 @@ class CalvinEnvAdapter:
             self.rng = np.random.default_rng(seed)
         # calvin_env's robot keeps the last episode's gripper command through a reset: start from the stored one
         self.env.robot.gripper_action = 1 if robot_obs is None or robot_obs[14] >= 0 else -1
-        if robot_obs is None and scene_obs is None:
-            return self._obs(self.env.reset())
-        return self._obs(self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs))
+        obs = self.env.reset() if robot_obs is None and scene_obs is None else \
+            self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+        self.start_info = self.env.get_info()          # what CALVIN's oracle compares each step with (step)
+        return self._obs(obs)
 
     def close(self):
         """Disconnect calvin_env's pybullet client once: its close() (run by its destructor too) prints or retries."""
@@ -878,7 +879,10 @@ class CalvinEnvAdapter:
         a = np.clip(np.asarray(action, dtype=float).reshape(7), -1.0, 1.0)
         a[6] = 1.0 if a[6] >= 0 else -1.0                        # paper S.3.1
         obs, _, _, info = self.env.step(a)
-        return self._obs(obs), 0.0, False, info
+        out = self._obs(obs)       # + the 8 tasks CALVIN's oracle finds done since the reset (eval, DPPO: success)
+        if self.start_info is not None:
+            out['completed'] = self.tasks.get_task_info_for_set(self.start_info, info, set(TASKS))
+        return out, 0.0, False, info
 
     def get_info(self):
         return self.env.get_info()
