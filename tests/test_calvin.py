@@ -98,6 +98,7 @@ def test_geometry_is_read_from_the_scene_at_joint_value_zero():
         scene[:4] = [0.2, 0.15, 0.0, 0.08]                           # door, drawer, button, switch moved
         adapter.reset(scene_obs=scene)
         moved = adapter.geometry()
+        adapter.reset()
         assert adapter.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))[0]['completed'] == set()   # CALVIN's oracle: none
     finally:
         adapter.close()
