@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import io
 import json
@@ -563,6 +564,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         p.error(f'--run {args.run}: cannot write there ({e.strerror})')
     if args.data and not os.path.isdir(args.data):
         p.error(f'--data {args.data}: no such folder')
+    if args.env == 'calvin' and importlib.util.find_spec('calvin_env') is None:
+        p.error('--env calvin needs the real CALVIN simulator, calvin_env (README, "The real CALVIN")')
     return args
 
 

@@ -178,7 +178,15 @@ def test_help_prints(script):
     assert out.returncode == 0 and 'usage:' in out.stdout, out.stderr[-500:]
 
 
-def test_collect_in_calvin_is_refused_not_done_on_the_desk(tmp_path):
-    """Play data is recorded on the built-in desk only: --env calvin says so instead of collecting on the desk."""
-    out = run('--stage', 'collect', '--preset', 'test', '--run', str(tmp_path), '--env', 'calvin', check=False)
-    assert out.returncode == 2 and 'built-in desk' in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_collect_with_data_or_calvin_without_calvin_env_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    """--stage collect with --data (a dataset brought by the user) is refused in one line; --env calvin without
+    calvin_env installed fails at parse time, naming it."""
+    out = run('--stage', 'collect', '--preset', 'test', '--run', str(tmp_path), '--data', str(tmp_path), check=False)
+    assert out.returncode == 2 and 'needs no collect' in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    import importlib.util
+    import train
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'calvin_env' else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(['--stage', 'collect', '--preset', 'test', '--run', str(tmp_path), '--env', 'calvin'])
+    assert exit_.value.code == 2 and '--env calvin needs the real CALVIN simulator' in capsys.readouterr().err
