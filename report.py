@@ -138,15 +138,17 @@ def base_and_diwa(rows: list, task: str, seeds: list) -> tuple:
                  for r in (_latest(rows, task=task, policy=p) for p in ('base', 'diwa')))
 
 
-def results_of(run: str, sampler: str) -> list:
-    """The results.csv rows of `run` evaluated with the denoising sampler `sampler` (rows without one: 'mean')."""
-    return [r for r in E.read_results(os.path.join(run, 'results.csv')) if (r.get('sampler') or 'mean') == sampler]
+def results_of(run: str, sampler: str, env_kind: str = 'desk') -> list:
+    """The results.csv rows of `run` evaluated with the denoising sampler `sampler` (rows without one: 'mean') in the
+    simulator `env_kind` ('desk' or 'calvin')."""
+    return [r for r in E.read_results(os.path.join(run, 'results.csv'))
+            if (r.get('sampler') or 'mean') == sampler and (r.get('env') or 'desk') == env_kind]
 
 
-def diwa_beats_base(run: str, task: str, seeds, sampler: str = 'mean') -> bool:
+def diwa_beats_base(run: str, task: str, seeds, sampler: str = 'mean', env_kind: str = 'desk') -> bool:
     """Whether DiWA's mean real success on `task` exceeds the base policy's (False until both are measured):
     only then is there anything for DPPO to match (stage_report, Table I)."""
-    b, d = base_and_diwa(results_of(run, sampler), task, [str(s) for s in seeds])
+    b, d = base_and_diwa(results_of(run, sampler, env_kind), task, [str(s) for s in seeds])
     return bool(b and d and np.mean(list(d.values())) > np.mean(list(b.values())))
 
 
@@ -176,9 +178,10 @@ def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
 
 
 def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer',
-                 readme: str | None = None, sampler: str = 'mean') -> str:
-    """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants); with
-    `readme`, also its generated block (update_readme): Table I, the figures and the wall-clock."""
+                 readme: str | None = None, sampler: str = 'mean', env_kind: str = 'desk') -> str:
+    """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants), from the
+    evaluations in simulator `env_kind` with `sampler`; with `readme`, also its generated block (update_readme):
+    Table I, the figures and the wall-clock."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -187,12 +190,13 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         if os.path.isfile(os.path.join(out_dir, 'figures', f)):
             os.remove(os.path.join(out_dir, 'figures', f))
     runs = {'main': run, **{n: variant_run(run, n) for n in VARIANTS}}
-    rows = [{'variant': n, **r} for n, d in runs.items() for r in results_of(d, sampler)]
+    rows = [{'variant': n, **r} for n, d in runs.items() for r in results_of(d, sampler, env_kind)]
     seeds = [str(s) for s in seeds]
     s0 = seeds[0]                     # the seed of the variants, DPPO and Fig. 3's base point
     episodes = '/'.join(sorted({r['episodes'] for r in rows}, key=int)) or '–'
     main = [r for r in rows if r['variant'] == 'main']
-    md = [f'# DiWA on the built-in desk: results of `python report.py --preset {preset}`', '',
+    where, flag = ('in calvin_env (scene D)', ' --env calvin') if env_kind == 'calvin' else ('on the built-in desk', '')
+    md = [f'# DiWA {where}: results of `python report.py --preset {preset}{flag}`', '',
           f'Written by `report.py` from `{run}` (preset `{preset}`; commits: '
           f'{", ".join(sorted({r["commit"] for r in rows})) or "–"}). '
           f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
@@ -500,7 +504,7 @@ def stage_report(args, device) -> str:
         if inputs == last_inputs:
             return
         path = write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,
-                            TR.build_config('eval', args).sampler)
+                            TR.build_config('eval', args).sampler, args.env)
         last_inputs = inputs
         print(f'[report] {path} updated ({(time.time() - t0) / 60:.1f} min into this run)', flush=True)
 
@@ -550,7 +554,7 @@ def stage_report(args, device) -> str:
         for task in args.tasks:
             if task == args.report_task:
                 continue
-            if not diwa_beats_base(args.run, task, args.seeds, TR.build_config('eval', args).sampler):
+            if not diwa_beats_base(args.run, task, args.seeds, TR.build_config('eval', args).sampler, args.env):
                 print(f'[report] DPPO on {task}: skipped, DiWA does not beat the base policy (nothing to match)')
                 continue
             TR.stage_finetune(ca, device, task, first, simulator=True)
@@ -656,7 +660,7 @@ def main(argv=None) -> int:
     p.add_argument('--report-dir', default='results', help='where results.md, results.csv and figures/ go')
     p.add_argument('--readme', default='README.md',
                    help="also rewrite this README's <!-- report:begin/end --> block (Table I, the figures, the "
-                        "wall-clock); '' for none")
+                        "wall-clock); '' for none; never with --env calvin (the block is the desk's)")
     p.add_argument('--report-task', choices=env.TASKS, default='open_drawer',
                    help='the task of the ablations / variants and of the DPPO baseline')
     p.add_argument('--dppo-cap', type=int, default=40,
@@ -665,12 +669,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks, args.seeds = args.tasks or ['all'], args.seeds if args.seeds is not None else [0, 1, 2]
     args = TR.check_args(p, args)
+    if args.env == 'calvin' and args.readme == 'README.md':    # the README's report block is the desk's
+        args.readme = ''
     if args.write_only and args.objectives:
         print(objectives_table(args.run, args.tasks, args.seeds))
         return 0
     if args.write_only:
         print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,
-                           TR.build_config('eval', args).sampler))
+                           TR.build_config('eval', args).sampler, args.env))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

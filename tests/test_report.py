@@ -77,6 +77,16 @@ def test_diwa_beats_base_decides_table_i_dppo(tmp_path):
     md = open(E.write_report(run_, str(tmp_path / 'out'), 'test', seeds=[0])).read()
     led = next(line for line in md.splitlines() if line.startswith('| turn_on_led |')).split('|')
     assert led[7].strip() == '0 (DiWA ≤ base)', led
+    # rows of calvin_env are another table: the desk's report ignores them, --env calvin's reads only them
+    calvin = lambda *a: {**row(*a), 'env': 'calvin'}
+    diagnose.write_rows(os.path.join(run_, 'results.csv'), [
+        *E.E.read_results(os.path.join(run_, 'results.csv')), calvin('close_drawer', 'diwa', 0, 0.9)])
+    assert not E.diwa_beats_base(run_, 'close_drawer', [0]) and E.diwa_beats_base(run_, 'open_drawer', [0, 1])
+    assert not E.diwa_beats_base(run_, 'close_drawer', [0], env_kind='calvin')        # no calvin base row
+    md = open(E.write_report(run_, str(tmp_path / 'calvin'), 'test', seeds=[0], env_kind='calvin')).read()
+    assert md.startswith('# DiWA in calvin_env (scene D)')
+    rows = {line.split('|')[1].strip(): line.split('|') for line in md.splitlines() if line.startswith('| ')}
+    assert rows['close_drawer'][3].strip().startswith('90.0') and rows['open_drawer'][2].strip() == '–', md
 
 
 def test_dppo_steps_to_match_read_on_its_evaluated_snapshots():
