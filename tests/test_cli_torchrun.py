@@ -19,7 +19,7 @@ def torchrun(*args, **popen):
 
 
 def kill_tree(pid):
-    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own)."""
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own process groups)."""
     children = []
     for p in filter(str.isdigit, os.listdir('/proc')):
         try:
