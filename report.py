@@ -180,7 +180,7 @@ def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
 def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer',
                  readme: str | None = None, sampler: str = 'mean', env_kind: str = 'desk') -> str:
     """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants), from the
-    evaluations in simulator `env_kind` with `sampler`; with `readme`, also its generated block (update_readme):
+    evaluations in simulator `env_kind` with `sampler`; with `readme`, also its block (write_headline):
     Table I, the figures and the wall-clock."""
     import matplotlib
     matplotlib.use('Agg')
@@ -205,7 +205,6 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
           'own BC policy, and Δ pairs each seed\'s DiWA with its own base. Paper numbers: CALVIN D.', '']
 
     # ---- Table I
-    head = md[2:4]                    # what produced it (not the title): the README's block starts with it
     table_i = len(md)
     md += ['## Table I: base vs. DiWA', '',
            '| task | base (each seed\'s BC) | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | '
@@ -262,7 +261,6 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
                + f' (paper: {PAPER_TABLE_I[report_task][2]}); final DPPO policy in the evaluation: '
                + (f"{100 * float(dppo_eval['success']):.0f}%" if dppo_eval else '–')
                + f'; wall-clock {dppo["wall_s"] / 60:.0f} min. DiWA: 0 simulator steps.', '']
-    block = head + md[table_i:]
     # ---- Fig. 3
     fig3 = {}
     for r in main:
@@ -386,7 +384,6 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
                f"| {r['imagined_false_alarm']:.3f} | {_num(r.get('imagined_false_window'))} |"
                for r in rw] + ['']
     # ---- wall-clock
-    wall = len(md)
     md += ['## Wall-clock (this machine, as run)', '', '| stage | runs | total |', '|---|---|---|']
     totals = {}
     for root in runs.values():
@@ -409,17 +406,87 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     D.write_rows(os.path.join(out_dir, 'results.csv'), rows or [{'variant': ''}])
     path = os.path.join(out_dir, 'results.md')
     data.atomic_write(path, lambda fh: fh.write('\n'.join(md).encode()))
-    if readme:
-        figures = [line for line in md if line.startswith('![')]
-        update_readme(readme, out_dir, block + ['## Figures', ''] + [x for f in figures for x in (f, '')] + md[wall:])
+    write_headline(out_dir, seeds, sampler, env_kind, readme or None)
     return path
 
 
 README_BEGIN, README_END = '<!-- report:begin -->', '<!-- report:end -->'
 
 
+def headline(rows: list, seeds: list, sampler: str = 'mean', env_kind: str = 'desk') -> list:
+    """The headline (markdown lines): per task, base vs DiWA (mean ± std over `seeds`, each seed's DiWA paired
+    with its own BC policy), DPPO's simulator steps to match DiWA (its evaluated snapshots) and the paper's
+    numbers beside; then the means over the tasks measured. From results.csv rows alone (the main run's)."""
+    rows = [r for r in rows if r.get('variant', 'main') in ('', 'main') and (r.get('sampler') or 'mean') == sampler
+            and (r.get('env') or 'desk') == env_kind]
+    seeds = [str(s) for s in seeds]
+    md = ['| task | base | DiWA | Δ | DPPO sim. steps to match | paper: base | paper: DiWA |', '|---|---|---|---|---|---|---|']
+    means = []
+    for task in env.TASKS:
+        base, diwa = base_and_diwa(rows, task, seeds)
+        paired = [diwa[s] - base[s] for s in seeds if s in base and s in diwa]
+        lo, hi, last = dppo_evaluated_steps_to_match(rows, task, seeds[0], np.mean(list(diwa.values()))) \
+            if diwa else (0, None, 0)
+        k = lambda steps: f'{steps / 1e3:.0f}k' if steps else '0'
+        dppo = ('0 (DiWA ≤ base)' if paired and np.mean(paired) <= 0 else f'{k(lo)}-{k(hi)}' if hi is not None
+                else f'> {k(last)}' if last else '–')
+        md.append(f'| {task} | {_mean_std(list(base.values()))} | {_mean_std(list(diwa.values()))} | '
+                  f'{f"{100 * np.mean(paired):+.1f}" if paired else "–"} | {dppo} | {" | ".join(PAPER_TABLE_I[task][:2])} |')
+        if paired:
+            means.append((np.mean([base[s] for s in seeds if s in diwa and s in base]),
+                          np.mean([diwa[s] for s in seeds if s in diwa and s in base]),
+                          *(float(PAPER_TABLE_I[task][i].split()[0]) / 100 for i in (0, 1))))
+    if means:
+        b, d, pb, pd = 100 * np.mean(means, axis=0)
+        md.append(f'| **mean over {len(means)} tasks** | {b:.1f} | {d:.1f} | {d - b:+.1f} | | {pb:.1f} | {pd:.1f} |')
+    return md
+
+
+def write_headline(out_dir: str, seeds, sampler: str = 'mean', env_kind: str = 'desk', readme: str | None = None):
+    """figures/headline.png (base vs DiWA per task, the paper's beside) and the headline table from
+    <out_dir>/results.csv alone; with `readme`, both go into its report block (update_readme)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
+    rows = E.read_results(os.path.join(out_dir, 'results.csv'))
+    table = headline(rows, seeds, sampler, env_kind)
+    fig = os.path.join(out_dir, 'figures', 'headline.png')
+    cells = [[c.strip() for c in line.split('|')[1:-1]] for line in table[2:] if not line.startswith('| **')]
+    pct = lambda c: (float(c.split('±')[0]), float(c.split('±')[1].split()[0])) if '±' in c else (np.nan, 0.0)
+    if os.path.isfile(fig):
+        os.remove(fig)
+    if any(not np.isnan(pct(c[2])[0]) for c in cells):
+        x = np.arange(len(cells))
+        plt.figure(figsize=(8, 3.2))
+        for i, (col, label, color) in enumerate([(1, 'base', 'C7'), (2, 'DiWA (0 simulator steps)', 'C0')]):
+            m, sd = np.array([pct(c[col]) for c in cells]).T
+            plt.bar(x + (i - 0.5) * 0.38, m, 0.38, yerr=sd, color=color, label=label, capsize=2)
+            plt.plot(x + (i - 0.5) * 0.38, [pct(c[col + 4])[0] for c in cells], 'D', color='C1', ms=5,
+                     label='the paper, CALVIN D (base, DiWA)' if i else None)
+        plt.xticks(x, [c[0].replace('_', '\n', 1) for c in cells], fontsize=7), plt.ylabel('success (%)')
+        plt.ylim(0, 105), plt.grid(axis='y', alpha=0.3)
+        plt.legend(fontsize=7, ncol=3, loc='lower center', bbox_to_anchor=(0.5, 1.0), frameon=False)
+        plt.tight_layout(), plt.savefig(fig, dpi=110), plt.close()
+    commits = ', '.join(sorted({r['commit'] for r in rows if r.get('commit')})) or '–'
+    episodes = '/'.join(sorted({r['episodes'] for r in rows if r.get('episodes')}, key=int)) or '–'
+    where = os.path.relpath(out_dir)
+    where = os.path.basename(os.path.normpath(out_dir)) if where.startswith('..') else where.replace(os.sep, '/')
+    lines = [f'Success in % over {episodes} simulator episodes per task and seed, mean ± std over seeds '
+             f'{", ".join(map(str, seeds))} ("n=": fewer seeds so far); DiWA fine-tuned with 0 simulator steps; '
+             f'Δ pairs each seed\'s DiWA with its own BC policy; DPPO: its simulator steps to match DiWA (seed '
+             f'{seeds[0]}; "–": not measured yet); the mean row pairs the seeds that have both; evaluation sampler '
+             f'`{sampler}`. From `{where}/results.csv` (commits {commits}); '
+             f'the whole report: `{where}/results.md`.', ''] + table
+    if os.path.isfile(fig):
+        lines += ['', '![base vs DiWA](figures/headline.png)']
+    if readme:
+        update_readme(readme, out_dir, lines)
+    return lines
+
+
 def update_readme(readme: str, out_dir: str, lines: list) -> bool:
-    """Replace what lies between README_BEGIN and README_END in `readme` with `lines` (markdown of results.md,
+    """Replace what lies between README_BEGIN and README_END in `readme` with `lines` (markdown: write_headline's,
     headings one level down, links made relative to the README), so that the README shows the report's numbers
     without anyone copying them by hand. A README without both markers, or outside which out_dir lies (a report
     written elsewhere, e.g. by the tests, is not this README's), is left alone (-> False)."""
@@ -433,7 +500,7 @@ def update_readme(readme: str, out_dir: str, lines: list) -> bool:
         return False
     fix = lambda line: ('#' + line if line.startswith('#') else
                         line.replace('](figures/', f']({rel}/figures/'))
-    body = '\n'.join([README_BEGIN, f'<!-- written by report.py from {rel}/results.md: do not edit by hand -->',
+    body = '\n'.join([README_BEGIN, f'<!-- written by report.py from {rel}/results.csv: do not edit by hand -->',
                       *map(fix, lines), README_END])
     before, rest = text.split(README_BEGIN, 1)
     new = before + body + rest.split(README_END, 1)[1]
@@ -658,9 +725,11 @@ def main(argv=None) -> int:
     p.add_argument('--write-only', action='store_true',
                    help='only rewrite results.md / results.csv / figures from the run folder (seconds)')
     p.add_argument('--report-dir', default='results', help='where results.md, results.csv and figures/ go')
+    p.add_argument('--readme-only', action='store_true', help="only rewrite --readme's block and figures/headline.png "
+                   "from --report-dir's results.csv (no run folder needed; seconds)")
     p.add_argument('--readme', default='README.md',
-                   help="also rewrite this README's <!-- report:begin/end --> block (Table I, the figures, the "
-                        "wall-clock); '' for none; never with --env calvin (the block is the desk's)")
+                   help="also rewrite this README's <!-- report:begin/end --> block (the headline: base vs DiWA per "
+                        "task and figures/headline.png); '' for none; never with --env calvin (the block is the desk's)")
     p.add_argument('--report-task', choices=env.TASKS, default='open_drawer',
                    help='the task of the ablations / variants and of the DPPO baseline')
     p.add_argument('--dppo-cap', type=int, default=40,
@@ -673,6 +742,10 @@ def main(argv=None) -> int:
         args.readme = ''
     if args.write_only and args.objectives:
         print(objectives_table(args.run, args.tasks, args.seeds))
+        return 0
+    if args.readme_only:
+        write_headline(args.report_dir, args.seeds, TR.build_config('eval', args).sampler, args.env, args.readme)
+        print(f'{args.readme or "(no README)"}: headline from {args.report_dir}/results.csv')
         return 0
     if args.write_only:
         print(write_report(args.run, args.report_dir, args.preset, args.seeds, args.report_task, args.readme,

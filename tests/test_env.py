@@ -351,7 +351,7 @@ def run_styled_skill(desk, task, seed, max_steps=200, **style):
 
 
 def test_drawer_grasp_tolerance_is_drawn_per_attempt_and_still_opens(desk):
-    """drawer_tol_max (the play data's operator, README: open_drawer's base): the knob is grasped once the hand is
+    """drawer_tol_max (the play data's operator, FINDINGS.md: open_drawer's grasp): the knob is grasped once the hand is
     within a tolerance drawn from [DRAWER_GRASP_TOL, drawer_tol_max]; the drawer still opens."""
     tols = []
     for seed in range(3):

@@ -116,9 +116,10 @@ def test_report_drops_figures_whose_data_are_gone(tmp_path):
 
 
 def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
-    """The README's <!-- report:begin/end --> block gets results.md's Table I and wall-clock (headings one level
-    down, figure links relative to the README); the text around it is kept byte for byte, a second report
-    with nothing new leaves the file unchanged, and a README without the markers is not touched."""
+    """The README's <!-- report:begin/end --> block gets the headline (base vs DiWA per task with the paper's
+    numbers, figures/headline.png linked relative to the README); the text around it is kept byte for byte, a
+    second report with nothing new leaves the file unchanged, `--readme-only` writes the same block from
+    results.csv alone, and a README without the markers is not touched."""
     run_, out = tmp_path / 'run', tmp_path / 'results'
     run_.mkdir()
     diagnose.write_rows(str(run_ / 'results.csv'), [{
@@ -132,10 +133,17 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     text = readme.read_text()
     assert text.startswith(before + E.README_BEGIN) and text.endswith(E.README_END + after)
     block = text[len(before):-len(after)]
-    assert 'old numbers' not in block and '\n### Table I: base vs. DiWA\n' in block and '### Wall-clock' in block
-    assert '| open_drawer | 20.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) | +30.0 |' in block
-    assert '](figures/' not in block and 'DiWA on the built-in desk' not in block    # no title, links fixed
+    assert 'old numbers' not in block and '| open_drawer | 20.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) | +30.0 | – |' in block
+    assert '| **mean over 1 tasks** | 20.0 | 50.0 | +30.0 | | 57.8 | 74.4 |' in block      # the paper's, same tasks
+    assert '| close_drawer | – | – | – | – | 59.1 ± 5.1 | 92.0 ± 2.0 |' in block            # not measured: says so
+    assert '](results/figures/headline.png)' in block and (out / 'figures' / 'headline.png').stat().st_size > 5_000
+    assert '## ' not in block and 'Wall-clock' not in block          # the headline only; the rest is in results.md
     E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
+    assert readme.read_text() == text
+    # --readme-only: the same block from results.csv alone, with no run folder at all
+    shutil.rmtree(run_)
+    readme.write_text(before + E.README_BEGIN + E.README_END + after)
+    assert E.main(['--readme-only', '--report-dir', str(out), '--readme', str(readme), '--seeds', '0']) == 0
     assert readme.read_text() == text
     plain = tmp_path / 'PLAIN.md'
     plain.write_text('no markers\n')

@@ -306,7 +306,7 @@ def test_warm_start_adds_the_target_input_without_changing_the_model():
         warm_start(make_wm(deter=16), src.state_dict())
 
 
-# ---------------------------------------------------------------- precision (README, "Speed")
+# ---------------------------------------------------------------- precision (FINDINGS.md, "Speed on 2 cores")
 
 def test_bf16_training_loss_agrees_with_fp32_on_one_batch():
     """--wm.bf16 runs the training step under a bfloat16 autocast. On one batch of the cpu preset's network, the loss
