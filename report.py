@@ -205,7 +205,6 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
           'own BC policy, and Δ pairs each seed\'s DiWA with its own base. Paper numbers: CALVIN D.', '']
 
     # ---- Table I
-    table_i = len(md)
     md += ['## Table I: base vs. DiWA', '',
            '| task | base (each seed\'s BC) | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | '
            'DPPO sim. steps to match DiWA: evaluated (its rollouts) | DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
@@ -717,11 +716,123 @@ def stage_objectives(args, device) -> str:
     return out
 
 
+# World-model sizes between the cpu preset's model and Tab. S.2's, each trained on the run's play data in
+# <run>/wm_sizes/<name>/ (FINDINGS.md, "World-model size and training"): name -> (flag overrides, what it is).
+WM_SIZES = {
+    'preset': ({}, "the preset's (cpu: CNN depth 16, GRU 256, 16x16 latents, batch 8 x 32, 10,000 steps)"),
+    '20k': ({'wm.steps': 20000}, "the preset's, 20,000 steps (continued from it: a constant learning rate)"),
+    'd24': ({'wm.cnn_depth': 24, 'wm.deter': 512, 'wm.hidden': 512, 'wm.mlp_hidden': 256, 'wm.stoch': 32,
+             'wm.classes': 32, 'wm.bf16': True}, 'CNN depth 24, GRU 512, 32x32 latents, bf16, 10,000 steps'),
+    'd48': ({'wm.cnn_depth': 48, 'wm.deter': 1024, 'wm.hidden': 1024, 'wm.mlp_hidden': 400, 'wm.stoch': 32,
+             'wm.classes': 32, 'wm.bf16': True, 'wm.steps': 5000},
+            "Tab. S.2's model (depth 48, GRU 1024, 32x32 latents) at batch 8 x 32, bf16, 5,000 steps"),
+}
+
+
+def wm_size_args(args, name: str) -> argparse.Namespace:
+    """The arguments of world-model size `name`: its own folder under <run>/wm_sizes/, inheriting <run> (the play
+    data, and every checkpoint its settings leave unchanged)."""
+    out = argparse.Namespace(**{**vars(args), **WM_SIZES[name][0], 'run': os.path.join(args.run, 'wm_sizes', name),
+                                'inherit': [args.run], 'data': TR.data_root(args)})
+    os.makedirs(out.run, exist_ok=True)
+    return out
+
+
+def wm_sizes_table(run: str, names: list, tasks: list) -> str:
+    """Markdown from <run>/wm_sizes/<name>/wm_sizes.json: cost, open-loop error against "nothing moves" for each
+    part at horizons 10 / 25 / 50, the press report and the base policy's imagination gap per task."""
+    rep = {n: json.load(open(p)) for n in names
+           if os.path.isfile(p := os.path.join(run, 'wm_sizes', n, 'wm_sizes.json'))}
+    md = ['| model | what | parameters | steps | training wall-clock |', '|---|---|---|---|---|']
+    md += [f"| {n} | {WM_SIZES[n][1]} | {r['params'] / 1e6:.1f}M | {r['steps']:,} | {r['wall_s'] / 60:.0f} min |"
+           for n, r in rep.items()]
+    parts = list(D.PARTS)
+    md += ['', 'Open loop (`python diagnose.py wm`): mean absolute error of each part over held-out windows where it '
+           'moves, "world model / nothing moves" (change: below 0 is better than nothing moves).', '',
+           '| model | horizon | ' + ' | '.join(parts) + ' |', '|---|---|' + '---|' * len(parts)]
+    for n, r in rep.items():
+        for h in (10, 25, 50):
+            cells = {row['part']: row for row in r.get('open_loop', []) if int(row['horizon']) == h}
+            md.append(f'| {n} | {h} | ' + ' | '.join(
+                f"{c['model_mae']:.3f} / {c['still_mae']:.3f} ({100 * (c['model_mae'] / c['still_mae'] - 1):+.0f}%)"
+                if (c := cells.get(p)) and c['windows'] and c['still_mae'] > 0 else '–' for p in parts) + ' |')
+    md += ['', 'The LED press (`python diagnose.py press`): of the held-out presses that switched the LED / that did '
+           'not, how many the world model switches in open-loop imagination from the first frame. Base policy, BC '
+           'seed (`python diagnose.py gap`): imagined success as fine-tuning imagines it / simulator success, '
+           'from the same starts (the evaluation\'s episodes).', '',
+           '| model | press: switched / light | ' + ' | '.join(tasks) + ' | mean abs. gap |',
+           '|---|---|' + '---|' * (len(tasks) + 1)]
+    for n, r in rep.items():
+        press, gap = r.get('press') or {}, r.get('gap', {})
+        pct = lambda x: '–' if x is None else f'{100 * x:.0f}'
+        cells = [f"{pct(g['imagined_success'])} / {pct(g['real_success'])}" if (g := gap.get(t)) else '–' for t in tasks]
+        diffs = [abs(g['imagined_success'] - g['real_success']) for g in gap.values()]
+        md.append(f"| {n} | {pct(press.get('imagined_switch_on_switched'))} / {pct(press.get('imagined_switch_on_light'))}"
+                  f" | {' | '.join(cells)} | {f'{100 * np.mean(diffs):.0f}' if diffs else '–'} |")
+    return '\n'.join(md) + '\n'
+
+
+def stage_wm_sizes(args, device) -> str:
+    """Each world-model size of --wm-sizes, one after the other (resumable): train it, then its open-loop and press
+    reports and, per task, BC seed 0, the classifier and the base policy's imagination gap; the table
+    (wm_sizes_table) is rewritten after each piece."""
+    out = os.path.join(args.report_dir, 'wm_sizes.md')
+    os.makedirs(args.report_dir, exist_ok=True)
+    names = args.wm_sizes
+
+    def write():
+        head = (f'# World-model size and fidelity: `python report.py --wm-sizes {" ".join(names)} --preset '
+                f'{args.preset} --tasks {" ".join(args.tasks)}`\n\nFrom `{args.run}`\'s play data; each model in '
+                f'`{args.run}/wm_sizes/<model>/`.\n\n')
+        data.atomic_write(out, lambda fh: fh.write((head + wm_sizes_table(args.run, names, args.tasks)).encode()))
+
+    if not args.data:
+        TR.stage_collect(args)
+    for name in names:
+        sa = wm_size_args(args, name)
+        if set(WM_SIZES[name][0]) == {'wm.steps'} and not os.path.isfile(os.path.join(sa.run, 'wm.pt')):
+            # more steps only: go on from the preset's model (constant lr: 10,000 + 10,000 steps = 20,000 steps)
+            TR.stage_wm(argparse.Namespace(**{**vars(sa), 'wm.steps': None, 'run': args.run, 'inherit': []}), device)
+            for f in ('wm_metrics.csv', 'wm.pt'):       # the checkpoint last, through a temp file: never half a copy
+                shutil.copy(os.path.join(args.run, f), os.path.join(sa.run, f + '.tmp'))
+                os.replace(os.path.join(sa.run, f + '.tmp'), os.path.join(sa.run, f))
+        ck = TR.stage_wm(sa, device)
+        path = os.path.join(sa.run, 'wm_sizes.json')
+        rep = json.load(open(path)) if os.path.isfile(path) else {}
+        if rep.get('wm_key') != ck['key']:
+            rep = {'wm_key': ck['key']}
+        rep.update(params=sum(v.numel() for v in ck['model'].values()), steps=ck['step'], wall_s=ck['wall_s'])
+        save = lambda: data.atomic_write(path, lambda fh: fh.write(json.dumps(rep, indent=1).encode()))
+        if 'open_loop' not in rep:
+            rep['open_loop'] = D.wm_report(sa, device)
+            save()
+        if 'press' not in rep:
+            try:
+                rep['press'] = D.press_report(sa, device)
+            except TR.StageError as e:                 # e.g. no button press in the held-out play
+                rep['press'] = {'error': str(e)}
+            save()
+        for task in args.tasks:
+            if task not in rep.setdefault('gap', {}):
+                TR.stage_bc(sa, device, task)
+                TR.stage_reward(sa, device, task)
+                os.makedirs(os.path.join(sa.run, task), exist_ok=True)     # BC and classifier may be inherited
+                rep['gap'][task] = D.imagination_gap(sa, device, task, TR.build_config('eval', sa))
+                save()
+            write()
+        write()
+    return out
+
+
 def main(argv=None) -> int:
     p = TR.make_parser(stage=False)
     p.description = "DiWA's report on the built-in desk: Table I, Fig. 2, 3, S.5-S.7 (results/)"
     p.add_argument('--objectives', action='store_true', help='instead of the report: DiWA under each --ft.objective, '
                    'base and DiWA evaluated with each --eval.sampler, on --tasks x --seeds (results/objectives.md)')
+    p.add_argument('--wm-sizes', nargs='*', choices=list(WM_SIZES), default=None, metavar='MODEL',
+                   help='instead of the report: world models of these sizes (' + ', '.join(WM_SIZES) + '; none named: '
+                   'all) on the run\'s play data, each judged by the open-loop, press and gap reports on --tasks '
+                   '(results/wm_sizes.md)')
     p.add_argument('--write-only', action='store_true',
                    help='only rewrite results.md / results.csv / figures from the run folder (seconds)')
     p.add_argument('--report-dir', default='results', help='where results.md, results.csv and figures/ go')
@@ -740,6 +851,11 @@ def main(argv=None) -> int:
     args = TR.check_args(p, args)
     if args.env == 'calvin' and args.readme == 'README.md':    # the README's report block is the desk's
         args.readme = ''
+    if args.wm_sizes is not None:
+        args.wm_sizes = args.wm_sizes or list(WM_SIZES)
+        if args.write_only:
+            print(wm_sizes_table(args.run, args.wm_sizes, args.tasks))
+            return 0
     if args.write_only and args.objectives:
         print(objectives_table(args.run, args.tasks, args.seeds))
         return 0
@@ -754,7 +870,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data.seed_everything(args.seed)
-    return TR.guarded(stage_objectives if args.objectives else stage_report, args, data.pick_device(args.device))
+    stage = stage_wm_sizes if args.wm_sizes else stage_objectives if args.objectives else stage_report
+    return TR.guarded(stage, args, data.pick_device(args.device))
 
 
 if __name__ == '__main__':

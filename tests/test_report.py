@@ -1,5 +1,6 @@
 """report.py: the whole report on top of a finished test run (variants, DPPO, figures, an idempotent re-run), and
 its tables from hand-written results rows."""
+import json
 import os
 import re
 import shutil
@@ -175,3 +176,36 @@ def test_objectives_runs_each_objective_with_each_sampler_and_tabulates_the_gain
             gain = 100 * (rows[s] - base[s])
             assert f'| {o} | {s} | 1 | {gain:+.1f} |' in md, (o, s, gain, md)
     assert 'up to date' in run(*args, script='report.py').stdout
+
+
+def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp_path, monkeypatch):
+    """report.py --wm-sizes: the preset's model is the run's own (inherited, not retrained); a model with more steps
+    only goes on from it; another size trains from scratch with its own BC and classifier; each gets the open-loop,
+    press and gap reports in the table, and a second run trains nothing."""
+    d, out = str(tmp_path / 'sizes'), str(tmp_path / 'results')
+    shutil.copytree(run_dir, d)
+    monkeypatch.setattr(E, 'WM_SIZES', {'preset': ({}, 'the run\'s'), 'longer': ({'wm.steps': 8}, '8 steps'),
+                                        'wider': ({'wm.deter': 48}, 'GRU 48')})
+    args = ['--wm-sizes', '--preset', 'test', '--run', d, '--tasks', TASK, '--report-dir', out, '--threads', '1']
+    assert E.main(args) == 0
+    sizes = os.path.join(d, 'wm_sizes')
+    assert not os.path.exists(os.path.join(sizes, 'preset', 'wm.pt'))                       # inherited
+    longer = torch.load(os.path.join(sizes, 'longer', 'wm.pt'), weights_only=True)
+    parent = torch.load(os.path.join(d, 'wm.pt'), weights_only=True)
+    rows = read_csv(os.path.join(sizes, 'longer', 'wm_metrics.csv'))
+    assert longer['step'] == 8 and [int(r['step']) for r in rows] == list(range(1, 9))       # 5 of the parent's, then 3
+    assert rows[:5] == read_csv(os.path.join(d, 'wm_metrics.csv'))
+    assert parent['step'] == 5 and longer['config']['steps'] == 8
+    wider = torch.load(os.path.join(sizes, 'wider', 'wm.pt'), weights_only=True)
+    assert wider['config']['deter'] == 48 and os.path.isfile(os.path.join(sizes, 'wider', TASK, 'reward.pt'))
+    md = open(os.path.join(out, 'wm_sizes.md')).read()
+    for name in ('preset', 'longer', 'wider'):
+        rep = json.load(open(os.path.join(sizes, name, 'wm_sizes.json')))
+        assert rep['gap'][TASK]['episodes'] > 0 and {r['horizon'] for r in rep['open_loop']} >= {10, 25, 50}
+        assert re.search(rf'\| {name} \| [^|]+ \| [0-9.]+M \| {rep["steps"]:,} \|', md), (name, md)
+        g = rep['gap'][TASK]
+        assert f"| {name} | " in md and f"{100 * g['imagined_success']:.0f} / {100 * g['real_success']:.0f}" in md
+    mtimes = {os.path.join(p, f): os.path.getmtime(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs
+              if f.endswith('.pt')}
+    assert E.main(args) == 0
+    assert {f: os.path.getmtime(f) for f in mtimes} == mtimes and open(os.path.join(out, 'wm_sizes.md')).read() == md
