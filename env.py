@@ -451,9 +451,9 @@ def task_success_batch(task, s0, s1):
     return tests[task]()
 
 
-def task_progress(task, s0, s1) -> float:
+def task_progress(task, s0, s1, switch_on=BULB_SWITCH_THRESHOLD, press_depth=LED_PRESS_THRESHOLD) -> float:
     """Progress of `task` from scene s0 to s1 as a share of its success threshold: drawer / door displacement over 0.12
-    / 0.15 m, switch travel towards BULB_SWITCH_THRESHOLD, button depth over LED_PRESS_THRESHOLD (for p_retry)."""
+    / 0.15 m, switch travel towards switch_on, button depth over press_depth (the desk's by default; for p_retry)."""
     s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
     sign = {'open_drawer': 1, 'close_drawer': -1, 'move_slider_left': 1, 'move_slider_right': -1,
             'turn_on_lightbulb': 1, 'turn_off_lightbulb': -1}
@@ -462,9 +462,9 @@ def task_progress(task, s0, s1) -> float:
     if task in ('move_slider_left', 'move_slider_right'):
         return float(sign[task] * (s1[0] - s0[0]) / 0.15)
     if task in ('turn_on_lightbulb', 'turn_off_lightbulb'):
-        return float(sign[task] * (s1[3] - s0[3]) / max(sign[task] * (BULB_SWITCH_THRESHOLD - s0[3]), 1e-3))
+        return float(sign[task] * (s1[3] - s0[3]) / max(sign[task] * (switch_on - s0[3]), 1e-3))
     if task in ('turn_on_led', 'turn_off_led'):
-        return float(s1[2] / LED_PRESS_THRESHOLD)
+        return float(s1[2] / press_depth)
     raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
 
 
@@ -567,7 +567,7 @@ SAFE_Z = 0.60                                    # travel height: fingertips abo
 SWITCH_GRASP_TOL = 0.015   # how close (m) the hand comes to the switch's grasp point before it closes
 DRAWER_GRASP_TOL = 0.006   # ... and to the drawer knob's grasp point (open_drawer)
 DRAWER_PUSH_TOL = 0.006    # ... and to the point in front of the knob from which close_drawer pushes
-MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the button's axis a missed press comes down (metres)
+MISS_DIST = (0.025, 0.10)   # p_miss: how far beside the desk button's axis a missed press comes down (metres)
 RETRY_AT = (0.3, 0.8)       # p_retry: the share of the success threshold at which an attempt is abandoned
 LEASH = 0.03     # metres the skill lets CALVIN's integrated TCP target lead the measured TCP (anti-windup)
 SKILLS = TASKS + ['reach', 'pause']
@@ -591,6 +591,9 @@ class Geometry:
     switch_max: float
     switch_euler: np.ndarray   # (3,) TCP Euler angles for the switch tasks
     button_top: np.ndarray     # (3,) centre of the button's top face, unpressed
+    button_radius: float       # m from the button's axis to the edge of what a press comes down on
+    press_depth: float         # button depth (m) past which the LED toggles
+    switch_on: float           # switch travel past which the lightbulb is on
     clearance: float           # m above the door's / switch's grasp point (at least SAFE_Z) the hand comes down from
 
 
@@ -600,7 +603,8 @@ DESK_GEOMETRY = Geometry(
     drawer_max=DRAWER_MAX, door_push=np.array([_DOOR_KNOB[0], 0.03, _DOOR_KNOB[2] - 0.005]),   # on the knob
     door_dir=np.array([-1.0, 0.0, 0.0]), door_max=DOOR_MAX, switch_knob=SWITCH_ORIGIN + SWITCH_KNOB,
     switch_grip=np.array([0.0, -0.015, 0.0]), switch_dir=SWITCH_DIR, switch_max=SWITCH_MAX, switch_euler=SWITCH_EULER,
-    button_top=BUTTON_ORIGIN + (0, 0, 0.027), clearance=0.0)
+    button_top=BUTTON_ORIGIN + (0, 0, 0.027), button_radius=0.009, press_depth=LED_PRESS_THRESHOLD,
+    switch_on=BULB_SWITCH_THRESHOLD, clearance=0.0)
 
 
 class ScriptedSkill:
@@ -699,10 +703,12 @@ class ScriptedSkill:
                 # the top and lets go at retry_at of the way to switching (a drifting hand may still switch the LED).
                 f, self.retry_at = self.retry_at, None
                 press = [P(b + (0, 0, 0.08), -1, 0.015),
-                         P(b + (0, 0, 0.003), -1, 0.003, until=lambda x: x[2] > f * LED_PRESS_THRESHOLD, max_steps=10),
+                         P(b + (0, 0, 0.003), -1, 0.003, until=lambda x: x[2] > f * G.press_depth, max_steps=10),
                          P(None, -1, wait=2), P(b + (0, 0, 0.06), -1, 0.02)] + press[1:]
-            if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button
-                angle, dist = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(*MISS_DIST)
+            if self.p_miss > 0 and self.rng.random() < self.p_miss:      # first a press beside the button,
+                # as far beyond its edge as on the desk (a wider button, as in CALVIN, moves the misses out)
+                angle = self.rng.uniform(0, 2 * np.pi)
+                dist = self.rng.uniform(*MISS_DIST) + (G.button_radius - DESK_GEOMETRY.button_radius)
                 m = b + dist * np.array([np.cos(angle), np.sin(angle), 0.0])
                 press = [P(m + (0, 0, 0.08), -1, 0.015), P(m + (0, 0, -0.06), -1, 0.004, max_steps=15),
                          P(m + (0, 0, 0.06), -1, 0.02)] + press
@@ -757,7 +763,8 @@ class ScriptedSkill:
         a[6] = ph['grip']
         self.t += 1
         if (self.retry_at is not None and ph['until'] is not None
-                and self.retry_at <= task_progress(self.task, self.s0, s) < 1 and not ph['until'](s)):
+                and self.retry_at <= task_progress(self.task, self.s0, s, self.geometry.switch_on,
+                                                   self.geometry.press_depth) < 1 and not ph['until'](s)):
             # abandon the attempt part-way: stop, let go (grasping tasks), lift, then 'replan' from the new state
             grip = 1 if self.task in ('open_drawer', 'turn_on_lightbulb', 'turn_off_lightbulb') else ph['grip']
             P = lambda goal, wait=0, tol=0.02: dict(goal=goal, grip=grip, tol=tol, until=None, wait=wait, max=40)
@@ -842,10 +849,15 @@ class CalvinEnvAdapter:
         door, door_dir, door_max = part(doors['base__slide'], CALVIN_DOOR_PUSH)
         switch, switch_dir, switch_max = part(scene.switches[0], CALVIN_SWITCH_POST)
         button = part(scene.buttons[0], (0.0, 0.03, 0.0))[0]          # the top of button_link.STL
+        lo, hi = pb.getAABB(scene.buttons[0].uid, scene.buttons[0].joint_index, physicsClientId=cid)
+        # CALVIN's button and switch trigger half-way along their travel (calvin_env scene/objects button.py, switch.py)
+        half = lambda obj: sum(pb.getJointInfo(obj.uid, obj.joint_index, physicsClientId=cid)[8:10]) / 2
         return Geometry(drawer_knob=drawer, drawer_tip=0.0, drawer_grip=scale * CALVIN_DRAWER_GAP,
                         drawer_dir=drawer_dir, drawer_max=drawer_max, door_push=door, door_dir=door_dir,
                         door_max=door_max, switch_knob=switch, switch_grip=np.zeros(3), switch_dir=switch_dir,
-                        switch_max=switch_max, switch_euler=SWITCH_EULER, button_top=button, clearance=0.1)
+                        switch_max=switch_max, switch_euler=SWITCH_EULER, button_top=button,
+                        button_radius=max(hi[0] - lo[0], hi[1] - lo[1]) / 2, press_depth=half(scene.buttons[0]),
+                        switch_on=half(scene.switches[0]), clearance=0.1)
 
     def random_robot_obs(self, rng):
         """robot_obs (15,) near CALVIN's neutral pose (env.random_robot_obs's noise), solved on calvin_env's robot."""

@@ -90,7 +90,8 @@ del a
 def test_geometry_is_read_from_the_scene_at_joint_value_zero():
     """CalvinEnvAdapter.geometry() finds scene D's parts where calvin_env's URDF puts them (REFERENCE.md: +q of the
     drawer along -y, of the sliding door along -x, of the switch up and back; ranges 0.22 / 0.28 / 0.088; the
-    button at (-0.12, -0.12)), the same whatever the joints' current values."""
+    button at (-0.12, -0.12), 3.5 cm in radius, toggling the LED 1 cm down), the same whatever the joints' current
+    values."""
     adapter = env.CalvinEnvAdapter(seed=0, cameras=False)
     try:
         geo = adapter.geometry()
@@ -98,8 +99,11 @@ def test_geometry_is_read_from_the_scene_at_joint_value_zero():
         scene[:4] = [0.2, 0.15, 0.0, 0.08]                           # door, drawer, button, switch moved
         adapter.reset(scene_obs=scene)
         moved = adapter.geometry()
-        adapter.reset()
+        obs = adapter.reset()
         assert adapter.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))[0]['completed'] == set()   # CALVIN's oracle: none
+        skill = env.ScriptedSkill('turn_on_led', np.random.default_rng(0), p_miss=1.0, geometry=geo)
+        skill.act(obs)
+        miss = np.linalg.norm((skill.phases[1]['goal'] - geo.button_top)[:2])   # p_miss: beside CALVIN's wider button
     finally:
         adapter.close()
     close = lambda a, b: np.allclose(a, b, atol=1e-3)
@@ -107,6 +111,9 @@ def test_geometry_is_read_from_the_scene_at_joint_value_zero():
     assert close(geo.switch_dir, (0, 0.5, np.sqrt(3) / 2))
     assert close([geo.drawer_max, geo.door_max, geo.switch_max], [0.22, 0.28, 0.088])
     assert close(geo.button_top, (-0.12, -0.12, 0.484)) and close(geo.drawer_knob[1], -0.2612)
+    # the button and the switch trigger half-way (calvin_env's button.py / switch.py); a miss clears the button's edge
+    assert close([geo.press_depth, geo.switch_on], [0.01, 0.044]) and 0.025 < geo.button_radius < 0.05
+    assert geo.button_radius + env.MISS_DIST[0] - env.DESK_GEOMETRY.button_radius <= miss
     for field in ('drawer_knob', 'door_push', 'switch_knob', 'button_top'):
         assert close(getattr(moved, field), getattr(geo, field)), field
 
