@@ -409,7 +409,10 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     return path
 
 
-README_BEGIN, README_END = '<!-- report:begin -->', '<!-- report:end -->'
+# The README's generated blocks: the desk's headline and calvin_env's
+README_MARKERS = {'desk': ('<!-- report:begin -->', '<!-- report:end -->'),
+                  'calvin': ('<!-- report-calvin:begin -->', '<!-- report-calvin:end -->')}
+README_BEGIN, README_END = README_MARKERS['desk']
 
 
 def headline(rows: list, seeds: list, sampler: str = 'mean', env_kind: str = 'desk') -> list:
@@ -471,7 +474,8 @@ def write_headline(out_dir: str, seeds, sampler: str = 'mean', env_kind: str = '
     episodes = '/'.join(sorted({r['episodes'] for r in rows if r.get('episodes')}, key=int)) or '–'
     where = os.path.relpath(out_dir)
     where = os.path.basename(os.path.normpath(out_dir)) if where.startswith('..') else where.replace(os.sep, '/')
-    lines = [f'Success in % over {episodes} simulator episodes per task and seed, mean ± std over seeds '
+    sim = 'calvin_env (scene D) episodes, judged by CALVIN\'s task oracle,' if env_kind == 'calvin' else 'simulator episodes'
+    lines = [f'Success in % over {episodes} {sim} per task and seed, mean ± std over seeds '
              f'{", ".join(map(str, seeds))} ("n=": fewer seeds so far); DiWA fine-tuned with 0 simulator steps; '
              f'Δ pairs each seed\'s DiWA with its own BC policy; DPPO: its simulator steps to match DiWA (seed '
              f'{seeds[0]}; "–": not measured yet); the mean row pairs the seeds that have both; evaluation sampler '
@@ -480,12 +484,12 @@ def write_headline(out_dir: str, seeds, sampler: str = 'mean', env_kind: str = '
     if os.path.isfile(fig):
         lines += ['', '![base vs DiWA](figures/headline.png)']
     if readme:
-        update_readme(readme, out_dir, lines)
+        update_readme(readme, out_dir, lines, env_kind)
     return lines
 
 
-def update_readme(readme: str, out_dir: str, lines: list) -> bool:
-    """Replace what lies between README_BEGIN and README_END in `readme` with `lines` (markdown: write_headline's,
+def update_readme(readme: str, out_dir: str, lines: list, env_kind: str = 'desk') -> bool:
+    """Replace what lies between the markers of `env_kind`'s block in `readme` with `lines` (markdown: write_headline's,
     headings one level down, links made relative to the README), so that the README shows the report's numbers
     without anyone copying them by hand. A README without both markers, or outside which out_dir lies (a report
     written elsewhere, e.g. by the tests, is not this README's), is left alone (-> False)."""
@@ -495,14 +499,15 @@ def update_readme(readme: str, out_dir: str, lines: list) -> bool:
     if rel == '..' or rel.startswith('../'):
         return False
     text = open(readme, encoding='utf-8').read()
-    if README_BEGIN not in text or README_END not in text.split(README_BEGIN, 1)[1]:
+    begin, end = README_MARKERS[env_kind]
+    if begin not in text or end not in text.split(begin, 1)[1]:
         return False
     fix = lambda line: ('#' + line if line.startswith('#') else
                         line.replace('](figures/', f']({rel}/figures/'))
-    body = '\n'.join([README_BEGIN, f'<!-- written by report.py from {rel}/results.csv: do not edit by hand -->',
-                      *map(fix, lines), README_END])
-    before, rest = text.split(README_BEGIN, 1)
-    new = before + body + rest.split(README_END, 1)[1]
+    body = '\n'.join([begin, f'<!-- written by report.py from {rel}/results.csv: do not edit by hand -->',
+                      *map(fix, lines), end])
+    before, rest = text.split(begin, 1)
+    new = before + body + rest.split(end, 1)[1]
     if new != text:
         data.atomic_write(readme, lambda fh: fh.write(new.encode('utf-8')))
     return True
@@ -839,8 +844,9 @@ def main(argv=None) -> int:
     p.add_argument('--readme-only', action='store_true', help="only rewrite --readme's block and figures/headline.png "
                    "from --report-dir's results.csv (no run folder needed; seconds)")
     p.add_argument('--readme', default='README.md',
-                   help="also rewrite this README's <!-- report:begin/end --> block (the headline: base vs DiWA per "
-                        "task and figures/headline.png); '' for none; never with --env calvin (the block is the desk's)")
+                   help="also rewrite this README's headline block of --env (<!-- report:begin/end --> for the desk, "
+                        "<!-- report-calvin:begin/end --> for calvin_env: base vs DiWA per task and "
+                        "figures/headline.png); '' for none")
     p.add_argument('--report-task', choices=env.TASKS, default='open_drawer',
                    help='the task of the ablations / variants and of the DPPO baseline')
     p.add_argument('--dppo-cap', type=int, default=40,
@@ -849,8 +855,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks, args.seeds = args.tasks or ['all'], args.seeds if args.seeds is not None else [0, 1, 2]
     args = TR.check_args(p, args)
-    if args.env == 'calvin' and args.readme == 'README.md':    # the README's report block is the desk's
-        args.readme = ''
     if args.wm_sizes is not None:
         args.wm_sizes = args.wm_sizes or list(WM_SIZES)
         if args.write_only:

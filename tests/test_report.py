@@ -141,6 +141,16 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     assert '## ' not in block and 'Wall-clock' not in block          # the headline only; the rest is in results.md
     E.write_report(str(run_), str(out), 'test', seeds=[0], readme=str(readme))
     assert readme.read_text() == text
+    # calvin_env's rows go into their own block; the desk's is left as it was
+    rows = E.E.read_results(str(run_ / 'results.csv'))
+    diagnose.write_rows(str(run_ / 'results.csv'), rows + [{**r, 'env': 'calvin', 'success': 0.1} for r in rows])
+    begin, end = E.README_MARKERS['calvin']
+    readme.write_text(text + begin + 'old calvin numbers' + end + '\n')
+    E.write_report(str(run_), str(tmp_path / 'calvin'), 'test', seeds=[0], readme=str(readme), env_kind='calvin')
+    both = readme.read_text()
+    assert both.startswith(text) and '| open_drawer | 10.0 ± 0.0 (n=1) | 10.0 ± 0.0 (n=1) | +0.0 |' in both
+    assert "CALVIN's task oracle" in both.split(begin)[1] and 'old calvin numbers' not in both
+    diagnose.write_rows(str(run_ / 'results.csv'), rows)
     # --readme-only: the same block from results.csv alone, with no run folder at all
     shutil.rmtree(run_)
     readme.write_text(before + E.README_BEGIN + E.README_END + after)
