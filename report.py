@@ -180,8 +180,8 @@ def _dppo_end_cell(dppo: dict, row: dict | None) -> str:
 def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_task: str = 'open_drawer',
                  readme: str | None = None, sampler: str = 'mean', env_kind: str = 'desk') -> str:
     """results.md, results.csv and figures/*.png in out_dir from the files of `run` (and its variants), from the
-    evaluations in simulator `env_kind` with `sampler`; with `readme`, also its block (write_headline):
-    Table I, the figures and the wall-clock."""
+    evaluations in simulator `env_kind` with `sampler`; always figures/headline.png, and with `readme` also the
+    README's headline block (write_headline)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
