@@ -731,6 +731,8 @@ WM_SIZES = {
     'd48': ({'wm.cnn_depth': 48, 'wm.deter': 1024, 'wm.hidden': 1024, 'wm.mlp_hidden': 400, 'wm.stoch': 32,
              'wm.classes': 32, 'wm.bf16': True, 'wm.steps': 5000},
             "Tab. S.2's model (depth 48, GRU 1024, 32x32 latents) at batch 8 x 32, bf16, 5,000 steps"),
+    'hybrid': ({'wm.hybrid': True}, "the preset's, also decoding the scene state (Fig. 2's hybrid world model; "
+               'its parts are read by that decoder, not by a probe)'),
 }
 
 
