@@ -619,7 +619,7 @@ class ScriptedSkill:
       noise_corr     AR(1) coefficient of the noise: the hand drifts for a while instead of jittering
       p_via          P(a task first swings through a random via point ~via_scale m off the line to its waypoint)
       p_hesitate     P(holding still for 3 to hesitate_max steps after a phase)
-      p_miss         P(an LED press first misses, onto the table 2.5-10 cm beside the button)
+      p_miss         P(an LED press first misses, onto the table 1.6-9.1 cm beyond the button's edge)
       drawer_tol_max, push_tol_max  open_drawer grasps / close_drawer pushes within a tolerance drawn per attempt up to
                      it from DRAWER_GRASP_TOL / DRAWER_PUSH_TOL (no draw when equal): humans don't always creep to 6 mm
       p_retry        P(abandoning the motion at a share RETRY_AT of the success threshold: let go, lift, start over)
