@@ -128,9 +128,11 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     H, W = images.shape[-3:-1]
     if (H, W) == (size, size):
         return images
-    wy, wx = area_weights(H, size), area_weights(W, size)
-    out = np.einsum('oh,...hwc,pw->...opc', wy, images.astype(np.float32), wx, optimize=True)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    wy, wx = torch.from_numpy(area_weights(H, size)), torch.from_numpy(area_weights(W, size))
+    # torch, not np.einsum: numpy's BLAS threads spin between calls and took ~40% of a core from each collection
+    # worker (torch's pool is one thread there, see _worker_init); the same pixels, rounded half to even as np.rint
+    out = torch.einsum('oh,...hwc,pw->...opc', wy, torch.from_numpy(images.astype(np.float64)), wx)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def images_to_tensor(images, device='cpu') -> torch.Tensor:
@@ -711,6 +713,7 @@ _DESK, _PARENT = None, None                         # one DeskEnv per worker pro
 
 def _worker_init(cfg: CollectConfig, parent: int | None = None, env_kind: str = 'desk') -> None:
     global _DESK, _PARENT
+    torch.set_num_threads(1)                        # one process per core: no thread pool to spin beside the renderer
     _DESK = env.CalvinEnvAdapter() if env_kind == 'calvin' else \
         env.DeskEnv(image_size=cfg.image_size, gripper_size=cfg.gripper_size, cameras=True)
     _PARENT = parent
