@@ -517,9 +517,10 @@ def render_examples(folder, image_size=200, gripper_size=84, seed=0):
 
 
 def calvin_start_report(args, task: str, n: int = 100, settle: int = 15) -> dict:
-    """The start states of an evaluation in the real CALVIN (eval.window_starts: the task's validation windows):
-    calvin_env reset to each, then `settle` steps holding still; how many blocks then lie more than 1 cm from their
-    stored place (fallen or stuck), and how far the gripper starts from the stored robot_obs (max over x, y, z)."""
+    """The start states of an evaluation in the real CALVIN (eval.window_starts: the validation windows' first
+    frames): calvin_env reset to each, then `settle` steps holding still; how many blocks then lie more than 1 cm
+    from their stored place (fallen or stuck), and how far the gripper starts from the stored robot_obs (max over
+    x, y, z)."""
     split = TR.split_of(args, 'validation', 64)
     adapter, moved, err = env.CalvinEnvAdapter(seed=args.seed), [], []
     try:

@@ -55,12 +55,12 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def window_starts(split: dict, task: str, n: int, seed: int) -> list:
-    """n start states (robot_obs, scene_obs) in the real CALVIN: the first frames of the task's annotated windows
-    in `split` (CALVIN's own states, in which the task is possible), in an order drawn with `seed`, cycled when
-    there are fewer than n. The built-in desk's sampler would put blocks inside CALVIN's cabinet and solve the arm
-    for another gripper."""
-    rows = [r for r in split['windows'][split['window_tasks'] == task][:, 0]
-            if env.task_possible(task, split['scene_obs'][r])]
+    """n start states (robot_obs, scene_obs) in the real CALVIN: the first frames of the annotated windows in
+    `split`, of any task, in which `task` is possible (CALVIN's own states; every window rather than the task's
+    own gives several times more distinct starts), in an order drawn with `seed`, cycled when there are fewer
+    than n. The built-in desk's sampler would put blocks inside CALVIN's cabinet and solve the arm for another
+    gripper."""
+    rows = [r for r in np.unique(split['windows'][:, 0]) if env.task_possible(task, split['scene_obs'][r])]
     if not rows:
         raise data.DataError(f'no annotated window of {task} starts where it is possible: no CALVIN start states')
     order = np.random.default_rng([seed, env.TASKS.index(task), 4321]).permutation(len(rows))
