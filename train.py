@@ -461,6 +461,8 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
     known = [os.path.join(r, 'results.csv') for r in [args.run] + list(args.inherit or [])]
     starts = E.window_starts(split_of(args, 'validation', wm.cfg.image_size), task, cfg.episodes, args.seed) \
         if args.env == 'calvin' else None          # CALVIN's own states; the desk samples its own (eval.task_starts)
+    if starts:
+        print(f'[eval] {task}: {len({r.tobytes() + s.tobytes() for r, s in starts})} distinct CALVIN start states for {len(starts)} episodes')
     return E.evaluate(candidates, policy_pre, task, args.seed, cfg, wm, device, known, args.preset, args.env, starts)
 
 
