@@ -462,7 +462,8 @@ def evaluate(args, device, task: str, policies=None, snapshots: bool = False) ->
     starts = E.window_starts(split_of(args, 'validation', wm.cfg.image_size), task, cfg.episodes, args.seed) \
         if args.env == 'calvin' else None          # CALVIN's own states; the desk samples its own (eval.task_starts)
     if starts:
-        print(f'[eval] {task}: {len({r.tobytes() + s.tobytes() for r, s in starts})} distinct CALVIN start states for {len(starts)} episodes')
+        distinct = len({r.tobytes() + s.tobytes() for r, s in starts})
+        print(f'[eval] {task}: {distinct} distinct CALVIN start states for {len(starts)} episodes')
     return E.evaluate(candidates, policy_pre, task, args.seed, cfg, wm, device, known, args.preset, args.env, starts)
 
 
