@@ -62,7 +62,7 @@ def window_starts(split: dict, task: str, n: int, seed: int) -> list:
     gripper."""
     rows = [r for r in np.unique(split['windows'][:, 0]) if env.task_possible(task, split['scene_obs'][r])]
     if not rows:
-        raise data.DataError(f'no annotated window of {task} starts where it is possible: no CALVIN start states')
+        raise data.DataError(f'no annotated window starts where {task} is possible: no CALVIN start states')
     order = np.random.default_rng([seed, env.TASKS.index(task), 4321]).permutation(len(rows))
     pick = [rows[order[i % len(rows)]] for i in range(n)]
     return [(split['robot_obs'][r].astype(np.float64), split['scene_obs'][r].astype(np.float64)) for r in pick]
