@@ -59,6 +59,10 @@ def _num(value, fmt: str = '.2f') -> str:
     return '–' if value is None else format(value, fmt)
 
 
+def _tasks(n: int) -> str:            # '1 task', '8 tasks'
+    return f'{n} task' + ('' if n == 1 else 's')
+
+
 def _mean_std(values) -> str:
     v = 100 * np.asarray(values, float)
     return '–' if v.size == 0 else f'{v.mean():.1f} ± {v.std():.1f}' + (f' (n={v.size})' if v.size < 3 else '')
@@ -228,10 +232,10 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     all_b = [np.mean(v[0]) for v in deltas.values() if v[0]]
     all_d = [np.mean(v[1]) for v in deltas.values() if v[1]]
     done = [t for t, v in deltas.items() if v[2]]
-    summary = f'Average base over {len(all_b)} tasks: {100 * np.mean(all_b):.1f}; ' if all_b else ''
+    summary = f'Average base over {_tasks(len(all_b))}: {100 * np.mean(all_b):.1f}; ' if all_b else ''
     if done:
         base_done = [np.mean(deltas[t][0]) for t in done if deltas[t][0]]
-        summary += (f'over the {len(done)} tasks with DiWA: base {100 * np.mean(base_done):.1f}, '
+        summary += (f'over the {_tasks(len(done))} with DiWA: base {100 * np.mean(base_done):.1f}, '
                     f'DiWA {100 * np.mean(all_d):.1f}. Tasks where DiWA does not gain 15 points '
                     'on average: ' + (', '.join(t for t in done if np.mean(deltas[t][2]) < 0.15) or 'none') + '.')
     else:
@@ -440,7 +444,7 @@ def headline(rows: list, seeds: list, sampler: str = 'mean', env_kind: str = 'de
                           *(float(PAPER_TABLE_I[task][i].split()[0]) / 100 for i in (0, 1))))
     if means:
         b, d, pb, pd = 100 * np.mean(means, axis=0)
-        md.append(f'| **mean over {len(means)} tasks** | {b:.1f} | {d:.1f} | {d - b:+.1f} | | {pb:.1f} | {pd:.1f} |')
+        md.append(f'| **mean over {_tasks(len(means))}** | {b:.1f} | {d:.1f} | {d - b:+.1f} | | {pb:.1f} | {pd:.1f} |')
     return md
 
 
