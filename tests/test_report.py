@@ -135,7 +135,7 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     assert text.startswith(before + E.README_BEGIN) and text.endswith(E.README_END + after)
     block = text[len(before):-len(after)]
     assert 'old numbers' not in block and '| open_drawer | 20.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) | +30.0 | – |' in block
-    assert '| **mean over 1 tasks** | 20.0 | 50.0 | +30.0 | | 57.8 | 74.4 |' in block      # the paper's, same tasks
+    assert '| **mean over 1 task** | 20.0 | 50.0 | +30.0 | | 57.8 | 74.4 |' in block      # the paper's, same tasks
     assert '| close_drawer | – | – | – | – | 59.1 ± 5.1 | 92.0 ± 2.0 |' in block            # not measured: says so
     assert '](results/figures/headline.png)' in block and (out / 'figures' / 'headline.png').stat().st_size > 5_000
     assert '## ' not in block and 'Wall-clock' not in block          # the headline only; the rest is in results.md
