@@ -4,6 +4,7 @@
     python diagnose.py press                   # does imagination know whether a button press switched the LED
     python diagnose.py reward --task T         # the success classifier on held-out recorded and imagined latents
     python diagnose.py gap --task T [--policy diwa]   # imagination vs. simulator from the same start states
+                                                      # (--env calvin [--arm neutral]: in calvin_env)
     python diagnose.py scripted --task T       # the scripted skills through the evaluation loop (checks the loop)
     python diagnose.py skills [--operator] [--env calvin]   # success table of the scripted skills (desk / calvin_env)
     python diagnose.py render DIR              # PNGs of both cameras for a few desk states
@@ -397,8 +398,13 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
             return a
         return act
     t0 = time.time()
-    real = E.run_episodes(make_agent, task, E.task_starts(task, cfg.episodes, args.seed), cfg, wm=wm, device=device,
-                        seed=args.seed)['success']
+    if args.env == 'calvin':                            # the evaluation's CALVIN starts, or the same scenes, arm neutral
+        real_starts = E.window_starts(TR.split_of(args, 'validation', wm.cfg.image_size), task, cfg.episodes,
+                                      args.seed, arm=args.arm)
+    else:
+        real_starts = E.task_starts(task, cfg.episodes, args.seed)
+    real = E.run_episodes(make_agent, task, real_starts, cfg, wm=wm, device=device, seed=args.seed,
+                          env_kind=args.env)['success']
     start_state = {k: torch.cat(v) for k, v in starts.items()}
     h0 = start_state['h']
     posterior = (torch.cat(post_p) > fcfg.success_threshold).numpy()
@@ -428,7 +434,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
         return out
     closed, replayed = imagine(True).mean(0), imagine(False).mean(0)
     f = lambda v: round(float(v), 4) if np.isfinite(v) else None
-    res = {'task': task, 'policy': policy, 'seed': args.seed, 'episodes': n, 'repeats': repeats,
+    where = 'desk' if args.env == 'desk' else f'calvin, arm {args.arm}'
+    res = {'task': task, 'policy': policy, 'seed': args.seed, 'starts': where, 'episodes': n, 'repeats': repeats,
            'threshold': fcfg.success_threshold, 'latent_sample': fcfg.latent_sample,
            'real_success': f(real.mean()), 'imagined_success': f(closed.mean()),
            'imagined_on_real_success': f(closed[real].mean() if real.any() else np.nan),
@@ -438,13 +445,14 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'posterior_on_real_success': f(posterior[real].mean() if real.any() else np.nan),
            'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
            'wall_s': round(time.time() - t0, 1)}
-    print(f"[gap/{task}] {policy} seed {args.seed}: simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
+    print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts): simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
           f"{repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
           f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
           f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the "
           f"classifier on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
           f"{res['posterior_on_real_failure']}")
-    data.atomic_write(os.path.join(args.run, task, f'gap_{policy}_s{args.seed}.json'),
+    name = f'gap_{policy}_s{args.seed}' + ('' if args.env == 'desk' else f'_calvin_{args.arm}')
+    data.atomic_write(os.path.join(args.run, task, f'{name}.json'),
                       lambda fh: fh.write(json.dumps(res, indent=1).encode()))
     return res
 
@@ -600,6 +608,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None, help='simulator processes')
     p.add_argument('--sampler', choices=D.SAMPLERS, default=None, help='gap: evaluation sampler (default: the preset)')
     p.add_argument('--env', choices=['desk', 'calvin'], default='desk')
+    p.add_argument('--arm', choices=['recorded', 'neutral'], default='recorded',
+                   help="gap --env calvin: the arm at the starts: as recorded (the evaluation's) or CALVIN's neutral pose")
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = torch default)')
     p.add_argument('--operator', action='store_true', help="skills: driven by the play data's operator "
@@ -651,8 +661,6 @@ def run_report(args, p, tasks: list, cfg, device) -> None:
         elif args.report == 'calvin-starts':
             calvin_start_report(args, task, args.episodes or 100)
         elif args.report == 'gap':
-            if args.env != 'desk':
-                raise TR.StageError('gap: the imagination gap is measured on the built-in desk only (drop --env)')
             for name in args.policy:
                 imagination_gap(args, device, task, cfg, name)
         else:

@@ -59,6 +59,11 @@ TASKS = ['open_drawer', 'close_drawer', 'move_slider_left', 'move_slider_right',
 PHYSICS_HZ, SUBSTEPS, SOLVER_ITERATIONS = 240, 8, 50        # control at 240 / 8 = 30 Hz
 ROBOT_BASE = (-0.34, -0.46, 0.24)
 Q_INIT = np.array([-1.21779206, 1.03987646, 2.11978261, -2.34205014, -0.87015947, 1.64119353, 0.55344866])
+# CALVIN's own evaluation resets the robot to this robot_obs (calvin_models evaluation/utils.py,
+# get_env_state_for_initial_condition): TCP xyz, Euler, gripper width, the joints Q_INIT, gripper open
+CALVIN_NEUTRAL_ROBOT_OBS = np.array([0.02586889, -0.2313129, 0.5712808, 3.09045411, -0.02908596, 1.50013585, 0.07999963,
+                                     -1.21779124, 1.03987629, 2.11978254, -2.34205014, -0.87015899, 1.64119093,
+                                     0.55344928, 1.0])
 POS_SCALE, ORN_SCALE = 0.02, 0.05                           # metres / radians per action unit
 ARM_FORCE, ARM_MAX_VEL = 200.0, 2.0
 FINGER_OPEN, FINGER_OPEN_FORCE, FINGER_CLOSE_FORCE = 0.04, 2.0, 200.0

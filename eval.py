@@ -54,18 +54,22 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def window_starts(split: dict, task: str, n: int, seed: int) -> list:
+def window_starts(split: dict, task: str, n: int, seed: int, arm: str = 'recorded') -> list:
     """n start states (robot_obs, scene_obs) in the real CALVIN: the first frames of the annotated windows in
     `split`, of any task, in which `task` is possible (CALVIN's own states; every window rather than the task's
     own gives several times more distinct starts), in an order drawn with `seed`, cycled when there are fewer
     than n. The built-in desk's sampler would put blocks inside CALVIN's cabinet and solve the arm for another
-    gripper."""
+    gripper. arm 'recorded': the arm and gripper as recorded at that frame; 'neutral': the same scenes with the
+    robot at CALVIN's neutral pose, gripper open, as CALVIN's own evaluation resets it (diagnose.py gap)."""
+    if arm not in ('recorded', 'neutral'):
+        raise ValueError(f"arm must be 'recorded' or 'neutral', got {arm!r}")
     rows = [r for r in np.unique(split['windows'][:, 0]) if env.task_possible(task, split['scene_obs'][r])]
     if not rows:
         raise data.DataError(f'no annotated window starts where {task} is possible: no CALVIN start states')
     order = np.random.default_rng([seed, env.TASKS.index(task), 4321]).permutation(len(rows))
     pick = [rows[order[i % len(rows)]] for i in range(n)]
-    return [(split['robot_obs'][r].astype(np.float64), split['scene_obs'][r].astype(np.float64)) for r in pick]
+    robot = [env.CALVIN_NEUTRAL_ROBOT_OBS if arm == 'neutral' else split['robot_obs'][r] for r in pick]
+    return [(q.astype(np.float64), split['scene_obs'][r].astype(np.float64)) for q, r in zip(robot, pick)]
 
 
 def task_starts(task: str, n: int, seed: int) -> list:

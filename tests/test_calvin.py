@@ -154,6 +154,11 @@ def test_recorded_dataset_reads_back_in_calvin_layout(calvin_data):
     assert train['rgb_gripper'].shape == (80, 64, 64, 3) and np.abs(train['rel_actions']).max() <= 1
     starts = E.window_starts(train, TASK, 5, seed=0)
     assert len(starts) == 5 and {tuple(r[:3]) for r, _ in starts} <= {tuple(train['robot_obs'][i, :3]) for i in (0, 40)}
+    neutral = E.window_starts(train, TASK, 5, seed=0, arm='neutral')      # the same scenes, CALVIN's neutral arm
+    assert all(np.array_equal(s, s2) for (_, s), (_, s2) in zip(starts, neutral))
+    assert all(np.array_equal(r, env.CALVIN_NEUTRAL_ROBOT_OBS) and r[14] == 1 for r, _ in neutral)
+    with pytest.raises(ValueError, match='arm'):
+        E.window_starts(train, TASK, 5, seed=0, arm='rest')
 
 
 def test_evaluation_and_dppo_in_calvin_from_its_own_starts(run_dir, calvin_data, tmp_path):
@@ -166,6 +171,12 @@ def test_evaluation_and_dppo_in_calvin_from_its_own_starts(run_dir, calvin_data,
     rows = read_csv(os.path.join(d, 'results.csv'))
     assert sorted(r['policy'] for r in rows) == ['base', 'diwa'] and {r['env'] for r in rows} == {'calvin'}
     assert all(int(r['episodes']) == 2 for r in rows)
+    # diagnose.py gap in calvin_env: its simulator episodes are the evaluation's (same starts, same success)
+    run('gap', '--preset', 'test', '--run', d, '--data', calvin_data, '--task', TASK, '--env', 'calvin',
+        '--episodes', '2', script='diagnose.py', timeout=900)
+    gap = json.load(open(os.path.join(d, TASK, 'gap_base_s0_calvin_recorded.json')))
+    base = [r for r in rows if r['policy'] == 'base'][-1]
+    assert gap['starts'] == 'calvin, arm recorded' and gap['real_success'] == float(base['success'])
     run('--stage', 'dppo', *common, '--ft.iterations', '1', '--ft.n_envs', '2', '--ft.n_steps', '2',
         '--ft.sim_workers', '0', timeout=900)
     ckpt = torch.load(os.path.join(d, TASK, 'dppo_s0.pt'), weights_only=True)
