@@ -445,8 +445,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'posterior_on_real_success': f(posterior[real].mean() if real.any() else np.nan),
            'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
            'wall_s': round(time.time() - t0, 1)}
-    print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts): simulator {res['real_success']:.2f}, imagined (as fine-tuning, "
-          f"{repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
+    print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts): simulator {res['real_success']:.2f}, imagined "
+          f"(as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
           f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
           f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the "
           f"classifier on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
@@ -628,6 +628,8 @@ def main(argv=None) -> int:
     bad = [t for t in tasks if t not in env.TASKS]
     if bad:
         p.error(f'--task: unknown task(s) {bad}; choose from {env.TASKS} or all')
+    if args.arm != 'recorded' and args.env != 'calvin':
+        p.error('--arm: the arm at CALVIN\'s starts, for --env calvin only')
     if args.report in ('render', 'dataset') and not args.path:
         p.error(f'{args.report} needs a folder')
     args.run = args.run or os.path.join('runs', args.preset)

@@ -141,3 +141,9 @@ def test_check_skills_reports_the_share_within_a_window_and_an_episode(capsys):
     E.check_skills(episodes=2, max_steps=300, tasks=['turn_on_led'], speed_range=(0.25, 0.26), gain_range=(0.5, 0.5))
     line = capsys.readouterr().out
     assert '2/2' in line and 'within 64:   0.0%' in line and 'within 72:   0.0%' in line
+
+
+def test_arm_outside_calvin_fails_at_parse_time(tmp_path):
+    """--arm picks the arm at CALVIN's starts: with the desk it is refused in one line before anything runs."""
+    out = run('gap', '--preset', 'test', '--run', str(tmp_path), '--arm', 'neutral', script='diagnose.py', check=False)
+    assert out.returncode == 2 and '--arm' in out.stderr.strip().splitlines()[-1] and os.listdir(tmp_path) == []
