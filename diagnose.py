@@ -435,7 +435,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
     closed, replayed = imagine(True).mean(0), imagine(False).mean(0)
     f = lambda v: round(float(v), 4) if np.isfinite(v) else None
     where = 'desk' if args.env == 'desk' else f'calvin, arm {args.arm}'
-    res = {'task': task, 'policy': policy, 'seed': args.seed, 'starts': where, 'episodes': n, 'repeats': repeats,
+    res = {'task': task, 'policy': policy, 'seed': args.seed, 'starts': where, 'sampler': cfg.sampler, 'episodes': n,
+           'repeats': repeats,
            'threshold': fcfg.success_threshold, 'latent_sample': fcfg.latent_sample,
            'real_success': f(real.mean()), 'imagined_success': f(closed.mean()),
            'imagined_on_real_success': f(closed[real].mean() if real.any() else np.nan),
@@ -445,13 +446,14 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'posterior_on_real_success': f(posterior[real].mean() if real.any() else np.nan),
            'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
            'wall_s': round(time.time() - t0, 1)}
-    print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts): simulator {res['real_success']:.2f}, imagined "
+    print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts, sampler {cfg.sampler}): simulator "
+          f"{res['real_success']:.2f}, imagined "
           f"(as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
           f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
           f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the "
           f"classifier on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
           f"{res['posterior_on_real_failure']}")
-    name = f'gap_{policy}_s{args.seed}' + ('' if args.env == 'desk' else f'_calvin_{args.arm}')
+    name = f'gap_{policy}_s{args.seed}' + ('' if args.env == 'desk' else f'_calvin_{args.arm}_{cfg.sampler}')
     data.atomic_write(os.path.join(args.run, task, f'{name}.json'),
                       lambda fh: fh.write(json.dumps(res, indent=1).encode()))
     return res

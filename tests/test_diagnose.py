@@ -95,7 +95,7 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
                   'replay_on_real_success', 'replay_on_real_failure', 'posterior_on_real_success',
                   'posterior_on_real_failure'):
             assert gap[k] is None or 0.0 <= gap[k] <= 1.0, (k, gap[k])
-        assert f'[gap/{TASK}] {policy} seed 0 (desk starts): simulator' in out and gap['starts'] == 'desk'
+        assert f'[gap/{TASK}] {policy} seed 0 (desk starts, sampler mean): simulator' in out and gap['starts'] == 'desk'
 
 
 def test_start_conditioned_classifier_trains_finetunes_and_reports(run_dir, tmp_path):
