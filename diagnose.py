@@ -349,14 +349,16 @@ def reward_report(args, device, task: str, samples: int = 4) -> dict:
 
 @torch.no_grad()
 def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'base', repeats: int = 4) -> dict:
-    """Does imagination predict the simulator? The same start states are run (1) in the simulator, as the
-    evaluation does, (2) in imagination as fine-tuning runs them (dream_ppo.imagine_rollout: stochastic policy,
-    the preset's latent sampling, success threshold and episode length), from each start's first frame encoded
-    as the evaluation encodes it, `repeats` times, (3) open loop: each simulator episode's own actions
-    replayed in imagination, and (4) the classifier on the latents filtered from the episode's real frames
-    (success if any step exceeds the threshold). (4) tests the classifier alone, (3) adds the world model's
-    open-loop dynamics, (2) vs (1) tests the whole Dream MDP.
-    -> dict with real / imagined success and their agreement, written to <run>/<task>/gap_<policy>_s<seed>.json."""
+    """Does imagination predict the simulator? The same start states (the evaluation's: the desk's sampler, or in
+    calvin_env the validation windows' first frames, with the arm as recorded or at CALVIN's neutral pose, --arm)
+    are run (1) in the simulator, as the evaluation does, (2) in imagination as fine-tuning runs them
+    (dream_ppo.imagine_rollout: stochastic policy, the preset's latent sampling, success threshold and episode
+    length), from each start's first frame encoded as the evaluation encodes it, `repeats` times, (3) open loop:
+    each simulator episode's own actions replayed in imagination, and (4) the classifier on the latents filtered
+    from the episode's real frames (success if any step exceeds the threshold). (4) tests the classifier alone,
+    (3) adds the world model's open-loop dynamics, (2) vs (1) tests the whole Dream MDP.
+    -> dict with real / imagined success and their agreement, written to <run>/<task>/gap_<policy>_s<seed>.json
+    (in calvin_env gap_<policy>_s<seed>_calvin_<arm>_<sampler>.json)."""
     fcfg = TR.build_config('ft', args)
     wm, _ = TR.load_world_model(args, device)
     clf, _ = R.load(TR.find(args, task, 'reward.pt'), task, wm.feat_dim, device)
@@ -435,9 +437,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
     closed, replayed = imagine(True).mean(0), imagine(False).mean(0)
     f = lambda v: round(float(v), 4) if np.isfinite(v) else None
     where = 'desk' if args.env == 'desk' else f'calvin, arm {args.arm}'
-    res = {'task': task, 'policy': policy, 'seed': args.seed, 'starts': where, 'sampler': cfg.sampler, 'episodes': n,
-           'repeats': repeats,
-           'threshold': fcfg.success_threshold, 'latent_sample': fcfg.latent_sample,
+    res = {'task': task, 'policy': policy, 'seed': args.seed, 'starts': where, 'sampler': cfg.sampler,
+           'episodes': n, 'repeats': repeats, 'threshold': fcfg.success_threshold, 'latent_sample': fcfg.latent_sample,
            'real_success': f(real.mean()), 'imagined_success': f(closed.mean()),
            'imagined_on_real_success': f(closed[real].mean() if real.any() else np.nan),
            'imagined_on_real_failure': f(closed[~real].mean() if (~real).any() else np.nan),
@@ -447,11 +448,11 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
            'wall_s': round(time.time() - t0, 1)}
     print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts, sampler {cfg.sampler}): simulator "
-          f"{res['real_success']:.2f}, imagined "
-          f"(as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on starts that succeed / fail in the simulator: "
-          f"{res['imagined_on_real_success']} / {res['imagined_on_real_failure']}); the simulator's actions replayed "
-          f"in imagination succeed on {res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the "
-          f"classifier on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
+          f"{res['real_success']:.2f}, imagined (as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on "
+          f"starts that succeed / fail in the simulator: {res['imagined_on_real_success']} / "
+          f"{res['imagined_on_real_failure']}); the simulator's actions replayed in imagination succeed on "
+          f"{res['replay_on_real_success']} / {res['replay_on_real_failure']} of them; the classifier"
+          f" on latents filtered from the real frames flags {res['posterior_on_real_success']} / "
           f"{res['posterior_on_real_failure']}")
     name = f'gap_{policy}_s{args.seed}' + ('' if args.env == 'desk' else f'_calvin_{args.arm}_{cfg.sampler}')
     data.atomic_write(os.path.join(args.run, task, f'{name}.json'),
