@@ -287,7 +287,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     tasks = [t for t in env.TASKS if curves[t]]
     if tasks:
         cols, rows_ = min(4, len(tasks)), (len(tasks) + 3) // 4
-        fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.6 * rows_), squeeze=False)
+        fig, axes = plt.subplots(rows_, cols, figsize=(max(3 * cols, 4.5), 2.6 * rows_), squeeze=False)
         for ax in axes.flat[len(tasks):]:
             ax.axis('off')
         for ax, task in zip(axes.flat, tasks):
@@ -302,7 +302,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
             ax.set_title(task, fontsize=8), ax.set_ylim(-3, 103), ax.grid(alpha=0.3), ax.tick_params(labelsize=7)
             ax.set_xlabel('simulator steps (k)', fontsize=7), ax.set_ylabel('success (%)', fontsize=7)
         axes.flat[0].legend(fontsize=6)
-        fig.suptitle('Fig. S.5 analogue: DPPO on world-model latents vs. DiWA', fontsize=9)
+        fig.suptitle('Fig. S.5 analogue: DPPO in the simulator vs. DiWA', fontsize=9)
         plt.tight_layout(), plt.savefig(os.path.join(out_dir, 'figures', 'figS5_dppo_vs_diwa.png'), dpi=120)
         plt.close()
         md += [f'## Fig. S.5: DPPO in the simulator vs. DiWA (seed {s0})', '',
