@@ -446,7 +446,12 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'replay_on_real_failure': f(replayed[~real].mean() if (~real).any() else np.nan),
            'posterior_on_real_success': f(posterior[real].mean() if real.any() else np.nan),
            'posterior_on_real_failure': f(posterior[~real].mean() if (~real).any() else np.nan),
-           'wall_s': round(time.time() - t0, 1)}
+           'wall_s': round(time.time() - t0, 1),
+           # per start, in the order of real_starts: for breaking the figures above down by start state
+           'per_episode': {'real': real.astype(int).tolist(), 'imagined': closed.round(4).tolist(),
+                           'replayed': replayed.round(4).tolist(), 'posterior': posterior.astype(int).tolist(),
+                           'scene_obs': [np.round(s, 4).tolist() for _, s in real_starts],
+                           'robot_obs': [np.round(r, 4).tolist() for r, _ in real_starts]}}
     print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts, sampler {cfg.sampler}): simulator "
           f"{res['real_success']:.2f}, imagined (as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on "
           f"starts that succeed / fail in the simulator: {res['imagined_on_real_success']} / "

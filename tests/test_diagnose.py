@@ -95,6 +95,10 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
                   'replay_on_real_success', 'replay_on_real_failure', 'posterior_on_real_success',
                   'posterior_on_real_failure'):
             assert gap[k] is None or 0.0 <= gap[k] <= 1.0, (k, gap[k])
+        per = gap['per_episode']                     # per start: the rates above are their means
+        assert all(len(v) == gap['episodes'] for v in per.values()), {k: len(v) for k, v in per.items()}
+        assert abs(np.mean(per['real']) - gap['real_success']) < 1e-9
+        assert abs(np.mean(per['imagined']) - gap['imagined_success']) < 1e-3
         assert f'[gap/{TASK}] {policy} seed 0 (desk starts, sampler mean): simulator' in out and gap['starts'] == 'desk'
 
 
