@@ -357,7 +357,8 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
     each simulator episode's own actions replayed in imagination, and (4) the classifier on the latents filtered
     from the episode's real frames (success if any step exceeds the threshold). (4) tests the classifier alone,
     (3) adds the world model's open-loop dynamics, (2) vs (1) tests the whole Dream MDP.
-    -> dict with real / imagined success and their agreement, written to <run>/<task>/gap_<policy>_s<seed>.json
+    -> dict with real / imagined success, their agreement and each start's results ('per_episode'), written to
+    <run>/<task>/gap_<policy>_s<seed>.json
     (in calvin_env gap_<policy>_s<seed>_calvin_<arm>_<sampler>.json)."""
     fcfg = TR.build_config('ft', args)
     wm, _ = TR.load_world_model(args, device)
