@@ -379,12 +379,13 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
                                      sampler=cfg.sampler)
     # the decoded-state reward and a start-conditioned classifier compare with the episode's first latent
     relative = getattr(clf, 'relative', False)
-    starts, acts, post_p = {k: [] for k in wm.state_keys}, [], []
+    starts, acts, post_p, flags = {k: [] for k in wm.state_keys}, [], [], []
 
     def make_agent(B):                                  # the evaluation's agent, recording start states and actions
         agent, steps, first = factory(B), [], {}
         acts.append(steps)
         post_p.append(torch.zeros(B))
+        flags.append([None] * B)                        # the real state where the classifier first flags success
 
         def act(t, obs, feat):
             if t == 0:                                  # s_0 = q(h_0, x_0), as run_episodes filters its first frame
@@ -396,6 +397,10 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
             with torch.no_grad():                       # (4) the classifier on the posterior of the real frames
                 p = clf.success_prob(feat[:B], first['feat']) if relative else clf.success_prob(feat[:B])
                 post_p[-1].copy_(torch.maximum(post_p[-1], p.float().cpu()))
+            for i in np.flatnonzero(post_p[-1].numpy() > fcfg.success_threshold):
+                if flags[-1][i] is None:                # obs[i] None: the frame that ended the episode, unseen here
+                    flags[-1][i] = {'step': t, **{k: None if obs[i] is None else np.round(obs[i][k], 4).tolist()
+                                                  for k in ('scene_obs', 'robot_obs')}}
             a = agent(t, obs, feat)
             steps.append(np.asarray(a, dtype=np.float32))
             return a
@@ -452,7 +457,10 @@ def imagination_gap(args, device, task: str, cfg: E.EvalConfig, policy: str = 'b
            'per_episode': {'real': real.astype(int).tolist(), 'imagined': closed.round(4).tolist(),
                            'replayed': replayed.round(4).tolist(), 'posterior': posterior.astype(int).tolist(),
                            'scene_obs': [np.round(s, 4).tolist() for _, s in real_starts],
-                           'robot_obs': [np.round(r, 4).tolist() for r, _ in real_starts]}}
+                           'robot_obs': [np.round(r, 4).tolist() for r, _ in real_starts],
+                           # the control step and the real scene_obs / robot_obs where (4) first flagged success
+                           # (states None where that was the episode's last frame)
+                           'flagged': [f for batch in flags for f in batch]}}
     print(f"[gap/{task}] {policy} seed {args.seed} ({where} starts, sampler {cfg.sampler}): simulator "
           f"{res['real_success']:.2f}, imagined (as fine-tuning, {repeats}x) {res['imagined_success']:.2f} (on "
           f"starts that succeed / fail in the simulator: {res['imagined_on_real_success']} / "

@@ -99,6 +99,10 @@ def test_gap_report_runs_the_evaluation_unchanged(run_dir):
         assert all(len(v) == gap['episodes'] for v in per.values()), {k: len(v) for k, v in per.items()}
         assert abs(np.mean(per['real']) - gap['real_success']) < 1e-9
         assert abs(np.mean(per['imagined']) - gap['imagined_success']) < 1e-3
+        # a flagged state exactly where the classifier flagged the episode, with the simulator's state sizes
+        assert [f is not None for f in per['flagged']] == [bool(x) for x in per['posterior']], per['flagged']
+        assert all(f['step'] >= 0 and (f['scene_obs'] is None or len(f['scene_obs']) == 24 and
+                                       len(f['robot_obs']) == 15) for f in per['flagged'] if f is not None)
         assert f'[gap/{TASK}] {policy} seed 0 (desk starts, sampler mean): simulator' in out and gap['starts'] == 'desk'
 
 
