@@ -10,6 +10,10 @@ reads as: how much of that matmul engine the loop keeps busy. Each loop runs in 
 `main` prints the wall-clock of each stage of `python train.py --stage all --preset cpu --tasks open_drawer`:
 measured, from the run folder's stage_times.json, and extrapolated from this benchmark where it can.
 Absolute times on shared machines are noisy: compare ratios within one run.
+
+Below half the bf16 limit, a loop says what bounds it (measured with torch's profiler; FINDINGS.md, "Speed on 2
+cores"): the world model's small convolutions, and in imagination and the PPO update the sequential chain of small
+matmuls (20 denoising steps, 4 world-model steps per decision) and their elementwise work, which no batch size removes.
 """
 from __future__ import annotations
 
@@ -61,9 +65,17 @@ def matmul_limit(device, dtype=torch.float32, n: int = 2048) -> float:
     return 2 * n ** 3 / t / 1e9
 
 
-def of_limits(gflops: float, limits: dict) -> str:
-    """'x GFLOP/s (a% of the fp32 limit, b% of the bf16 limit)'."""
-    return f'{gflops:.1f} GFLOP/s (' + ', '.join(f'{100 * gflops / v:.0f}% of the {k} limit' for k, v in limits.items()) + ')'
+# What bounds each loop where it keeps the bf16 matmul engine less than half busy (module docstring).
+BOUNDS = {'wm': 'convolutions of 3-64 channels on 5x5-64x64 maps', 'dream': 'sequential small matmuls and '
+          'elementwise work: K denoising + Ta world-model steps per decision', 'ppo': 'small matmuls and '
+          "elementwise work per minibatch, the Adam step and the BC targets' denoising chains"}
+
+
+def of_limits(gflops: float, limits: dict, loop: str = '') -> str:
+    """'x GFLOP/s (a% of the fp32 limit, b% of the bf16 limit)', and what bounds `loop` below half the bf16 one."""
+    out = f'{gflops:.1f} GFLOP/s (' + ', '.join(f'{100 * gflops / v:.0f}% of the {k} limit' for k, v in limits.items())
+    bound = loop in BOUNDS and 'bf16' in limits and gflops < 0.5 * limits['bf16']
+    return out + (f'; bound by {BOUNDS[loop]})' if bound else ')')
 
 
 def linear_flops(module: nn.Module) -> int:
@@ -160,7 +172,7 @@ def bench_wm(device, quick: bool, limit: float) -> None:
         TIMED.setdefault(f'wm_{preset}', r['step_s'])
         gpu = f", peak GPU {r['peak_gpu_gib']:.1f} GiB" if 'peak_gpu_gib' in r else ''
         print(f"wm: {preset:>5s} preset ({r['params_m']:.1f}M params): {r['frames_s']:7.0f} training frames/s, "
-              f"{of_limits(r['gflops'], limit)}, peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
+              f"{of_limits(r['gflops'], limit, 'wm')}, peak RSS {r['peak_rss_gib']:.1f} GiB{gpu}")
 
 
 # ---------------------------------------------------------------------------------------------------- policy, dream, ppo
@@ -211,7 +223,7 @@ def bench_dream(device, quick: bool, limit: float) -> None:
             flops = count_flops(lambda: P.imagine_rollout(wm, policy, actor, critic, clf, pool, cfg, gen))
             dec = N * cfg.n_steps
             print(f'dream: {preset:>5s} preset, N={N:3d}: {dec * 4 / t:8.0f} imagined steps/s, {dec / t:7.0f} decisions/s '
-                  f'(K={policy.K}), {of_limits(flops / t / 1e9, limit)}')
+                  f'(K={policy.K}), {of_limits(flops / t / 1e9, limit, "dream")}')
 
 
 def bench_ppo(device, quick: bool, limit: float) -> None:
@@ -227,7 +239,7 @@ def bench_ppo(device, quick: bool, limit: float) -> None:
         flops = count_flops(lambda: P.update(actor, critic, policy, buffer, opts, cfg, 0.05, generator=gen))
         samples = cfg.n_envs * cfg.n_steps * cfg.K_ft
         print(f'ppo: {preset:>5s} preset: {samples / t:8.0f} samples/s (batch {cfg.batch_size}), '
-              f'{of_limits(flops / t / 1e9, limit)}')
+              f'{of_limits(flops / t / 1e9, limit, "ppo")}')
 
 
 def bench_finetune_one(preset: str, device) -> dict:

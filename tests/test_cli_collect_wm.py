@@ -178,6 +178,17 @@ def test_help_prints(script):
     assert out.returncode == 0 and 'usage:' in out.stdout, out.stderr[-500:]
 
 
+def test_bench_names_what_bounds_a_loop_below_half_the_bf16_limit():
+    """bench.py's fraction of the limits: a loop under half the bf16 matmul limit says what bounds it; above it,
+    or with no bf16 limit measured, it does not."""
+    import bench
+    limits = {'fp32': 100.0, 'bf16': 400.0}
+    low, high = bench.of_limits(150.0, limits, 'ppo'), bench.of_limits(250.0, limits, 'ppo')
+    assert '150% of the fp32 limit, 38% of the bf16 limit; bound by' in low and bench.BOUNDS['ppo'] in low
+    assert high == '250.0 GFLOP/s (250% of the fp32 limit, 62% of the bf16 limit)'
+    assert 'bound' not in bench.of_limits(10.0, {'fp32': 100.0}, 'ppo') + bench.of_limits(10.0, limits, 'bc')
+
+
 def test_collect_with_data_or_calvin_without_calvin_env_fails_with_one_line(tmp_path, monkeypatch, capsys):
     """--stage collect with --data (a dataset brought by the user) is refused in one line; --env calvin without
     calvin_env installed fails at parse time, naming it."""
