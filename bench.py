@@ -1,6 +1,7 @@
 """Throughput benchmarks: how fast each hot loop runs, and how close it gets to what the machine can do.
 
     python bench.py [env|wm|bc|dream|ppo|finetune|main|all] [--device auto] [--quick] [--run runs/cpu]
+    python bench.py dppo --dppo-src PATH     # our PPO update against DPPO's, from a checkout of irom-lab/dppo
 
 The limits on a CPU (or GPU) are its matrix throughputs, measured first with large square matmuls in fp32 and in
 bf16 (bf16 runs on AMX / AVX512-BF16 units or tensor cores, several times the fp32 rate where the hardware has them).
@@ -242,6 +243,80 @@ def bench_ppo(device, quick: bool, limit: float) -> None:
               f'{of_limits(flops / t / 1e9, limit, "ppo")}')
 
 
+def bench_dppo(device, quick: bool, src: str | None) -> None:
+    """Our PPO update (BC term in, the preset's precision) against DPPO's update without its BC term, on the same
+    network and shapes, one after the other in one process (best of 3 each). DPPO's code is imported from a
+    checkout of irom-lab/dppo (`src`), never copied here. DPPO's update is what its agent does between rollouts
+    (agent/finetune/train_ppo_diffusion_agent.py): the critic's values and the old log-probs of every sample,
+    then `update_epochs` passes of `PPODiffusion.loss` minibatches with their Adam steps; ours (`dream_ppo.update`)
+    draws the frozen policy's chains for the BC targets and the old log-probs, then its epochs, each minibatch
+    carrying the BC term's second pass. Samples = decisions x fine-tuned steps x epochs."""
+    if not src or not os.path.isdir(os.path.join(src, 'model', 'diffusion')):
+        print('dppo: skipped (--dppo-src: a checkout of irom-lab/dppo, for its model/diffusion/diffusion_ppo.py)')
+        return
+    sys.path.insert(0, os.path.abspath(src))
+    try:
+        from model.common.critic import CriticObs
+        from model.diffusion.diffusion_ppo import PPODiffusion
+        from model.diffusion.mlp_diffusion import DiffusionMLP
+    except ImportError as e:
+        print(f'dppo: skipped: DPPO\'s code does not import from {src}: {e}')
+        return
+    for preset in ('cpu',) if quick else ('cpu', 'paper'):
+        torch.manual_seed(0)
+        wm, policy, actor, critic, clf, ft = make_agent_models(preset, device)
+        bcfg, F_, T, N, K_ft = presets(D)[preset], wm.feat_dim, ft.n_steps, ft.n_envs, ft.K_ft
+        g = torch.Generator(device=device).manual_seed(1)
+        buffer = {'feat': torch.randn(T, N, F_, generator=g, device=device),
+                  'chain': torch.randn(T, N, K_ft + 1, bcfg.Tp, bcfg.action_dim, generator=g, device=device).clamp(-1, 1),
+                  'rewards': torch.rand(T, N, generator=g, device=device), 'values': torch.randn(T + 1, N, device=device),
+                  'dones': torch.rand(T, N, generator=g, device=device) < 0.1}
+        opts = P.make_optimizers(actor, critic, ft)
+        ours = lambda: (P.update(actor, critic, policy, buffer, opts, ft, 0.05, generator=g), sync(device))
+        # DPPO at the same widths: a residual MLP of mlp_layers x mlp_dim, the critic's MLP, K and K' as ours
+        net = DiffusionMLP(action_dim=bcfg.action_dim, horizon_steps=bcfg.Tp, cond_dim=F_, time_dim=bcfg.time_dim,
+                           mlp_dims=[bcfg.mlp_dim] * bcfg.mlp_layers, residual_style=True)
+        crit = CriticObs(cond_dim=F_, mlp_dims=[ft.critic_hidden] * ft.critic_layers, residual_style=True)
+        model = PPODiffusion(actor=net, critic=crit, ft_denoising_steps=K_ft, gamma_denoising=ft.gamma_denoise,
+                             clip_ploss_coef=ft.clip_max, clip_ploss_coef_base=ft.clip_min,
+                             clip_ploss_coef_rate=ft.clip_rate,
+                             horizon_steps=bcfg.Tp, obs_dim=F_, action_dim=bcfg.action_dim, denoising_steps=bcfg.K,
+                             device=str(device)).to(device)
+        a_opt = torch.optim.Adam(model.actor_ft.parameters(), lr=ft.actor_lr)
+        c_opt = torch.optim.Adam(model.critic.parameters(), lr=ft.critic_lr)
+        n_dec, b_dec = T * N, max(1, ft.batch_size // K_ft)         # DPPO's minibatches are of decisions
+        obs = {'state': buffer['feat'].reshape(n_dec, 1, F_)}
+        chains = buffer['chain'].reshape(n_dec, K_ft + 1, bcfg.Tp, bcfg.action_dim)
+        ret, adv = torch.randn(n_dec, device=device), torch.randn(n_dec, device=device)
+
+        def dppo():
+            with torch.no_grad():
+                values = model.critic(obs).flatten()
+                logp_old = model.get_logprobs(obs, chains).view(n_dec, K_ft, bcfg.Tp, bcfg.action_dim)
+            for _ in range(ft.update_epochs):
+                perm = torch.randperm(n_dec, device=device)
+                for s in range(0, n_dec, b_dec):
+                    b = perm[s:s + b_dec]
+                    pg, _, v, *_ = model.loss({'state': obs['state'][b]}, chains[b], ret[b], values[b], adv[b],
+                                              logp_old[b], use_bc_loss=False)
+                    a_opt.zero_grad(), c_opt.zero_grad()
+                    (pg + 0.5 * v).backward()
+                    torch.nn.utils.clip_grad_norm_(model.actor_ft.parameters(), ft.max_grad_norm)
+                    a_opt.step(), c_opt.step()
+            sync(device)
+
+        ours(), dppo()                                                # warm-up
+        t_ours, t_dppo = [], []
+        for _ in range(3):
+            t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); dppo(); t_dppo.append(time.perf_counter() - t0)
+        samples = ft.update_epochs * n_dec * K_ft
+        so, sd = samples / min(t_ours), samples / min(t_dppo)
+        print(f'dppo: {preset:>5s} preset ({ft.update_epochs} epochs x {n_dec} decisions x K\'={K_ft}, minibatch '
+              f'{ft.batch_size} samples): ours (BC in, bf16={ft.bf16}) {so:8.0f} samples/s, DPPO (no BC, fp32) '
+              f'{sd:8.0f} samples/s: ours / DPPO = {so / sd:.2f}')
+
+
 def bench_finetune_one(preset: str, device) -> dict:
     """Seconds per DiWA iteration (rollout + update) at one preset, measured on 2 iterations after a warm-up."""
     wm, policy, actor, critic, clf, cfg = make_agent_models(preset, device)
@@ -309,14 +384,16 @@ def _subprocess_json(section: str, preset: str, device, quick: bool = False) -> 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', nargs='*', help='sections: env wm bc dream ppo finetune all (default all)')
+    p.add_argument('what', nargs='*', help='sections: env wm bc dream ppo finetune main dppo all (default all)')
     p.add_argument('--device', default='auto')
     p.add_argument('--quick', action='store_true', help='shorter timings (noisier)')
     p.add_argument('--run', default='runs/cpu', help="main: the run folder of the main command's stage_times.json")
+    p.add_argument('--dppo-src', default=None, metavar='PATH',
+                   help='dppo: a checkout of irom-lab/dppo, whose update ours is timed against (not in all)')
     args = p.parse_args(argv)
     sections = ['env', 'wm', 'bc', 'dream', 'ppo', 'finetune', 'main']
     internal = args.what[:1] in (['_wm'], ['_finetune'])
-    bad = [w for w in args.what if w not in sections + ['all']] if not internal else []
+    bad = [w for w in args.what if w not in sections + ['dppo', 'all']] if not internal else []
     if bad:
         p.error(f'unknown section(s) {bad}; choose from {sections} or all')
     device = data.pick_device(args.device)
@@ -338,6 +415,8 @@ def main(argv=None):
             bench_finetune(device, args.quick)
         elif name == 'main':
             bench_main(args.run)
+        elif name == 'dppo':
+            bench_dppo(device, args.quick, args.dppo_src)
         else:
             {'bc': bench_bc, 'dream': bench_dream, 'ppo': bench_ppo}[name](device, args.quick, limit)
 
