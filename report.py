@@ -11,6 +11,7 @@ results.csv,figures/} from the files of a run folder alone; the README's report 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -754,9 +755,12 @@ def wm_sizes_table(run: str, names: list, tasks: list) -> str:
     part at horizons 10 / 25 / 50, the press report and the base policy's imagination gap per task."""
     rep = {n: json.load(open(p)) for n in names
            if os.path.isfile(p := os.path.join(run, 'wm_sizes', n, 'wm_sizes.json'))}
-    md = ['| model | what | parameters | steps | training wall-clock |', '|---|---|---|---|---|']
-    md += [f"| {n} | {WM_SIZES[n][1]} | {r['params'] / 1e6:.1f}M | {r['steps']:,} | {r['wall_s'] / 60:.0f} min |"
+    md = ['| model | what | parameters | steps | s/step | training minutes |', '|---|---|---|---|---|---|']
+    md += [f"| {n} | {WM_SIZES[n][1]} | {r['params'] / 1e6:.1f}M | {r['steps']:,} | "
+           + (f"{r['step_s']:.2f} | {r['steps'] * r['step_s'] / 60:.0f} |" if r.get('step_s') else '– | – |')
            for n, r in rep.items()]
+    md += ['', "s/step: the 10th percentile of the training's logged intervals (wm_metrics.csv), which pauses and "
+           'other jobs on the machine do not inflate; training minutes: steps x s/step.']
     parts = list(D.PARTS)
     md += ['', 'Open loop (`python diagnose.py wm`): mean absolute error of each part over held-out windows where it '
            'moves, "world model / nothing moves" (change: below 0 is better than nothing moves).', '',
@@ -781,6 +785,20 @@ def wm_sizes_table(run: str, names: list, tasks: list) -> str:
         md.append(f"| {n} | {pct(press.get('imagined_switch_on_switched'))} / {pct(press.get('imagined_switch_on_light'))}"
                   f" | {' | '.join(cells)} | {f'{100 * np.mean(diffs):.0f}' if diffs else '–'} |")
     return '\n'.join(md) + '\n'
+
+
+def wm_step_seconds(csv_path: str) -> float | None:
+    """Seconds per world-model step from its wm_metrics.csv: the 10th percentile over the logged intervals (the
+    'time' column restarts with each resumed segment), so that a pause or another job does not count."""
+    if not os.path.isfile(csv_path):
+        return None
+    with open(csv_path, newline='') as fh:
+        rows = [(float(r['step']), float(r['time'])) for r in csv.DictReader(fh)]
+    if len(rows) < 2:
+        return None
+    d = np.diff(np.array(rows), axis=0)                                     # (n-1, 2): steps, seconds
+    ok = (d[:, 0] > 0) & (d[:, 1] > 0)
+    return float(np.percentile(d[ok, 1] / d[ok, 0], 10)) if ok.any() else None
 
 
 def stage_wm_sizes(args, device) -> str:
@@ -812,7 +830,9 @@ def stage_wm_sizes(args, device) -> str:
         rep = json.load(open(path)) if os.path.isfile(path) else {}
         if rep.get('wm_key') != ck['key']:
             rep = {'wm_key': ck['key']}
-        rep.update(params=sum(v.numel() for v in ck['model'].values()), steps=ck['step'], wall_s=ck['wall_s'])
+        own = os.path.isfile(os.path.join(sa.run, 'wm.pt'))                 # else the run's own, inherited
+        rep.update(params=sum(v.numel() for v in ck['model'].values()), steps=ck['step'], wall_s=ck['wall_s'],
+                   step_s=wm_step_seconds(os.path.join(sa.run if own else args.run, 'wm_metrics.csv')))
         save = lambda: data.atomic_write(path, lambda fh: fh.write(json.dumps(rep, indent=1).encode()))
         if 'open_loop' not in rep:
             rep['open_loop'] = D.wm_report(sa, device)

@@ -6,6 +6,7 @@ import re
 import shutil
 import time
 
+import pytest
 import torch
 
 import diagnose
@@ -187,6 +188,19 @@ def test_objectives_runs_each_objective_with_each_sampler_and_tabulates_the_gain
             assert f'| {o} | {s} | 1 | {gain:+.1f} |' in md, (o, s, gain, md)
     assert 'up to date' in run(*args, script='report.py').stdout
 
+
+
+def test_wm_step_seconds_ignores_pauses_and_resumed_segments(tmp_path):
+    """The s/step of the world-model sizes table: a pause (a stopped process) and a resumed segment, whose 'time'
+    restarts, do not change it; no log gives None."""
+    p = str(tmp_path / 'wm_metrics.csv')
+    times = [0.5 * s for s in range(20, 220, 20)]                           # 0.5 s per step, logged every 20
+    times[5:] = [t + 3000 for t in times[5:]]                                # paused 50 minutes after step 100
+    rows = [(s, t) for s, t in zip(range(20, 220, 20), times)] + [(220 + 20 * i, 10.0 * (i + 1)) for i in range(10)]
+    with open(p, 'w') as fh:
+        fh.write('step,loss,time\n' + ''.join(f'{s},1.0,{t}\n' for s, t in rows))
+    assert E.wm_step_seconds(p) == pytest.approx(0.5)
+    assert E.wm_step_seconds(str(tmp_path / 'missing.csv')) is None
 
 def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp_path, monkeypatch):
     """report.py --wm-sizes: the preset's model is the run's own (inherited, not retrained); a model with more steps
