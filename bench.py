@@ -395,7 +395,7 @@ def main(argv=None):
     internal = args.what[:1] in (['_wm'], ['_finetune'])
     bad = [w for w in args.what if w not in sections + ['dppo', 'all']] if not internal else []
     if bad:
-        p.error(f'unknown section(s) {bad}; choose from {sections} or all')
+        p.error(f'unknown section(s) {bad}; choose from {sections + ["dppo"]} or all')
     device = data.pick_device(args.device)
     what = sections if not args.what or 'all' in args.what else args.what
     print(f'device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}')
