@@ -189,7 +189,6 @@ def test_bench_names_what_bounds_a_loop_below_half_the_bf16_limit():
     assert 'bound' not in bench.of_limits(10.0, {'fp32': 100.0}, 'ppo') + bench.of_limits(10.0, limits, 'bc')
 
 
-
 def test_bench_dppo_without_dppo_code_says_so_in_one_line(tmp_path, capsys):
     """bench.py dppo times our update against DPPO's own code: without a checkout of it (no --dppo-src, or a folder
     without model/diffusion/) it prints one line saying what it needs, and runs nothing."""
@@ -198,6 +197,7 @@ def test_bench_dppo_without_dppo_code_says_so_in_one_line(tmp_path, capsys):
     bench.bench_dppo(torch.device('cpu'), True, str(tmp_path))
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(l.startswith('dppo: skipped (--dppo-src: a checkout of irom-lab/dppo') for l in lines)
+
 
 def test_collect_with_data_or_calvin_without_calvin_env_fails_with_one_line(tmp_path, monkeypatch, capsys):
     """--stage collect with --data (a dataset brought by the user) is refused in one line; --env calvin without

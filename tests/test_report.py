@@ -189,7 +189,6 @@ def test_objectives_runs_each_objective_with_each_sampler_and_tabulates_the_gain
     assert 'up to date' in run(*args, script='report.py').stdout
 
 
-
 def test_wm_step_seconds_ignores_pauses_and_resumed_segments(tmp_path):
     """The s/step of the world-model sizes table: a pause (a stopped process) and a resumed segment, whose 'time'
     restarts, do not change it; no log gives None."""
@@ -201,6 +200,7 @@ def test_wm_step_seconds_ignores_pauses_and_resumed_segments(tmp_path):
         fh.write('step,loss,time\n' + ''.join(f'{s},1.0,{t}\n' for s, t in rows))
     assert E.wm_step_seconds(p) == pytest.approx(0.5)
     assert E.wm_step_seconds(str(tmp_path / 'missing.csv')) is None
+
 
 def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp_path, monkeypatch):
     """report.py --wm-sizes: the preset's model is the run's own (inherited, not retrained); a model with more steps
