@@ -750,17 +750,18 @@ def wm_size_args(args, name: str) -> argparse.Namespace:
     return out
 
 
-def wm_sizes_table(run: str, names: list, tasks: list) -> str:
-    """Markdown from <run>/wm_sizes/<name>/wm_sizes.json: cost, open-loop error against "nothing moves" for each
+def wm_sizes_table(report_dir: str, names: list, tasks: list) -> str:
+    """Markdown from <report_dir>/wm_sizes/<name>.json: cost, open-loop error against "nothing moves" for each
     part at horizons 10 / 25 / 50, the press report and the base policy's imagination gap per task."""
     rep = {n: json.load(open(p)) for n in names
-           if os.path.isfile(p := os.path.join(run, 'wm_sizes', n, 'wm_sizes.json'))}
+           if os.path.isfile(p := os.path.join(report_dir, 'wm_sizes', f'{n}.json'))}
     md = ['| model | what | parameters | steps | s/step | training minutes |', '|---|---|---|---|---|---|']
     md += [f"| {n} | {WM_SIZES[n][1]} | {r['params'] / 1e6:.1f}M | {r['steps']:,} | "
            + (f"{r['step_s']:.2f} | {r['steps'] * r['step_s'] / 60:.0f} |" if r.get('step_s') else '– | – |')
            for n, r in rep.items()]
     md += ['', "s/step: the 10th percentile of the training's logged intervals (wm_metrics.csv), which pauses and "
            'other jobs on the machine do not inflate; training minutes: steps x s/step.']
+    md += [f"{n}: {r['source']}; the changes are computed from those." for n, r in rep.items() if r.get('source')]
     parts = list(D.PARTS)
     md += ['', 'Open loop (`python diagnose.py wm`): mean absolute error of each part over held-out windows where it '
            'moves, "world model / nothing moves" (change: below 0 is better than nothing moves).', '',
@@ -770,7 +771,7 @@ def wm_sizes_table(run: str, names: list, tasks: list) -> str:
             cells = {row['part']: row for row in r.get('open_loop', []) if int(row['horizon']) == h}
             md.append(f'| {n} | {h} | ' + ' | '.join(
                 f"{c['model_mae']:.3f} / {c['still_mae']:.3f} ({100 * (c['model_mae'] / c['still_mae'] - 1):+.0f}%)"
-                if (c := cells.get(p)) and c['windows'] and c['still_mae'] > 0 else '–' for p in parts) + ' |')
+                if (c := cells.get(p)) and c['windows'] != 0 and c['still_mae'] > 0 else '–' for p in parts) + ' |')
     md += ['', 'The LED press (`python diagnose.py press`): of the held-out presses that switched the LED / that did '
            'not, how many the world model switches in open-loop imagination from the first frame. Base policy, BC '
            'seed (`python diagnose.py gap`): imagined success as fine-tuning imagines it / simulator success, '
@@ -804,16 +805,19 @@ def wm_step_seconds(csv_path: str) -> float | None:
 def stage_wm_sizes(args, device) -> str:
     """Each world-model size of --wm-sizes, one after the other (resumable): train it, then its open-loop and press
     reports and, per task, BC seed 0, the classifier and the base policy's imagination gap; the table
-    (wm_sizes_table) is rewritten after each piece."""
+    (wm_sizes_table) is rewritten after each piece. Each model's figures go to <report_dir>/wm_sizes/<name>.json
+    (small: the per-start results stay in the run folder), so that the table outlives the run folder."""
     out = os.path.join(args.report_dir, 'wm_sizes.md')
-    os.makedirs(args.report_dir, exist_ok=True)
+    os.makedirs(os.path.join(args.report_dir, 'wm_sizes'), exist_ok=True)
     names = args.wm_sizes
 
-    def write():
-        head = (f'# World-model size and fidelity: `python report.py --wm-sizes {" ".join(names)} --preset '
+    def write():                                        # every model measured so far, in WM_SIZES's order
+        done = [n for n in WM_SIZES
+                if n in names or os.path.isfile(os.path.join(args.report_dir, 'wm_sizes', f'{n}.json'))]
+        head = (f'# World-model size and fidelity: `python report.py --wm-sizes {" ".join(done)} --preset '
                 f'{args.preset} --tasks {" ".join(args.tasks)}`\n\nFrom `{args.run}`\'s play data; each model in '
                 f'`{args.run}/wm_sizes/<model>/`.\n\n')
-        data.atomic_write(out, lambda fh: fh.write((head + wm_sizes_table(args.run, names, args.tasks)).encode()))
+        data.atomic_write(out, lambda fh: fh.write((head + wm_sizes_table(args.report_dir, done, args.tasks)).encode()))
 
     if not args.data:
         TR.stage_collect(args)
@@ -826,7 +830,7 @@ def stage_wm_sizes(args, device) -> str:
                 shutil.copy(os.path.join(args.run, f), os.path.join(sa.run, f + '.tmp'))
                 os.replace(os.path.join(sa.run, f + '.tmp'), os.path.join(sa.run, f))
         ck = TR.stage_wm(sa, device)
-        path = os.path.join(sa.run, 'wm_sizes.json')
+        path = os.path.join(args.report_dir, 'wm_sizes', f'{name}.json')
         rep = json.load(open(path)) if os.path.isfile(path) else {}
         if rep.get('wm_key') != ck['key']:
             rep = {'wm_key': ck['key']}
@@ -848,7 +852,8 @@ def stage_wm_sizes(args, device) -> str:
                 TR.stage_bc(sa, device, task)
                 TR.stage_reward(sa, device, task)
                 os.makedirs(os.path.join(sa.run, task), exist_ok=True)     # BC and classifier may be inherited
-                rep['gap'][task] = D.imagination_gap(sa, device, task, TR.build_config('eval', sa))
+                gap = D.imagination_gap(sa, device, task, TR.build_config('eval', sa))
+                rep['gap'][task] = {k: v for k, v in gap.items() if k != 'per_episode'}
                 save()
             write()
         write()
@@ -884,7 +889,7 @@ def main(argv=None) -> int:
     if args.wm_sizes is not None:
         args.wm_sizes = args.wm_sizes or list(WM_SIZES)
         if args.write_only:
-            print(wm_sizes_table(args.run, args.wm_sizes, args.tasks))
+            print(wm_sizes_table(args.report_dir, args.wm_sizes, args.tasks))
             return 0
     if args.write_only and args.objectives:
         print(objectives_table(args.run, args.tasks, args.seeds))

@@ -224,7 +224,8 @@ def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp
     assert wider['config']['deter'] == 48 and os.path.isfile(os.path.join(sizes, 'wider', TASK, 'reward.pt'))
     md = open(os.path.join(out, 'wm_sizes.md')).read()
     for name in ('preset', 'longer', 'wider'):
-        rep = json.load(open(os.path.join(sizes, name, 'wm_sizes.json')))
+        rep = json.load(open(os.path.join(out, 'wm_sizes', f'{name}.json')))
+        assert 'per_episode' not in rep['gap'][TASK]
         assert rep['gap'][TASK]['episodes'] > 0 and {r['horizon'] for r in rep['open_loop']} >= {10, 25, 50}
         assert re.search(rf'\| {name} \| [^|]+ \| [0-9.]+M \| {rep["steps"]:,} \|', md), (name, md)
         g = rep['gap'][TASK]
@@ -233,3 +234,6 @@ def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp
               if f.endswith('.pt')}
     assert E.main(args) == 0
     assert {f: os.path.getmtime(f) for f in mtimes} == mtimes and open(os.path.join(out, 'wm_sizes.md')).read() == md
+    shutil.rmtree(os.path.join(d, 'wm_sizes', 'preset'))     # the run folder's part gone: the table keeps its row
+    assert E.main(['--wm-sizes', 'wider'] + args[1:]) == 0
+    assert open(os.path.join(out, 'wm_sizes.md')).read() == md
