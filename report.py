@@ -761,7 +761,7 @@ def wm_sizes_table(report_dir: str, names: list, tasks: list) -> str:
            for n, r in rep.items()]
     md += ['', "s/step: the 10th percentile of the training's logged intervals (wm_metrics.csv), which pauses and "
            'other jobs on the machine do not inflate; training minutes: steps x s/step.']
-    md += [f"{n}: {r['source']}; the changes are computed from those." for n, r in rep.items() if r.get('source')]
+    md += [f"\n{n}: {r['source']}; its changes are computed from those." for n, r in rep.items() if r.get('source')]
     parts = list(D.PARTS)
     md += ['', 'Open loop (`python diagnose.py wm`): mean absolute error of each part over held-out windows where it '
            'moves, "world model / nothing moves" (change: below 0 is better than nothing moves).', '',
