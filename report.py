@@ -823,10 +823,12 @@ def stage_wm_sizes(args, device) -> str:
         TR.stage_collect(args)
     for name in names:
         sa = wm_size_args(args, name)
-        if set(WM_SIZES[name][0]) == {'wm.steps'} and not os.path.isfile(os.path.join(sa.run, 'wm.pt')):
-            # more steps only: go on from the preset's model (constant lr: 10,000 + 10,000 steps = 20,000 steps)
+        if set(WM_SIZES[name][0]) <= {'wm.steps'} and not os.path.isfile(os.path.join(sa.run, 'wm.pt')):
+            # the preset's model is the run's own <run>/wm.pt ('preset' inherits it): trained once, shared
             TR.stage_wm(argparse.Namespace(**{**vars(sa), 'wm.steps': None, 'run': args.run, 'inherit': []}), device)
-            for f in ('wm_metrics.csv', 'wm.pt'):       # the checkpoint last, through a temp file: never half a copy
+            for f in ('wm_metrics.csv', 'wm.pt') if WM_SIZES[name][0] else ():
+                # more steps: go on from a copy of it (constant lr: 10,000 + 10,000 steps = 20,000 steps); the
+                # checkpoint last, through a temp file: never half a copy
                 shutil.copy(os.path.join(args.run, f), os.path.join(sa.run, f + '.tmp'))
                 os.replace(os.path.join(sa.run, f + '.tmp'), os.path.join(sa.run, f))
         ck = TR.stage_wm(sa, device)
