@@ -203,9 +203,9 @@ def test_wm_step_seconds_ignores_pauses_and_resumed_segments(tmp_path):
 
 
 def test_wm_sizes_trains_each_model_once_and_tabulates_its_fidelity(run_dir, tmp_path, monkeypatch):
-    """report.py --wm-sizes: the preset's model is the run's own (trained there once, then inherited); a model with more steps
-    only goes on from it; another size trains from scratch with its own BC and classifier; each gets the open-loop,
-    press and gap reports in the table, and a second run trains nothing."""
+    """report.py --wm-sizes: the preset's model is the run's own (trained there once, then inherited); a model with
+    more steps only goes on from it; another size trains from scratch with its own BC and classifier; each gets the
+    open-loop, press and gap reports in the table, and a second run trains nothing."""
     d, out = str(tmp_path / 'sizes'), str(tmp_path / 'results')
     shutil.copytree(run_dir, d)
     for f in ('wm.pt', 'wm_metrics.csv'):                    # the run's own model is trained here, once
