@@ -69,6 +69,22 @@ def _mean_std(values) -> str:
     return '–' if v.size == 0 else f'{v.mean():.1f} ± {v.std():.1f}' + (f' (n={v.size})' if v.size < 3 else '')
 
 
+# Student's t, two-sided 95%: the quantile t_{0.975, df} for df = n - 1 seeds (scipy.stats.t.ppf(0.975, df))
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _paired_gain(paired) -> str:
+    """Table I's Δ: the mean over seeds of each seed's DiWA minus its own base, with the 95% t-interval over the
+    seeds (each seed's rate already carries its episodes' binomial noise); '–' before any seed has both."""
+    v = 100 * np.asarray(paired, float)
+    if v.size == 0:
+        return '–'
+    if v.size == 1 or v.size - 1 not in T95:
+        return f'{v.mean():+.1f}'
+    half = T95[v.size - 1] * v.std(ddof=1) / np.sqrt(v.size)
+    return f'{v.mean():+.1f} [{v.mean() - half:+.1f}, {v.mean() + half:+.1f}]'
+
+
 def _latest(rows: list, **match) -> dict:
     """The last row (results.csv is append-only) per seed among rows matching all `match` fields."""
     out = {}
@@ -207,11 +223,12 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
           f'Success rates in % over {episodes} simulator episodes per task and seed (mean ± std over seeds, '
           f'seeds {", ".join(seeds)}; denoising sampler `{sampler}`, `--eval.sampler`); "n=" marks cells with fewer seeds so far. Each seed clones its own base '
           'policy (BC seed S) and fine-tunes DiWA from it: the base column is the mean over seeds of each seed\'s '
-          'own BC policy, and Δ pairs each seed\'s DiWA with its own base. Paper numbers: CALVIN D.', '']
+          'own BC policy, and Δ pairs each seed\'s DiWA with its own base (in brackets: its 95% t-interval over the '
+          'seeds). "–": not computed yet. Paper numbers: CALVIN D.', '']
 
     # ---- Table I
     md += ['## Table I: base vs. DiWA', '',
-           '| task | base (each seed\'s BC) | DiWA | Δ | sim. steps in fine-tuning | fine-tuning wall-clock | '
+           '| task | base (each seed\'s BC) | DiWA | Δ [95% interval] | sim. steps in fine-tuning | fine-tuning wall-clock | '
            'DPPO sim. steps to match DiWA: evaluated (its rollouts) | DPPO at its end, evaluated (sim. steps) | paper base | paper DiWA | paper DPPO steps |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
     deltas = {}
@@ -225,7 +242,7 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
         sim = sum(int(f['counters'].get('sim_steps', 0)) for f in facts if f)
         dppo = _ckpt_facts(os.path.join(run, task, f'dppo_s{s0}.pt'))
         md.append(f'| {task} | {_mean_std(b)} | {_mean_std(d)} | '
-                  f'{"–" if not paired else f"{100 * np.mean(paired):+.1f}"} | {sim if walls else "–"} | '
+                  f'{_paired_gain(paired)} | {sim if walls else "–"} | '
                   f'{f"{np.mean(walls):.0f} min" if walls else "–"} | '
                   f'{_dppo_cell(dppo, d, b, dppo_evaluated_steps_to_match(main, task, s0, np.mean(d)) if d else (0, None, 0))} | '
                   f'{_dppo_end_cell(dppo, _latest(main, task=task, policy="dppo").get(s0))} | '

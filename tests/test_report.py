@@ -106,6 +106,18 @@ def test_dppo_steps_to_match_read_on_its_evaluated_snapshots():
     assert E.dppo_evaluated_steps_to_match(rows, 'open_drawer', 0, 0.5) == (0, None, 0)
 
 
+def test_paired_gain_is_the_t_interval_over_seeds():
+    """Table I's Δ: mean of the paired gains and its 95% t-interval, checked against a naive computation with the
+    tabulated quantile (t_{0.975, 2} = 4.303); one seed has no interval, none gives '–'."""
+    gains = [0.25, 0.05, 0.15]                                         # percent points 25, 5, 15
+    mean = sum(gains) / 3 * 100
+    sd = (sum((100 * g - mean) ** 2 for g in gains) / 2) ** 0.5        # sample std, n - 1 = 2
+    half = 4.303 * sd / 3 ** 0.5
+    assert E._paired_gain(gains) == f'{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]' == '+15.0 [-9.8, +39.8]'
+    assert E._paired_gain([0.3]) == '+30.0' and E._paired_gain([]) == '–'
+    assert E._paired_gain([0.1, 0.1]) == '+10.0 [+10.0, +10.0]'       # no spread over seeds: no width
+
+
 def test_report_drops_figures_whose_data_are_gone(tmp_path):
     """A figure left in results/figures by an earlier report is removed when the run no longer has its data,
     so the committed figures are always the ones results.md links."""
