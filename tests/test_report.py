@@ -161,7 +161,8 @@ def test_report_rewrites_only_the_readme_block_and_is_idempotent(tmp_path):
     readme.write_text(text + begin + 'old calvin numbers' + end + '\n')
     E.write_report(str(run_), str(tmp_path / 'calvin'), 'test', seeds=[0], readme=str(readme), env_kind='calvin')
     both = readme.read_text()
-    assert both.startswith(text) and '| open_drawer | 10.0 ± 0.0 (n=1) | 10.0 ± 0.0 (n=1) | +0.0 |' in both
+    assert both.startswith(text) and '| open_drawer | 10.0 ± 0.0 (n=1) | 10.0 ± 0.0 (n=1) | +0.0 * |' in both
+    assert 'less than 15 points' in both.split(begin)[1] and 'less than' not in both.split(begin)[0]
     assert "CALVIN's task oracle" in both.split(begin)[1] and 'old calvin numbers' not in both
     diagnose.write_rows(str(run_ / 'results.csv'), rows)
     # --readme-only: the same block from results.csv alone, with no run folder at all
