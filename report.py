@@ -409,8 +409,10 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     totals = {}
     for root in runs.values():
         for dirpath, dirs, files in os.walk(root):
-            if root == run and 'variants' in dirs:
-                dirs.remove('variants')                 # walked as runs of their own
+            if dirpath == run:      # variants are walked as runs of their own; --objectives, --wm-sizes: not the report
+                dirs[:] = [d for d in dirs if d not in ('variants', 'objectives', 'wm_sizes')]
+            elif dirpath == root:   # a variant: its world model and --report-task (other tasks there: not the report)
+                dirs[:] = [d for d in dirs if d == report_task]
             for f in files:
                 if f.endswith('.pt') and not f.startswith('latents') and 'snapshots' not in dirpath:
                     ck = torch.load(os.path.join(dirpath, f), weights_only=True, map_location='cpu')

@@ -52,6 +52,9 @@ def test_report_runs_variants_and_a_rerun_changes_nothing(run_dir, tmp_path):
     ckpts = {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
              for dp, _, fs in os.walk(d) for f in fs if f.endswith(('.pt', '.csv'))}
     readme = open(os.path.join(ROOT, 'README.md')).read()
+    for side in ('wm_sizes/x', 'objectives/x', 'variants/hybrid/other_task'):  # other experiments in the run
+        os.makedirs(os.path.join(d, side))                                       # folder: not in the wall-clock
+        shutil.copy(os.path.join(d, 'wm.pt'), os.path.join(d, side, 'wm.pt'))
     t0 = time.time()
     second = run(*args, script='report.py').stdout
     assert time.time() - t0 < 120
