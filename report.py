@@ -422,7 +422,8 @@ def write_report(run: str, out_dir: str, preset: str, seeds=(0, 1, 2), report_ta
     collect_s = _collect_wall(run)
     if collect_s:
         totals['collect'] = (1, collect_s)        # per-episode times / worker processes
-    totals['eval'] = (len(rows), sum(float(r.get('wall_s') or 0) for r in rows))
+    own = [r for r in rows if r['variant'] == 'main' or r['task'] == report_task]     # as the checkpoints above
+    totals['eval'] = (len(own), sum(float(r.get('wall_s') or 0) for r in own))
     for stage, (n, s) in totals.items():
         md.append(f'| {stage} | {n} | {s / 3600:.2f} h |')
     md += [f'| **all** | | **{sum(s for _, s in totals.values()) / 3600:.2f} h** |', '']
